@@ -1,0 +1,327 @@
+"""Paged decode attention: one query token per sequence against its cached context (Triton).
+
+One program handles one (sequence, KV head, context split) and reads each K/V row of its split
+once for all the query heads that share that KV head (GQA): the group's queries form the rows of a
+``[GROUP_PAD, D]`` tile (padded to 16 for ``tl.dot``) against ``[BLOCK_N, D]`` K/V tiles, with an
+online softmax in float32. When there are too few (sequence, KV head) pairs to fill the GPU, the
+context is split across programs (flash-decoding): each split writes a normalised partial output
+and its log-sum-exp, and a second kernel combines them. The wrapper never syncs with the device,
+so it can be captured in a CUDA graph (``num_splits`` depends only on shapes).
+
+Not here: several query tokens per sequence (``paged_prefill_attention``), the KV store
+(``store_kvcache``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_attention import paged_attention_ref
+
+MIN_TOKENS_PER_SPLIT = 256
+MAX_NUM_SPLITS = 32
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters: K/V rows per tile, warps per program, software-pipelining depth."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,  # [B, H_q, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    seq_lens: torch.Tensor,  # [B] int
+    block_tables: torch.Tensor,  # [B, max_num_blocks] int
+    scale: float,
+) -> torch.Tensor:  # [B, H_q, D]
+    """Reference: the general paged attention with one query token per sequence."""
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    out_ptr,  # [B, H_q, D] when NUM_SPLITS == 1
+    part_out_ptr,  # [B, H_q, NUM_SPLITS, D] float32 when NUM_SPLITS > 1
+    part_lse_ptr,  # [B, H_q, NUM_SPLITS] float32 (log2 domain) when NUM_SPLITS > 1
+    scale_log2,  # softmax scale * log2(e)
+    stride_qb,
+    stride_qh,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    TILE_IN_ONE_BLOCK: tl.constexpr,  # BLOCK_SIZE % BLOCK_N == 0: one block table entry per tile
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_q_heads = tl.num_programs(1) * GROUP
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    q_offs = seq.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, D]
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head.to(tl.int64) * stride_cache_head
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + offs_n
+        tok_mask = tok < end
+        if TILE_IN_ONE_BLOCK:
+            block = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)
+        else:
+            block = tl.load(bt_row + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+        row_offs = block * stride_cache_block + (tok % BLOCK_SIZE) * stride_cache_tok + head_off
+        kv_offs = row_offs[:, None] + offs_d[None, :]  # [BLOCK_N, D]
+        k = tl.load(k_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # l_i == 0 only for an empty split (or an empty padding sequence): write zeros, lse = -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        o_offs = seq.to(tl.int64) * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        part = (seq.to(tl.int64) * num_q_heads + q_heads) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(
+            part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+            out,
+            mask=g_mask[:, None],
+        )
+        tl.store(
+            part_lse_ptr + part,
+            tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)),
+            mask=g_mask,
+        )
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr,  # [B, H_q, NUM_SPLITS, D] float32
+    part_lse_ptr,  # [B, H_q, NUM_SPLITS] float32, log2 domain, -inf for empty splits
+    out_ptr,  # [B, H_q, D]
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [SPLITS_PAD]
+    o = tl.load(
+        part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None],
+        other=0.0,
+    )
+    total = tl.sum(weight, 0)
+    out = tl.sum(o * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    o_offs = seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(
+    batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device
+) -> int:
+    """Splits per (sequence, KV head) so the grid covers about two waves of the GPU.
+
+    Depends only on shapes (``max_context_len`` is the block table's capacity, not the real
+    lengths), so it is stable under CUDA-graph capture. On CPU (interpreter) there is no wave
+    to fill: 1.
+    """
+    if device.type != "cuda":
+        return 1
+    num_programs = batch_size * num_kv_heads
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    by_occupancy = triton.cdiv(target, max(num_programs, 1))
+    by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(by_occupancy, by_length, MAX_NUM_SPLITS))
+
+
+def check_paged_kv_inputs(
+    q: torch.Tensor,  # [*, H_q, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+) -> None:
+    """Checks shared by the paged attention wrappers; raises ValueError naming the problem."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, H_kv, D], "
+            f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads != 0:
+        raise ValueError(
+            f"q must be [*, H_q, D={head_dim}] with H_q % {num_kv_heads} == 0, got {tuple(q.shape)}"
+        )
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
+        raise ValueError(
+            f"q, k_cache, v_cache must share one float dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if q.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q must be contiguous in head_dim and the caches fully contiguous")
+    num_seqs = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
+        raise ValueError(
+            f"seq_lens must be [B] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
+    if (
+        block_tables.dim() != 2
+        or block_tables.shape[0] != num_seqs
+        or block_tables.dtype != torch.int32
+    ):
+        raise ValueError(
+            f"block_tables must be [B={num_seqs}, M] int32, got {tuple(block_tables.shape)} {block_tables.dtype}"
+        )
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dimension")
+    devices = {t.device for t in (q, k_cache, v_cache, seq_lens, block_tables)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H_q, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    seq_lens: torch.Tensor,  # [B] int32, context length including this token (0 = padding)
+    block_tables: torch.Tensor,  # [B, max_num_blocks] int32, -1 padded
+    scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,  # [B, H_q, D], written in place when given
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:  # [B, H_q, D]
+    """Attention of each sequence's single query token over its whole paged context."""
+    check_paged_kv_inputs(q, k_cache, v_cache, seq_lens, block_tables)
+    if q.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} sequences, seq_lens {seq_lens.shape[0]}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(
+            f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}"
+        )
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(
+            num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device
+        )
+    config = config or DecodeConfig()
+    group = num_q_heads // num_kv_heads
+    part_out = part_lse = out  # placeholders, unused when NUM_SPLITS == 1
+    if num_splits > 1:
+        part_out = torch.empty(
+            (num_seqs, num_q_heads, num_splits, head_dim),
+            dtype=torch.float32,
+            device=q.device,
+        )
+        part_lse = torch.empty(
+            (num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
+        )
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        block_tables,
+        out,
+        part_out,
+        part_lse,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits,
+        TILE_IN_ONE_BLOCK=block_size % config.block_n == 0,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_seqs, num_q_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            num_warps=4,
+        )
+    return out

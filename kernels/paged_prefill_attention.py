@@ -1,0 +1,257 @@
+"""Paged prefill attention: new query tokens against cached + new keys, causal (Triton).
+
+Covers chunked prefill and prefill after a prefix-cache hit (and plain prefill, where the cached
+prefix is empty). Sequences are packed back to back (``cu_seqlens_q``); query token ``i`` of
+sequence ``b`` sits at position ``seq_lens[b] - q_len[b] + i`` and sees cache positions up to it.
+The new tokens' K/V must already be in the cache (``store_kvcache`` runs first).
+
+One program handles one tile of query tokens of one sequence for one KV head. The tile's rows are
+(token, query head of the group) pairs, ``BLOCK_M // GROUP`` tokens x ``GROUP`` heads, so each K/V
+tile is loaded once for the whole GQA group. Key tiles entirely below the tile's first query
+position need no causal mask; only the last few tiles near the diagonal are masked.
+
+Not here: one query per sequence with split contexts (``paged_decode_attention``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_attention import paged_attention_ref
+from kernels.paged_decode_attention import check_paged_kv_inputs
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch parameters: rows (token x head) per query tile, keys per K/V tile, warps, stages."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,  # [T, H_q, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    cu_seqlens_q: torch.Tensor,  # [B + 1] int
+    seq_lens: torch.Tensor,  # [B] int
+    block_tables: torch.Tensor,  # [B, max_num_blocks] int
+    max_seqlen_q: int,
+    scale: float,
+) -> torch.Tensor:  # [T, H_q, D]
+    """Reference: the general paged attention (``max_seqlen_q`` is not needed there)."""
+    del max_seqlen_q
+    return paged_attention_ref(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale
+    )
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [BLOCK_M, D]
+    m_i,
+    l_i,
+    acc,
+    q_pos,  # [BLOCK_M] position of each row's query token
+    n0,
+    seq_len,
+    bt_row,
+    k_cache_ptr,
+    v_cache_ptr,
+    head_off,
+    scale_log2,
+    stride_cache_block,
+    stride_cache_tok,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILE_IN_ONE_BLOCK: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the tile is visible to every row
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = n0 + offs_n
+    tok_mask = tok < seq_len
+    if TILE_IN_ONE_BLOCK:
+        block = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)
+    else:
+        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+    row_offs = (
+        block * stride_cache_block + (tok % BLOCK_SIZE) * stride_cache_tok + head_off
+    )
+    kv_offs = row_offs[:, None] + offs_d[None, :]  # [BLOCK_N, D]
+    if MASKED:
+        k = tl.load(k_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_offs)
+        v = tl.load(v_cache_ptr + kv_offs)
+    s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        visible = (tok[None, :] <= q_pos[:, None]) & tok_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    scale_log2,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile: BLOCK_Q tokens x GROUP heads, padded
+    BLOCK_Q: tl.constexpr,  # query tokens per tile = BLOCK_M // GROUP
+    BLOCK_N: tl.constexpr,
+    TILE_IN_ONE_BLOCK: tl.constexpr,
+):
+    q_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = (
+        seq_len - q_len + q_tile * BLOCK_Q
+    )  # position of the tile's first query token
+    last_pos = tl.minimum(first_pos + BLOCK_Q - 1, seq_len - 1)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    token = q_tile * BLOCK_Q + offs_m // GROUP  # query token index within the sequence
+    q_head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m < BLOCK_Q * GROUP) & (token < q_len)
+    q_pos = seq_len - q_len + token
+    q_rows = (q_start + token).to(tl.int64)
+    q_offs = q_rows[:, None] * stride_qt + q_head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head.to(tl.int64) * stride_cache_head
+    # Keys 0 .. first_pos are visible to every row: whole tiles below that need no mask.
+    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, q_pos, n0, seq_len, bt_row, k_cache_ptr, v_cache_ptr, head_off,
+            scale_log2, stride_cache_block, stride_cache_tok,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_ONE_BLOCK, False,
+        )  # fmt: skip
+    for n0 in range(unmasked_end, last_pos + 1, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, q_pos, n0, seq_len, bt_row, k_cache_ptr, v_cache_ptr, head_off,
+            scale_log2, stride_cache_block, stride_cache_tok,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, TILE_IN_ONE_BLOCK, True,
+        )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    o_offs = q_rows[:, None] * stride_ot + q_head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def default_prefill_config(group: int, device: torch.device) -> PrefillConfig:
+    """Large tiles on the GPU; small ones for the CPU interpreter, where each tile costs Python."""
+    if device.type != "cuda":
+        return PrefillConfig(
+            block_m=max(16, triton.next_power_of_2(group)) * 2, block_n=16
+        )
+    return PrefillConfig(block_m=max(128, triton.next_power_of_2(group) * 16))
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, H_q, D], sequences packed back to back
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+    cu_seqlens_q: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32, cached + new tokens
+    block_tables: torch.Tensor,  # [B, max_num_blocks] int32, -1 padded
+    max_seqlen_q: int,  # >= every q_len (a host int: sizes the grid without a device sync)
+    scale: float,
+    out: torch.Tensor | None = None,  # [T, H_q, D], written in place when given
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:  # [T, H_q, D]
+    """Causal attention of the new tokens of each sequence over its paged context."""
+    check_paged_kv_inputs(q, k_cache, v_cache, seq_lens, block_tables)
+    num_seqs = seq_lens.shape[0]
+    if cu_seqlens_q.shape != (num_seqs + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens_q must be [B+1={num_seqs + 1}] int32, got {tuple(cu_seqlens_q.shape)} {cu_seqlens_q.dtype}"
+        )
+    if cu_seqlens_q.device != q.device:
+        raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device}, q on {q.device}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(
+            f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}"
+        )
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    config = config or default_prefill_config(group, q.device)
+    if config.block_m < 16 or config.block_m < group:
+        raise ValueError(
+            f"block_m {config.block_m} must be >= 16 and >= the GQA group {group}"
+        )
+    if q.shape[0] == 0 or num_seqs == 0 or max_seqlen_q == 0:
+        return out
+    block_q = config.block_m // group
+    grid = (triton.cdiv(max_seqlen_q, block_q), num_seqs, num_kv_heads)
+    _paged_prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens_q,
+        seq_lens,
+        block_tables,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=config.block_n,
+        TILE_IN_ONE_BLOCK=block_size % config.block_n == 0,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,112 @@
+"""The offline API: ``LLM(model_dir, **engine_options).generate(prompts, sampling_params)``.
+
+Runs the scheduler and one worker in this process, through the same EngineCore and Worker code the
+services use (the worker is called directly instead of over gRPC).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import fields
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from scheduler_service.engine import EngineConfig, EngineCore
+from scheduler_service.sampling_params import SamplingParams
+from scheduler_service.tokenizer import Tokenizer
+from worker_service.config import WorkerConfig
+from worker_service.worker import Worker
+
+Prompt = str | list[int]
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LLM:
+    """Generate text offline. Engine options are those of EngineConfig and WorkerConfig."""
+
+    def __init__(self, model: str, **engine_options: Any) -> None:
+        engine_keys = {f.name for f in fields(EngineConfig)}
+        worker_keys = {f.name for f in fields(WorkerConfig)} - {"model_dir"}
+        unknown = set(engine_options) - engine_keys - worker_keys
+        if unknown:
+            raise ValueError(f"unknown engine options: {sorted(unknown)}")
+        engine_args = {k: v for k, v in engine_options.items() if k in engine_keys}
+        worker_args = {k: v for k, v in engine_options.items() if k in worker_keys}
+        worker_args.setdefault("device", _default_device())
+        worker_args.setdefault("max_num_batched_tokens", engine_args.get("max_num_batched_tokens", 8192))
+        self.tokenizer = Tokenizer.from_dir(model)
+        self.worker = Worker(WorkerConfig(model_dir=model, **worker_args))
+        self.engine = EngineCore(EngineConfig(**engine_args), self.worker, self.tokenizer)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Return one ``{"text", "token_ids"}`` dict per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = self._params_per_prompt(len(prompts), sampling_params)
+        token_lists = [self._encode(p) for p in prompts]
+        for ids, p in zip(token_lists, params):
+            self.engine.validate(ids, p)  # all checked before any is admitted
+        request_ids = [uuid.uuid4().hex for _ in prompts]
+        for request_id, ids, p in zip(request_ids, token_lists, params):
+            self.engine.add_request(request_id, ids, p)
+        results = self._run(request_ids, use_tqdm)
+        return [results[r] for r in request_ids]
+
+    def _params_per_prompt(
+        self, num_prompts: int, sampling_params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        if len(sampling_params) != num_prompts:
+            raise ValueError(
+                f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts"
+            )
+        return list(sampling_params)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: at least one token is required")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return prompt
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> dict[str, dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {r: {"text": "", "token_ids": []} for r in request_ids}
+        bar = tqdm(total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished:
+                start = time.perf_counter()
+                prefill_before = self.engine.num_prefill_tokens
+                outputs = self.engine.step()
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                num_prefill = self.engine.num_prefill_tokens - prefill_before
+                num_decode = len(outputs)
+                bar.set_postfix(
+                    prefill=f"{int(num_prefill / elapsed)}tok/s",
+                    decode=f"{int(num_decode / elapsed)}tok/s",
+                )
+                for out in outputs:
+                    result = results[out.request_id]
+                    result["token_ids"].extend(out.new_token_ids)
+                    result["text"] += out.new_text
+                    if out.finished:
+                        bar.update(1)
+        finally:
+            bar.close()
+        return results

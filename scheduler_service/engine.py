@@ -1,0 +1,215 @@
+"""EngineCore: the scheduler side's step loop, shared by the offline LLM and the gRPC service.
+
+It validates and admits requests, asks the Scheduler for a batch, sends the delta plan to the
+worker, and turns sampled tokens into per-request outputs (detokenized incrementally, with stop
+checks). It knows the worker only through ``WorkerClient``: an in-process ``Worker`` or a gRPC
+stub behind the same three calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Protocol
+
+from scheduler_service.detokenizer import IncrementalDetokenizer
+from scheduler_service.sampling_params import SamplingParams
+from scheduler_service.scheduler import Scheduler, SchedulerConfig
+from scheduler_service.sequence import Sequence
+from scheduler_service.step_plan import PlanBuilder, StepPlan, StepResult, WorkerInfo
+from scheduler_service.stop_checker import FinishReason, check_stop
+from scheduler_service.tokenizer import Tokenizer
+
+
+class WorkerClient(Protocol):
+    def describe(self) -> WorkerInfo: ...
+
+    def start_session(self) -> None: ...
+
+    def step(self, plan: StepPlan) -> StepResult: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # default: the model's, capped by the cache
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text, and whether it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    new_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class _Request:
+    def __init__(self, request_id: str, seq: Sequence, detok: IncrementalDetokenizer | None):
+        self.request_id = request_id
+        self.seq = seq
+        self.detok = detok
+        self.text = ""  # all output text so far (cut at a stop string)
+        self.num_sent_chars = 0
+        self.num_checked_chars = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, worker: WorkerClient, tokenizer: Tokenizer | None):
+        self.config = config
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.info = worker.describe()
+        self.max_model_len = self._max_model_len()
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                block_size=self.info.block_size,
+                num_kv_blocks=self.info.num_kv_blocks,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self.plans = PlanBuilder()
+        self._requests: dict[str, _Request] = {}
+        self._by_seq_id: dict[int, _Request] = {}
+        self._seq_ids = itertools.count()
+        self.num_generated_tokens = 0
+        self.num_prefill_tokens = 0
+        worker.start_session()
+
+    def _max_model_len(self) -> int:
+        capacity = self.info.num_kv_blocks * self.info.block_size
+        limit = min(self.info.max_model_len, capacity)
+        if self.config.max_model_len is not None:
+            if self.config.max_model_len > limit:
+                raise ValueError(
+                    f"max_model_len={self.config.max_model_len} is invalid: the model and "
+                    f"KV cache allow at most {limit}"
+                )
+            limit = self.config.max_model_len
+        return limit
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the field if this request cannot be served."""
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is required")
+        vocab = self.info.vocab_size
+        for token_id in prompt_token_ids:
+            if not 0 <= token_id < vocab:
+                raise ValueError(f"prompt token id {token_id} is outside the vocabulary [0, {vocab})")
+        params.validate(vocab)
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens: must be below max_model_len "
+                f"({self.max_model_len})"
+            )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(next(self._seq_ids), prompt_token_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
+        request = _Request(request_id, seq, detok)
+        self._requests[request_id] = request
+        self._by_seq_id[seq.seq_id] = request
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self._retire(request)
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step: schedule, execute on the worker, and report what changed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.worker.step(self.plans.build(batch))
+        self.num_prefill_tokens += sum(
+            n for seq, n in zip(batch.seqs, batch.num_new_tokens)
+            if seq.num_computed_tokens < seq.num_prompt_tokens
+        )
+        self.scheduler.on_step_done(batch)
+        sampled = dict(zip(result.seq_ids, range(len(result.seq_ids))))
+        outputs = []
+        for seq in batch.seqs:
+            index = sampled.get(seq.seq_id)
+            if index is None:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            logprobs = [result.logprobs[index]] if result.logprobs else None
+            outputs.append(self._append_token(seq, result.token_ids[index], logprobs))
+        return outputs
+
+    def _append_token(
+        self, seq: Sequence, token_id: int, logprobs: list[list[tuple[int, float]]] | None
+    ) -> RequestOutput:
+        request = self._by_seq_id[seq.seq_id]
+        seq.token_ids.append(token_id)
+        self.num_generated_tokens += 1
+        reason = check_stop(seq, token_id, self.info.eos_token_ids, self.max_model_len)
+        new_text = ""
+        if request.detok is not None:
+            request.text += request.detok.step([token_id])
+            if reason is not None:
+                request.text += request.detok.flush()
+            new_text, hit_stop = self._take_text(request, reason is not None)
+            if hit_stop:
+                reason = FinishReason.STOP
+        if reason is not None:
+            self._retire(request)
+        return RequestOutput(
+            request.request_id,
+            [token_id],
+            new_text,
+            reason is not None,
+            reason,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            seq.num_cached_tokens,
+            logprobs,
+        )
+
+    @staticmethod
+    def _take_text(request: _Request, finishing: bool) -> tuple[str, bool]:
+        """Return the text ready to send and whether a stop string ended the request.
+
+        The text is cut before the first stop string (which is not returned). While streaming,
+        the last ``len(longest stop) - 1`` characters are held back, since they may begin one.
+        """
+        stops = request.seq.params.stop
+        hold = max((len(s) for s in stops), default=1) - 1
+        search_from = max(0, request.num_checked_chars - hold)
+        cut = min((i for i in (request.text.find(s, search_from) for s in stops) if i >= 0),
+                  default=-1)
+        request.num_checked_chars = len(request.text)
+        if cut >= 0:
+            request.text = request.text[:cut]
+            finishing = True
+        end = len(request.text) if finishing else max(request.num_sent_chars, len(request.text) - hold)
+        new_text = request.text[request.num_sent_chars : end]
+        request.num_sent_chars = end
+        return new_text, cut >= 0
+
+    def _retire(self, request: _Request) -> None:
+        self.scheduler.finish(request.seq)
+        self.plans.finished(request.seq.seq_id)
+        del self._requests[request.request_id]
+        del self._by_seq_id[request.seq.seq_id]

@@ -1,0 +1,58 @@
+"""A sequence: one request's tokens and its place in the KV cache, as the scheduler sees it."""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+
+from scheduler_service.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Prompt + output token ids, how many of them have KV in the cache, and the block table.
+
+    Invariant while RUNNING: ``len(block_table) * block_size >= num_computed_tokens``, and the
+    first ``num_computed_tokens`` tokens have their K/V stored in the blocks of ``block_table``.
+    """
+
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.seq_id = seq_id
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # of those, how many came from the prefix cache at admission
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def block_token_ids(self, index: int, block_size: int) -> list[int]:
+        return self.token_ids[index * block_size : (index + 1) * block_size]

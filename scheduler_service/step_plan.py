@@ -1,0 +1,135 @@
+"""The step protocol as domain objects: what the scheduler tells a worker each step.
+
+Each thing goes over the wire once. A new sequence's prompt, sampling parameters and block table
+are sent in the step that first schedules it; after that a step carries only deltas (appended
+block ids, a fresh table for a resumed sequence, finished ids) and how many tokens each scheduled
+sequence computes. The worker keeps the tokens it sampled, so outputs never travel back down.
+These classes are the wire format's meaning; ``*_pb2`` conversion happens at the gRPC edge only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_service.sampling_params import SamplingParams
+from scheduler_service.scheduler import ScheduledBatch
+from scheduler_service.sequence import Sequence
+
+
+@dataclass
+class NewSequence:
+    """A sequence the worker has not seen: everything it needs, once."""
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # prefix-cache hit: tokens whose K/V are already in these blocks
+
+
+@dataclass
+class ResumedSequence:
+    """A preempted sequence coming back: a fresh block table; the worker kept its tokens."""
+
+    seq_id: int
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    new_seqs: list[NewSequence] = field(default_factory=list)
+    resumed_seqs: list[ResumedSequence] = field(default_factory=list)
+    appended_seq_ids: list[int] = field(default_factory=list)  # parallel to appended_block_ids
+    appended_block_ids: list[list[int]] = field(default_factory=list)
+    preempted_seq_ids: list[int] = field(default_factory=list)  # drop block table, keep tokens
+    finished_seq_ids: list[int] = field(default_factory=list)  # forget entirely
+    seq_ids: list[int] = field(default_factory=list)  # scheduled, in batch order
+    num_new_tokens: list[int] = field(default_factory=list)  # parallel to seq_ids
+
+
+@dataclass
+class StepResult:
+    """Tokens sampled this step, for the scheduled sequences that reached their end."""
+
+    step_id: int
+    seq_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[list[tuple[int, float]]] | None = None  # per sampled token: top (id, logprob)
+
+
+class PlanBuilder:
+    """Turns scheduling decisions into delta plans, remembering what the worker already knows."""
+
+    def __init__(self) -> None:
+        self._num_sent_blocks: dict[int, int] = {}  # seq_id -> blocks the worker holds
+        self._known_seq_ids: set[int] = set()
+        self._pending_finished: list[int] = []
+        self._next_step_id = 0
+
+    def finished(self, seq_id: int) -> None:
+        """Tell the worker to forget ``seq_id`` in the next plan (if it ever saw it)."""
+        self._num_sent_blocks.pop(seq_id, None)
+        if seq_id in self._known_seq_ids:
+            self._known_seq_ids.discard(seq_id)
+            self._pending_finished.append(seq_id)
+
+    def reset(self) -> None:
+        """A fresh worker session: it knows nothing."""
+        self.__init__()  # type: ignore[misc]
+
+    def build(self, batch: ScheduledBatch) -> StepPlan:
+        plan = StepPlan(step_id=self._next_step_id, finished_seq_ids=self._pending_finished)
+        self._next_step_id += 1
+        self._pending_finished = []
+        for seq in batch.preempted:
+            if seq.seq_id in self._num_sent_blocks:
+                plan.preempted_seq_ids.append(seq.seq_id)
+                del self._num_sent_blocks[seq.seq_id]
+        for seq, num_tokens in zip(batch.seqs, batch.num_new_tokens):
+            self._add_seq_delta(plan, seq)
+            plan.seq_ids.append(seq.seq_id)
+            plan.num_new_tokens.append(num_tokens)
+        return plan
+
+    def _add_seq_delta(self, plan: StepPlan, seq: Sequence) -> None:
+        num_sent = self._num_sent_blocks.get(seq.seq_id)
+        table = seq.block_table
+        if seq.seq_id not in self._known_seq_ids:
+            self._known_seq_ids.add(seq.seq_id)
+            plan.new_seqs.append(
+                NewSequence(
+                    seq.seq_id,
+                    seq.token_ids[:],
+                    seq.params,
+                    table[:],
+                    seq.num_computed_tokens,
+                )
+            )
+        elif num_sent is None:
+            plan.resumed_seqs.append(
+                ResumedSequence(seq.seq_id, table[:], seq.num_computed_tokens)
+            )
+        elif len(table) > num_sent:
+            plan.appended_seq_ids.append(seq.seq_id)
+            plan.appended_block_ids.append(table[num_sent:])
+        self._num_sent_blocks[seq.seq_id] = len(table)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker reports about itself (``describe``): the model facts and its cache capacity."""
+
+    model_path: str
+    model_name: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    block_size: int
+    num_kv_blocks: int
+    dtype: str
+    attention_backend: str
+    device: str
+    rank: int = 0
+    world_size: int = 1

@@ -1,0 +1,444 @@
+"""The Triton KV-cache kernels compute what their torch references compute.
+
+Every case draws fresh random inputs, fills the unused parts of the cache and the output with NaN
+(so a read outside a sequence's context, or an output row never written, fails), and compares
+with the reference by relative norm error. On CPU the kernels run in the Triton interpreter at tiny
+shapes; ``@pytest.mark.gpu`` cases run at real shapes (head_dim 128, bf16) and are skipped without
+CUDA. The timing test prints, never asserts.
+
+The interpreter is chosen when a ``@triton.jit`` kernel is defined, i.e. when its module is first
+imported. So this module sets ``TRITON_INTERPRET=1`` (CPU only) before importing the kernels, and
+reloads any kernel module that an earlier test module already imported in compiled mode. Setting
+``TRITON_INTERPRET=1`` for the whole CPU test run (the Makefile does) makes that a no-op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+import os
+import sys
+from types import ModuleType
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _import_kernel(name: str) -> ModuleType:
+    """Import ``name``; reload it if it was imported before the interpreter was switched on."""
+    module = importlib.import_module(name)
+    kernels = [v for k, v in vars(module).items() if k.startswith("_") and k.endswith("_kernel")]
+    interpreted = all(type(k).__name__ == "InterpretedFunction" for k in kernels)
+    if not ON_GPU and not interpreted:
+        module = importlib.reload(sys.modules[name])
+    return module
+
+
+store_mod = _import_kernel("kernels.store_kvcache")
+decode_mod = _import_kernel("kernels.paged_decode_attention")
+prefill_mod = _import_kernel("kernels.paged_prefill_attention")
+DecodeConfig = decode_mod.DecodeConfig
+PrefillConfig = prefill_mod.PrefillConfig
+
+from models.layers.attention import AttentionMetadata  # noqa: E402
+from worker_service import attention_backends  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+NAN = float("nan")
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Every element written and finite; ||out - ref|| / ||ref|| within the dtype's tolerance."""
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} elements not finite"
+    err = (out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)
+    assert err.item() < TOLERANCE[dtype], f"relative error {err.item():.2e}"
+
+
+def make_paged_kv(
+    seq_lens: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device = DEVICE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V for each sequence's context in shuffled blocks; every other slot is NaN.
+
+    Returns ``k_cache``, ``v_cache`` [num_blocks, block_size, H_kv, D] and ``block_tables``
+    [B, max_blocks + 1] int32 (one extra column of -1 padding).
+    """
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, NAN, dtype=dtype, device=device)
+    v_cache = torch.full(shape, NAN, dtype=dtype, device=device)
+    block_tables = torch.full(
+        (len(seq_lens), max(blocks_per_seq, default=0) + 1), -1, dtype=torch.int32
+    )
+    order = torch.randperm(num_blocks)
+    used = 0
+    for b, (seq_len, num_seq_blocks) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        block_ids = order[used : used + num_seq_blocks]
+        used += num_seq_blocks
+        block_tables[b, :num_seq_blocks] = block_ids.int()
+        slots = (block_ids[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
+        slots = slots.to(device)
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            seq_len, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            seq_len, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+    return k_cache, v_cache, block_tables.to(device)
+
+
+def seq_lens_tensor(seq_lens: list[int]) -> torch.Tensor:
+    return torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+
+def cu_seqlens(q_lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE)
+
+
+# ---------------------------------------------------------------- store_kvcache
+
+
+def run_store_case(
+    num_tokens: int,
+    slots: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+) -> None:
+    num_blocks = 4
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, NAN, dtype=cache_dtype, device=DEVICE)
+    v_cache = torch.full(shape, NAN, dtype=cache_dtype, device=DEVICE)
+    # k and v as strided views of one fused [T, 3, H_kv, D] projection output, like q/k/v.
+    qkv = torch.randn(num_tokens, 3, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    k, v = qkv[:, 1], qkv[:, 2]
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_mod.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    store_mod.store_kvcache_ref(k, v, k_ref, v_ref, slot_mapping)
+    torch.testing.assert_close(k_cache, k_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_ref, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("slots", "block_size", "num_kv_heads", "head_dim", "dtype", "cache_dtype"),
+    [
+        ([3, -1, 17, 40, -1, 63, 0], 16, 2, 16, torch.float32, torch.float32),
+        ([5], 32, 1, 32, torch.float16, torch.float16),
+        ([-1, 100, 2, -1], 32, 3, 16, torch.float32, torch.float16),
+    ],
+    ids=["skips-padding-slots", "single-token", "casts-to-cache-dtype"],
+)
+def test_store_kvcache_writes_exactly_the_mapped_slots(
+    slots: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+) -> None:
+    run_store_case(len(slots), slots, block_size, num_kv_heads, head_dim, dtype, cache_dtype)
+
+
+def test_store_kvcache_rejects_mismatched_inputs() -> None:
+    k = torch.randn(3, 2, 16, device=DEVICE)
+    cache = torch.zeros(2, 16, 2, 16, device=DEVICE)
+    slots = torch.tensor([0, 1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="cache rows"):
+        store_mod.store_kvcache(k, k, cache[:, :, :1], cache[:, :, :1], slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        store_mod.store_kvcache(k, k, cache, cache, slots[:2])
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = torch.zeros(2, 16, 2, 32, device=DEVICE)[..., :16]
+        store_mod.store_kvcache(k, k, strided, strided, slots)
+
+
+# ---------------------------------------------------------------- paged decode
+
+
+def run_decode_case(
+    seq_lens: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    num_splits: int | None,
+    config: DecodeConfig | None = None,
+) -> None:
+    k_cache, v_cache, block_tables = make_paged_kv(
+        seq_lens, block_size, num_kv_heads, head_dim, dtype
+    )
+    lens = seq_lens_tensor(seq_lens)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, dtype=dtype, device=DEVICE)
+    scale = head_dim**-0.5
+    out = torch.full_like(q, NAN)
+    decode_mod.paged_decode_attention(
+        q, k_cache, v_cache, lens, block_tables, scale, num_splits, out=out, config=config
+    )
+    ref = decode_mod.paged_decode_attention_ref(q, k_cache, v_cache, lens, block_tables, scale)
+    assert_close_rel(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "block_size", "num_kv_heads", "group", "num_splits", "block_n", "dtype"),
+    [
+        ([1, 17, 40], 16, 2, 1, None, 16, torch.float32),
+        ([33, 5, 16], 16, 2, 2, 3, 32, torch.float32),
+        ([70, 1], 32, 1, 4, 2, 16, torch.float32),
+        ([1, 48, 23], 16, 1, 8, 4, 16, torch.float16),
+        ([45], 32, 2, 3, 1, 32, torch.float32),
+    ],
+    ids=["mha", "gqa2-split3-tile-spans-blocks", "gqa4-one-kv-head", "gqa8-empty-splits", "gqa3"],
+)
+def test_paged_decode_matches_reference(
+    seq_lens: list[int],
+    block_size: int,
+    num_kv_heads: int,
+    group: int,
+    num_splits: int | None,
+    block_n: int,
+    dtype: torch.dtype,
+) -> None:
+    config = DecodeConfig(block_n=block_n)
+    run_decode_case(seq_lens, block_size, num_kv_heads, group, 16, dtype, num_splits, config)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_decode_of_empty_padding_sequence_is_zero(num_splits: int) -> None:
+    k_cache, v_cache, block_tables = make_paged_kv([0, 9], 16, 1, 16, torch.float32)
+    q = torch.randn(2, 2, 16, device=DEVICE)
+    out = decode_mod.paged_decode_attention(
+        q, k_cache, v_cache, seq_lens_tensor([0, 9]), block_tables, 0.25, num_splits
+    )
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.isfinite(out[1]).all()
+
+
+# ---------------------------------------------------------------- paged prefill
+
+
+def run_prefill_case(
+    cached_and_new: list[tuple[int, int]],
+    block_size: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    config: PrefillConfig | None = None,
+) -> None:
+    """``cached_and_new``: per sequence, (cached prefix length, new query tokens)."""
+    seq_lens = [cached + new for cached, new in cached_and_new]
+    q_lens = [new for _, new in cached_and_new]
+    k_cache, v_cache, block_tables = make_paged_kv(
+        seq_lens, block_size, num_kv_heads, head_dim, dtype
+    )
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, dtype=dtype, device=DEVICE)
+    args = (q, k_cache, v_cache, cu_seqlens(q_lens), seq_lens_tensor(seq_lens), block_tables)
+    scale = head_dim**-0.5
+    out = torch.full_like(q, NAN)
+    prefill_mod.paged_prefill_attention(*args, max(q_lens), scale, out=out, config=config)
+    ref = prefill_mod.paged_prefill_attention_ref(*args, max(q_lens), scale)
+    assert_close_rel(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    ("cached_and_new", "block_size", "num_kv_heads", "group", "block_n", "dtype"),
+    [
+        ([(0, 5), (20, 1), (13, 19)], 16, 2, 1, 16, torch.float32),
+        ([(0, 37), (31, 9)], 32, 1, 2, 16, torch.float32),
+        ([(16, 16), (3, 30)], 16, 2, 4, 32, torch.float32),
+        ([(0, 20), (47, 3)], 16, 1, 8, 16, torch.float16),
+        ([(10, 12)], 32, 2, 3, 16, torch.float32),
+    ],
+    ids=["mha", "gqa2-one-kv-head", "gqa4-tile-spans-blocks", "gqa8", "gqa3"],
+)
+def test_paged_prefill_with_cached_prefix_matches_reference(
+    cached_and_new: list[tuple[int, int]],
+    block_size: int,
+    num_kv_heads: int,
+    group: int,
+    block_n: int,
+    dtype: torch.dtype,
+) -> None:
+    config = PrefillConfig(block_m=max(16, 2 * group), block_n=block_n)
+    run_prefill_case(cached_and_new, block_size, num_kv_heads, group, 16, dtype, config)
+
+
+# ---------------------------------------------------------------- backend
+
+
+def make_step_metadata(
+    cached_and_new: list[tuple[int, int]], block_tables: torch.Tensor, block_size: int
+) -> AttentionMetadata:
+    """Metadata of one step in which each sequence computes ``new`` tokens after ``cached``."""
+    seq_lens = [cached + new for cached, new in cached_and_new]
+    q_lens = [new for _, new in cached_and_new]
+    slots = []
+    for b, (cached, new) in enumerate(cached_and_new):
+        for pos in range(cached, cached + new):
+            slots.append(int(block_tables[b, pos // block_size]) * block_size + pos % block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        cu_seqlens_q=cu_seqlens(q_lens),
+        seq_lens=seq_lens_tensor(seq_lens),
+        block_tables=block_tables,
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(seq_lens),
+        is_decode=all(n == 1 for n in q_lens),
+        is_plain_prefill=all(c == 0 for c, _ in cached_and_new),
+    )
+
+
+@pytest.mark.parametrize(
+    "cached_and_new",
+    [[(0, 9), (0, 3)], [(20, 7), (0, 18)], [(30, 1), (4, 1), (0, 1)]],
+    ids=["plain-prefill", "chunked-prefill", "decode"],
+)
+def test_triton_backend_matches_torch_backend(cached_and_new: list[tuple[int, int]]) -> None:
+    block_size, num_kv_heads, group, head_dim = 16, 2, 2, 16
+    seq_lens = [cached + new for cached, new in cached_and_new]
+    k_cache, v_cache, block_tables = make_paged_kv(
+        [c for c, _ in cached_and_new], block_size, num_kv_heads, head_dim, torch.float32
+    )
+    # Give every sequence room for its new tokens: extra blocks from a larger pool.
+    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 2
+    pool_shape = (num_blocks + k_cache.shape[0], *k_cache.shape[1:])
+    k_pool = torch.full(pool_shape, NAN, device=DEVICE)
+    v_pool = torch.full(pool_shape, NAN, device=DEVICE)
+    k_pool[: k_cache.shape[0]], v_pool[: v_cache.shape[0]] = k_cache, v_cache
+    tables = torch.full((len(seq_lens), num_blocks), -1, dtype=torch.int32, device=DEVICE)
+    next_free = k_cache.shape[0]
+    for b, seq_len in enumerate(seq_lens):
+        cached_blocks = block_tables[b][block_tables[b] >= 0]
+        tables[b, : len(cached_blocks)] = cached_blocks
+        for i in range(len(cached_blocks), math.ceil(seq_len / block_size)):
+            tables[b, i], next_free = next_free, next_free + 1
+    meta = make_step_metadata(cached_and_new, tables, block_size)
+    num_tokens = sum(n for _, n in cached_and_new)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, device=DEVICE)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    out = attention_backends.TritonBackend().forward(q, k, v, k_pool, v_pool, meta, 0.25)
+    ref = attention_backends.TorchRefBackend().forward(q, k, v, k_ref, v_ref, meta, 0.25)
+    assert_close_rel(out, ref, torch.float32)
+    torch.testing.assert_close(k_pool, k_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(v_pool, v_ref, equal_nan=True, rtol=0, atol=0)
+
+
+def test_triton_backend_without_cache_attends_densely() -> None:
+    meta = make_step_metadata([(0, 5), (0, 3)], torch.zeros(2, 1, dtype=torch.int32), 16)
+    q, k, v = (torch.randn(8, 2, 16, device=DEVICE) for _ in range(3))
+    empty = torch.empty(0, device=DEVICE)
+    out = attention_backends.TritonBackend().forward(q, k, v, empty, empty, meta, 0.25)
+    ref = attention_backends.dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, 0.25)
+    assert_close_rel(out, ref, torch.float32)
+
+
+def test_select_backend_names_the_allowed_backends_for_unknown_ones() -> None:
+    with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
+        attention_backends.select_backend(torch.device("cpu"), "xformers")
+    with pytest.raises(ValueError, match="flash-attn"):
+        attention_backends.select_backend(torch.device("cpu"), "flash-attn")
+
+
+def test_select_backend_on_cpu_is_torch_unless_triton_is_forced_under_the_interpreter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    assert attention_backends.select_backend(cpu).name == "torch"
+    assert attention_backends.select_backend(cpu, "auto").name == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention_backends.select_backend(cpu, "triton").name == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        attention_backends.select_backend(cpu, "triton")
+
+
+# ---------------------------------------------------------------- GPU, real shapes
+
+QWEN3_06B = {"num_kv_heads": 8, "group": 2, "head_dim": 128}
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("block_size", [256, 16])
+def test_store_kvcache_at_real_shapes(block_size: int) -> None:
+    num_blocks = 8192 // block_size
+    slots = torch.randperm(num_blocks * block_size)[:4096]
+    slots[::7] = -1
+    run_store_case(4096, slots.tolist(), block_size, 8, 128, torch.bfloat16, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("block_size", [256, 16])
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_paged_decode_at_real_shapes(block_size: int, num_splits: int | None) -> None:
+    seq_lens = torch.randint(1, 1025, (256,)).tolist()
+    seq_lens[0] = 1024
+    run_decode_case(seq_lens, block_size, **QWEN3_06B, dtype=torch.bfloat16, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("group", [2, 4])
+def test_paged_decode_splits_long_contexts_of_few_sequences(group: int) -> None:
+    run_decode_case([3000, 77], 256, 8, group, 128, torch.bfloat16, num_splits=None)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("block_size", [256, 16])
+@pytest.mark.parametrize("group", [2, 4])
+def test_paged_prefill_at_real_shapes(block_size: int, group: int) -> None:
+    cached_and_new = [(0, 1024), (300, 200), (1000, 1), (17, 513), (256, 256)]
+    run_prefill_case(cached_and_new, block_size, 8, group, 128, torch.bfloat16)
+
+
+def measure_copy_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read plus bytes written per second."""
+    import triton.testing
+
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * num_bytes / (ms * 1e-3)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_paged_decode_bandwidth_at_256_seqs_by_1024_tokens() -> None:
+    import triton.testing
+
+    num_seqs, context, block_size = 256, 1024, 256
+    k_cache, v_cache, block_tables = make_paged_kv(
+        [context] * num_seqs, block_size, 8, 128, torch.bfloat16
+    )
+    q = torch.randn(num_seqs, 16, 128, dtype=torch.bfloat16, device=DEVICE)
+    lens = seq_lens_tensor([context] * num_seqs)
+    ms = triton.testing.do_bench(
+        lambda: decode_mod.paged_decode_attention(q, k_cache, v_cache, lens, block_tables, 0.1),
+        return_mode="median",
+    )
+    kv_bytes = 2 * num_seqs * context * 8 * 128 * 2
+    achieved, copy = kv_bytes / (ms * 1e-3), measure_copy_bandwidth()
+    print(
+        f"\npaged decode {num_seqs}x{context}: {ms * 1e3:.1f} us, {achieved / 1e9:.0f} GB/s "
+        f"= {achieved / copy:.0%} of copy bandwidth ({copy / 1e9:.0f} GB/s)"
+    )

@@ -1,0 +1,147 @@
+"""Attention backends and the choice between them, made once at worker start.
+
+Order of preference on CUDA: flash-attn (when importable), then nanoserve's Triton kernels; on CPU
+the pure-torch reference, which is also the ground truth for the other two. The Triton kernel
+modules are imported only when a ``TritonBackend`` is built, so that importing this module never
+compiles (or decides the interpreter mode of) any Triton kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from kernels.paged_attention import paged_attention_ref
+from kernels.store_kvcache import store_kvcache_ref
+from models.layers.attention import AttentionBackend, AttentionMetadata
+
+
+def dense_causal_varlen_ref(
+    q: torch.Tensor,  # [T, H_q, D]
+    k: torch.Tensor,  # [T, H_kv, D]
+    v: torch.Tensor,  # [T, H_kv, D]
+    cu_seqlens: torch.Tensor,  # [B + 1]
+    scale: float,
+) -> torch.Tensor:  # [T, H_q, D]
+    """Causal attention of each packed sequence over itself, without any cache."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    cu = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(cu):
+        qb = q[start:end].transpose(0, 1)  # [H_q, L, D]
+        kb = k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        vb = v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        out[start:end] = ob.transpose(0, 1)
+    return out
+
+
+class TorchRefBackend:
+    """Pure torch: runs on any device, slowly. The reference the kernels are tested against."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if k_cache.numel() == 0:
+            return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
+        store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_ref(
+            q,
+            k_cache,
+            v_cache,
+            meta.cu_seqlens_q,
+            meta.seq_lens,
+            meta.block_tables,
+            scale,
+        )
+
+
+class TritonBackend:
+    """nanoserve's Triton kernels: KV store, then paged decode or paged prefill attention.
+
+    Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (slowly: for tests only).
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kernels.paged_decode_attention import paged_decode_attention
+        from kernels.paged_prefill_attention import paged_prefill_attention
+        from kernels.store_kvcache import store_kvcache
+
+        self._store_kvcache = store_kvcache
+        self._decode = paged_decode_attention
+        self._prefill = paged_prefill_attention
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H_q, D]
+        k: torch.Tensor,  # [T, H_kv, D]
+        v: torch.Tensor,  # [T, H_kv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, H_q, D]
+        if k_cache.numel() == 0:
+            return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
+        self._store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            return self._decode(
+                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale
+            )
+        return self._prefill(
+            q,
+            k_cache,
+            v_cache,
+            meta.cu_seqlens_q,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_seqlen_q,
+            scale,
+        )
+
+
+BACKEND_NAMES = ("auto", "torch", "triton")
+
+
+def select_backend(device: torch.device, forced: str | None = None) -> AttentionBackend:
+    """Pick the attention backend for ``device``; ``forced`` names one of ``BACKEND_NAMES``.
+
+    Automatic choice: Triton on CUDA, torch elsewhere. (flash-attn would come first on CUDA when
+    importable, but nanoserve has no flash-attn backend yet, so it is never chosen.) "triton" on
+    CPU needs ``TRITON_INTERPRET=1`` set before the kernels are first imported.
+    """
+    if forced not in (None, *BACKEND_NAMES):
+        if forced == "flash-attn":
+            raise ValueError(
+                "attention backend 'flash-attn' is not implemented yet; use one of "
+                + ", ".join(BACKEND_NAMES)
+            )
+        raise ValueError(
+            f"unknown attention backend {forced!r}; allowed: {', '.join(BACKEND_NAMES)}"
+        )
+    name = (
+        forced
+        if forced not in (None, "auto")
+        else ("triton" if device.type == "cuda" else "torch")
+    )
+    if name == "torch":
+        return TorchRefBackend()
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"attention backend 'triton' on {device.type} needs TRITON_INTERPRET=1 (the Triton interpreter)"
+        )
+    return TritonBackend()

@@ -1,0 +1,78 @@
+"""Sampling next tokens from logits on the worker's device, for a whole batch at once.
+
+Greedy rows take the argmax. Other rows are scaled by temperature, filtered by top_k, top_p and
+min_p, and sampled by the exponential race (argmax of probs / E, E ~ Exp(1)), which draws exactly
+from the filtered softmax. A row with a seed draws its noise from a generator seeded by
+(seed, output index), so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings, already on the logits' device."""
+
+    temperatures: torch.Tensor  # [B] float32, 0 = greedy
+    top_ks: torch.Tensor  # [B] int64, vocab size = no limit
+    top_ps: torch.Tensor  # [B] float32
+    min_ps: torch.Tensor  # [B] float32
+    seeds: list[int | None]  # per row
+    output_indices: list[int]  # per row: index of the token being sampled in the output
+    all_greedy: bool
+    needs_filter: bool
+
+
+def sample(
+    logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
+) -> torch.Tensor:  # logits [B, V] -> token ids [B] int64
+    greedy_tokens = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_tokens
+    temps = batch.temperatures.clamp(min=1e-5)[:, None]
+    probs = (logits.float() / temps).softmax(dim=-1)
+    if batch.needs_filter:
+        probs = _filter(probs, batch)
+    noise = _exponential_noise(probs, batch, generator)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(batch.temperatures == 0, greedy_tokens, sampled)
+
+
+def _filter(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Zero the probabilities outside top_k, top_p and min_p (renormalising is not needed)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    drop = ranks >= batch.top_ks[:, None]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= mass_before >= batch.top_ps[:, None]
+    drop |= sorted_probs < batch.min_ps[:, None] * sorted_probs[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def _exponential_noise(
+    probs: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
+) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    for row, seed in enumerate(batch.seeds):
+        if seed is None:
+            continue
+        row_gen = torch.Generator(device=probs.device)
+        row_gen.manual_seed((seed * 1_000_003 + batch.output_indices[row]) % 2**63)
+        noise[row] = torch.empty_like(probs[row]).exponential_(generator=row_gen)
+    return noise.clamp_(min=1e-20)  # a zero draw would give 0/0 on a filtered token
+
+
+def compute_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the raw model distribution: sampled [B], top ids [B, k], top lp [B, k]."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    sampled = logprobs.gather(-1, tokens[:, None])[:, 0]
+    top_lp, top_ids = logprobs.topk(num_top, dim=-1)
+    return sampled, top_ids, top_lp

@@ -1,0 +1,140 @@
+"""Worker: loads the model shard, owns the KV cache, executes step plans.
+
+The same class serves the offline ``LLM`` (called in-process) and the gRPC worker service (wrapped
+by its servicer). It never decides scheduling or allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from models.config import ModelConfig
+from models.loader import load_model
+from models.parallel import ParallelContext
+from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
+from worker_service.attention_backends import select_backend
+from worker_service.config import WorkerConfig
+from worker_service.kv_cache import allocate_kv_cache, bytes_per_block
+from worker_service.model_runner import ModelRunner
+from worker_service.sequence_table import SequenceTable
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(
+    name: str, device: torch.device, checkpoint_dtype: str
+) -> torch.dtype:
+    """``auto`` is float32 on CPU; on GPU the checkpoint's half type, else bfloat16."""
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(
+            f"dtype={name!r} is invalid: must be auto or one of {sorted(_DTYPES)}"
+        )
+    return _DTYPES[name]
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device(
+                "cuda", config.rank % max(1, torch.cuda.device_count())
+            )
+            torch.cuda.set_device(self.device)
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.dtype)
+        self.backend = select_backend(self.device, config.attention_backend)
+        parallel = ParallelContext(rank=config.rank, world_size=config.world_size)
+        self.model = load_model(
+            config.model_dir, self.backend, self.dtype, self.device, parallel
+        )
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_cache = allocate_kv_cache(
+            self.model,
+            self.model_config,
+            self.num_kv_blocks,
+            config.block_size,
+            self.dtype,
+            self.device,
+            config.world_size,
+        )
+        self.runner = ModelRunner(
+            self.model,
+            config.block_size,
+            self.device,
+            self.model_config.eos_token_ids,
+            self.model_config.vocab_size,
+        )
+        self.seqs = SequenceTable()
+        log.info(
+            "worker ready: %s on %s (%s), attention=%s, %d KV blocks of %d tokens",
+            config.model_dir,
+            self.device,
+            self.dtype,
+            self.backend.name,
+            self.num_kv_blocks,
+            config.block_size,
+        )
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = bytes_per_block(
+            self.model_config,
+            self.config.block_size,
+            self.dtype,
+            self.config.world_size,
+        )
+        if self.config.kv_cache_gb is not None or self.device.type == "cpu":
+            budget = (self.config.kv_cache_gb or 1.0) * 2**30
+        else:
+            budget = self._profile_free_gpu_memory()
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV cache budget ({budget / 2**30:.2f} GB) holds no block"
+            )
+        return num_blocks
+
+    def _profile_free_gpu_memory(self) -> float:
+        """GPU bytes left for the cache: utilization x total minus the peak of a warm-up forward."""
+        raise NotImplementedError("GPU memory profiling comes with the GPU issue")
+
+    def describe(self) -> WorkerInfo:
+        return WorkerInfo(
+            model_path=str(Path(self.config.model_dir).resolve()),
+            model_name=Path(self.config.model_dir).resolve().name,
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.model_config.max_position_embeddings,
+            eos_token_ids=self.model_config.eos_token_ids,
+            block_size=self.config.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            dtype=str(self.dtype).removeprefix("torch."),
+            attention_backend=self.backend.name,
+            device=str(self.device),
+            rank=self.config.rank,
+            world_size=self.config.world_size,
+        )
+
+    def start_session(self) -> None:
+        """A new scheduler session: forget every sequence (cache contents are never trusted)."""
+        self.seqs.clear()
+
+    def step(self, plan: StepPlan) -> StepResult:
+        scheduled = self.seqs.apply(plan)
+        if not scheduled:
+            return StepResult(plan.step_id, [], [])
+        return self.runner.execute(plan.step_id, scheduled, plan.num_new_tokens)
