@@ -111,10 +111,10 @@ class EngineCore:
             if not 0 <= token_id < vocab:
                 raise ValueError(f"prompt token id {token_id} is outside the vocabulary [0, {vocab})")
         params.validate(vocab)
-        if len(prompt_token_ids) >= self.max_model_len:
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens: must be below max_model_len "
-                f"({self.max_model_len})"
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"is beyond max_model_len ({self.max_model_len})"
             )
 
     def add_request(

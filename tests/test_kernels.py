@@ -6,20 +6,18 @@ with the reference by relative norm error. On CPU the kernels run in the Triton 
 shapes; ``@pytest.mark.gpu`` cases run at real shapes (head_dim 128, bf16) and are skipped without
 CUDA. The timing test prints, never asserts.
 
-The interpreter is chosen when a ``@triton.jit`` kernel is defined, i.e. when its module is first
-imported. So this module sets ``TRITON_INTERPRET=1`` (CPU only) before importing the kernels, and
-reloads any kernel module that an earlier test module already imported in compiled mode. Setting
-``TRITON_INTERPRET=1`` for the whole CPU test run (the Makefile does) makes that a no-op.
+Triton decides between compiling and interpreting when ``triton`` (and each ``@triton.jit``
+function, its own library included) is first imported. So on CPU this module sets
+``TRITON_INTERPRET=1`` before importing triton, and refuses to run (with a message saying why) if
+an earlier test module already imported triton in compiled mode. Setting ``TRITON_INTERPRET=1``
+for the whole CPU test run (in the Makefile or conftest) avoids that.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import os
-import sys
-from types import ModuleType
 
 import pytest
 import torch
@@ -28,23 +26,19 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import triton.language as tl  # noqa: E402
 
-def _import_kernel(name: str) -> ModuleType:
-    """Import ``name``; reload it if it was imported before the interpreter was switched on."""
-    module = importlib.import_module(name)
-    kernels = [v for k, v in vars(module).items() if k.startswith("_") and k.endswith("_kernel")]
-    interpreted = all(type(k).__name__ == "InterpretedFunction" for k in kernels)
-    if not ON_GPU and not interpreted:
-        module = importlib.reload(sys.modules[name])
-    return module
+if not ON_GPU and type(tl.cdiv).__name__ != "InterpretedFunction":
+    raise RuntimeError(
+        "triton was imported in compiled mode before this module could set TRITON_INTERPRET=1; "
+        "run the CPU tests with TRITON_INTERPRET=1 in the environment (as `make test` does)"
+    )
 
-
-store_mod = _import_kernel("kernels.store_kvcache")
-decode_mod = _import_kernel("kernels.paged_decode_attention")
-prefill_mod = _import_kernel("kernels.paged_prefill_attention")
-DecodeConfig = decode_mod.DecodeConfig
-PrefillConfig = prefill_mod.PrefillConfig
-
+from kernels import paged_decode_attention as decode_mod  # noqa: E402
+from kernels import paged_prefill_attention as prefill_mod  # noqa: E402
+from kernels import store_kvcache as store_mod  # noqa: E402
+from kernels.paged_decode_attention import DecodeConfig  # noqa: E402
+from kernels.paged_prefill_attention import PrefillConfig  # noqa: E402
 from models.layers.attention import AttentionMetadata  # noqa: E402
 from worker_service import attention_backends  # noqa: E402
 

@@ -100,8 +100,8 @@ def test_greedy_batch_equals_transformers(case) -> None:
 
 def test_tiny_kv_cache_preempts_and_output_is_unchanged(case) -> None:
     model_dir, prompts, expected = case
-    # 50 blocks of 16 tokens: fewer than the batch needs, more than the longest sequence needs.
-    llm = LLM(str(model_dir), device="cpu", block_size=16, num_kv_blocks=50)
+    # 24 blocks of 16 tokens: fewer than the batch needs, more than the longest sequence (21).
+    llm = LLM(str(model_dir), device="cpu", block_size=16, num_kv_blocks=24)
     assert generate_ids(llm, prompts) == expected
     assert llm.engine.scheduler.num_preemptions > 0
 

@@ -1,0 +1,184 @@
+"""GPU microbenchmark of the paged-attention Triton kernels against the device's own ceilings.
+
+Decode attention is memory-bound: its figure is the K/V bytes read per second, next to a large
+device-to-device copy on the same GPU (bytes read + written per second). Prefill attention is
+compute-bound: its figure is TFLOP/s (causal: only the visible query-key pairs are counted).
+``--sweep`` also times every launch configuration in a small grid and prints the fastest.
+
+Not a correctness test (tests/test_kernels.py is); needs CUDA.
+
+    python bench/kernel_bench.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from kernels.paged_decode_attention import DecodeConfig, paged_decode_attention  # noqa: E402
+from kernels.paged_prefill_attention import (  # noqa: E402
+    PrefillConfig,
+    default_prefill_config,
+    paged_prefill_attention,
+)
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
+DTYPE = torch.bfloat16
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy."""
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * num_bytes / (time_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def paged_kv(
+    seq_lens: list[int], block_size: int, num_kv_heads: int = NUM_KV_HEADS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random caches with each sequence's blocks scattered; returns k, v, seq_lens, tables."""
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq)
+    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    k_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+    order = torch.randperm(num_blocks, dtype=torch.int32)
+    tables = torch.full((len(seq_lens), max(blocks_per_seq)), -1, dtype=torch.int32)
+    offsets = [0, *itertools.accumulate(blocks_per_seq)]
+    for b, n in enumerate(blocks_per_seq):
+        tables[b, :n] = order[offsets[b] : offsets[b] + n]
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, lens, tables.cuda()
+
+
+def bench_decode(
+    num_seqs: int,
+    context: int,
+    block_size: int,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> tuple[float, float]:
+    """Returns (microseconds, K/V GB/s) for one decode step over ``num_seqs`` full contexts."""
+    k_cache, v_cache, lens, tables = paged_kv([context] * num_seqs, block_size)
+    q = torch.randn(num_seqs, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    scale = HEAD_DIM**-0.5
+    ms = time_ms(
+        lambda: paged_decode_attention(
+            q, k_cache, v_cache, lens, tables, scale, num_splits, config=config
+        )
+    )
+    kv_bytes = 2 * num_seqs * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    return ms * 1e3, kv_bytes / (ms * 1e-3) / 1e9
+
+
+def bench_prefill(
+    cached_and_new: list[tuple[int, int]],
+    num_q_heads: int,
+    block_size: int = 256,
+    config: PrefillConfig | None = None,
+) -> tuple[float, float]:
+    """Returns (milliseconds, TFLOP/s) for one prefill step; FLOPs count visible pairs only."""
+    seq_lens = [c + n for c, n in cached_and_new]
+    q_lens = [n for _, n in cached_and_new]
+    k_cache, v_cache, lens, tables = paged_kv(seq_lens, block_size)
+    q = torch.randn(sum(q_lens), num_q_heads, HEAD_DIM, dtype=DTYPE, device="cuda")
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device="cuda")
+    args = (q, k_cache, v_cache, cu, lens, tables, max(q_lens), HEAD_DIM**-0.5)
+    ms = time_ms(lambda: paged_prefill_attention(*args, config=config))
+    pairs = sum(n * c + n * (n + 1) // 2 for c, n in cached_and_new)
+    flops = 4 * pairs * num_q_heads * HEAD_DIM
+    return ms, flops / (ms * 1e-3) / 1e12
+
+
+PREFILL_SHAPES = {
+    "4 x 2048 plain": ([(0, 2048)] * 4, 16),
+    "4 x 2048 plain, 32 q heads": ([(0, 2048)] * 4, 32),
+    "8 x (1536 cached + 512 new)": ([(1536, 512)] * 8, 16),
+    "1 x 8192 plain": ([(0, 8192)], 16),
+}
+
+
+def sweep_decode(copy_gbs: float) -> None:
+    results = []
+    for block_n, warps, stages in itertools.product([32, 64, 128], [2, 4, 8], [1, 2, 3]):
+        config = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            us, gbs = bench_decode(256, 1024, 256, config=config)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+            print(f"  decode {config} failed: {type(e).__name__}")
+            continue
+        results.append((gbs, us, config))
+    print("\ndecode sweep, 256 x 1024, block_size 256 (fastest first):")
+    for gbs, us, config in sorted(results, key=lambda r: r[0], reverse=True)[:8]:
+        print(f"  {config}: {us:8.1f} us {gbs:7.0f} GB/s {gbs / copy_gbs:5.0%}")
+    for block_size in (16, 256):
+        for gbs, _, config in sorted(results, key=lambda r: r[0], reverse=True)[:3]:
+            us, gbs = bench_decode(256, 1024, block_size, config=config)
+            print(f"  block_size {block_size:3d} {config}: {gbs:7.0f} GB/s")
+
+
+def sweep_prefill() -> None:
+    cached_and_new, num_q_heads = PREFILL_SHAPES["4 x 2048 plain"]
+    results = []
+    configs = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3])
+    for block_m, block_n, warps, stages in configs:
+        config = PrefillConfig(block_m, block_n, warps, stages)
+        try:
+            ms, tflops = bench_prefill(cached_and_new, num_q_heads, config=config)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+            print(f"  prefill {config} failed: {type(e).__name__}")
+            continue
+        results.append((tflops, ms, config))
+    print("\nprefill sweep, 4 x 2048 plain, 16 q heads (fastest first):")
+    for tflops, ms, config in sorted(results, key=lambda r: r[0], reverse=True)[:8]:
+        print(f"  {config}: {ms:7.3f} ms {tflops:6.1f} TFLOP/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_bench needs a CUDA GPU")
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    copy_gbs = copy_bandwidth() / 1e9
+    print(f"device copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
+    if args.sweep:
+        sweep_decode(copy_gbs)
+        sweep_prefill()
+
+    print(f"\n{'decode (H_q 16, H_kv 8, D 128, bf16)':40s} {'us':>8s} {'GB/s':>7s} {'% copy':>7s}")
+    decode_cases = [
+        ("256 seqs x 1024, block 256", 256, 1024, 256, None),
+        ("256 seqs x 1024, block 16", 256, 1024, 16, None),
+        ("8 seqs x 8192, block 256, no split", 8, 8192, 256, 1),
+        ("8 seqs x 8192, block 256, auto split", 8, 8192, 256, None),
+    ]
+    for name, num_seqs, context, block_size, num_splits in decode_cases:
+        us, gbs = bench_decode(num_seqs, context, block_size, num_splits)
+        print(f"{name:40s} {us:8.1f} {gbs:7.0f} {gbs / copy_gbs:7.0%}")
+
+    print(f"\n{'prefill (D 128, H_kv 8, bf16, block 256)':40s} {'ms':>8s} {'TFLOP/s':>7s}")
+    for name, (cached_and_new, num_q_heads) in PREFILL_SHAPES.items():
+        config = default_prefill_config(num_q_heads // NUM_KV_HEADS, torch.device("cuda"))
+        ms, tflops = bench_prefill(cached_and_new, num_q_heads, config=config)
+        print(f"{name:40s} {ms:8.3f} {tflops:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""GrpcWorkerClient: the EngineCore's ``WorkerClient`` over gRPC, for one or more TP ranks.
+
+Each step plan is serialized once and sent to every rank in parallel (the same bytes: the session
+id is shared); rank 0's answer is the result. Any failure to reach a rank, a Step past its
+deadline, or a rank that lost the session (it was restarted) raises ``WorkerUnavailable``: the
+caller then drops the engine, ``reconnect()``s and starts a fresh session. This module does not
+retry on its own; retry policy belongs to the engine loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from nanoserve.worker.v1 import worker_pb2 as pb
+from nanoserve.worker.v1 import worker_pb2_grpc
+from scheduler_service import wire_worker
+from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
+
+MAX_MESSAGE_BYTES = 1 << 30  # admitting many long prompts at once makes large plans
+STEP_METHOD = "/nanoserve.worker.v1.Worker/Step"
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Pings find a silently dead link (no FIN) even while a long step is running.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # A restarted worker is found within a second, not after exponential backoff.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.enable_retries", 0),
+]
+
+
+class WorkerUnavailable(Exception):
+    """A worker did not answer, answered with an error, or no longer holds our session."""
+
+
+@dataclasses.dataclass
+class StepTiming:
+    """Where the last step's time went on the client side (nanoseconds, monotonic clock)."""
+
+    start_ns: int = 0  # step() entered
+    serialize_ns: int = 0  # plan -> bytes
+    call_ns: int = 0  # send, wait for every rank, receive
+    parse_ns: int = 0  # bytes -> StepResult
+    compute_ns: int = 0  # what rank 0 reports for Worker.step itself
+    end_ns: int = 0  # step() returns
+
+
+class GrpcWorkerClient:
+    def __init__(
+        self, addrs: Sequence[str], step_timeout_s: float = 60.0, rpc_timeout_s: float = 5.0
+    ) -> None:
+        if not addrs:
+            raise ValueError("addrs is empty: at least one worker address is required")
+        self.addrs = list(addrs)  # reordered by rank in describe()
+        self.step_timeout_s = step_timeout_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self.session_id = 0
+        self.timing = StepTiming()
+        self._channels: list[grpc.Channel] = []
+        self._open()
+
+    def _open(self) -> None:
+        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addrs]
+        self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
+        # Raw bytes both ways: the plan is serialized once for all ranks, and parsing is timed.
+        self._step_calls = [c.unary_unary(STEP_METHOD) for c in self._channels]
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._channels = []
+
+    def reconnect(self) -> None:
+        """Fresh channels (no inherited backoff); the session must be started again."""
+        self.close()
+        self.session_id = 0
+        self._open()
+
+    def describe(self) -> WorkerInfo:
+        """Rank 0's facts, with the cache capacity every rank can hold; ranks are put in order."""
+        infos = [
+            wire_worker.info_from_pb(self._call(i, stub.Describe, pb.DescribeRequest()))
+            for i, stub in enumerate(self._stubs)
+        ]
+        world_size = len(self.addrs)
+        if sorted(info.rank for info in infos) != list(range(world_size)) or any(
+            info.world_size != world_size for info in infos
+        ):
+            found = [(a, i.rank, i.world_size) for a, i in zip(self.addrs, infos)]
+            raise WorkerUnavailable(
+                f"workers do not form one tensor-parallel group of {world_size}: "
+                f"(address, rank, world_size) = {found}"
+            )
+        order = sorted(range(world_size), key=lambda i: infos[i].rank)
+        if order != list(range(world_size)):
+            self.addrs = [self.addrs[i] for i in order]
+            self.reconnect()
+            infos = [infos[i] for i in order]
+        num_kv_blocks = min(info.num_kv_blocks for info in infos)
+        return dataclasses.replace(infos[0], num_kv_blocks=num_kv_blocks)
+
+    def start_session(self) -> None:
+        session_id = secrets.randbits(63) | 1
+        for i, stub in enumerate(self._stubs):
+            self._call(i, stub.StartSession, pb.StartSessionRequest(session_id=session_id))
+        self.session_id = session_id
+
+    def ping(self) -> None:
+        """Raise WorkerUnavailable unless every rank answers and still holds our session."""
+        for i, stub in enumerate(self._stubs):
+            reply = self._call(i, stub.Ping, pb.PingRequest())
+            if reply.session_id != self.session_id:
+                raise WorkerUnavailable(f"worker {self.addrs[i]} lost the session (restarted?)")
+
+    def step(self, plan: StepPlan) -> StepResult:
+        start = time.perf_counter_ns()
+        data = wire_worker.plan_to_pb(plan, self.session_id).SerializeToString()
+        serialized = time.perf_counter_ns()
+        raw = self._send_step(data)
+        received = time.perf_counter_ns()
+        reply = pb.StepResponse.FromString(raw)
+        result = wire_worker.result_from_pb(reply)
+        end = time.perf_counter_ns()
+        self.timing = StepTiming(
+            start, serialized - start, received - serialized, end - received, reply.compute_ns, end
+        )
+        return result
+
+    def _send_step(self, data: bytes) -> bytes:
+        timeout = self.step_timeout_s
+        if len(self._step_calls) == 1:
+            return self._call(0, self._step_calls[0], data, timeout)
+        futures = [call.future(data, timeout=timeout) for call in self._step_calls]
+        replies = [self._call(i, f.result) for i, f in enumerate(futures)]
+        return replies[0]
+
+    def _call(self, rank: int, method: Callable[..., Any], *args: Any) -> Any:
+        """Call a stub method (request, timeout) or a future's result(); map failures."""
+        try:
+            if len(args) == 1 and not isinstance(args[0], (bytes, pb.DescribeRequest.__mro__[1])):
+                return method(args[0], timeout=self.rpc_timeout_s)
+            if len(args) == 2:
+                return method(args[0], timeout=args[1])
+            if not args:
+                return method()
+            return method(args[0], timeout=self.rpc_timeout_s)
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            name = code.name if code is not None else "ERROR"
+            details = e.details() if isinstance(e, grpc.Call) else str(e)
+            raise WorkerUnavailable(f"worker {self.addrs[rank]}: {name}: {details}") from e

@@ -1,0 +1,118 @@
+"""``python -m worker_service --model DIR [--port P]``: one worker process (one tensor-parallel rank).
+
+Loads the model shard and the KV cache, then serves ``nanoserve.worker.v1.Worker`` until SIGTERM or
+Ctrl-C. ``--port 0`` (the default) lets the OS pick a port; the bound port is printed and, with
+``--port-file``, written to that file once the worker is ready to answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from worker_service.config import WorkerConfig
+
+log = logging.getLogger("worker_service")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker_service", description=__doc__)
+    p.add_argument("--model", required=True, help="Hugging Face style model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: let the OS pick")
+    p.add_argument("--port-file", help="write the bound port here once ready")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--block-size", type=int, default=WorkerConfig.block_size)
+    p.add_argument("--num-kv-blocks", type=int, help="fixed number of KV cache blocks")
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument("--kv-cache-gb", type=float, help="KV cache size (CPU default: 1 GB)")
+    memory.add_argument(
+        "--gpu-memory-utilization", type=float, default=WorkerConfig.gpu_memory_utilization
+    )
+    p.add_argument("--max-num-batched-tokens", type=int, default=WorkerConfig.max_num_batched_tokens)
+    p.add_argument("--attention-backend", default=WorkerConfig.attention_backend)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--dist-init-addr", help="HOST:PORT of rank 0's torch.distributed store")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model_dir=args.model,
+        device=_resolve_device(args.device),
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_gb=args.kv_cache_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        rank=args.rank,
+        world_size=args.world_size,
+    )
+
+
+def _resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _init_distributed(config: WorkerConfig, init_addr: str | None) -> None:
+    """Join the tensor-parallel process group (NCCL on GPU, gloo on CPU) before the model loads."""
+    if config.world_size == 1:
+        return
+    if not init_addr:
+        raise SystemExit("--dist-init-addr is required when --world-size > 1")
+    import torch.distributed as dist
+
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://{init_addr}", rank=config.rank, world_size=config.world_size
+    )
+
+
+def _write_port_file(path: str, port: int) -> None:
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)  # atomic: a reader never sees a partial file
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    config = config_from_args(args)
+    _init_distributed(config, args.dist_init_addr)
+
+    from worker_service.server import start_server
+    from worker_service.worker import Worker
+
+    worker = Worker(config)
+    server, port = start_server(worker, args.host, args.port)
+    log.info("worker rank %d listening on %s:%d", config.rank, args.host, port)
+    print(f"worker_service listening on {args.host}:{port}", flush=True)
+    if args.port_file:
+        _write_port_file(args.port_file, port)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=1.0).wait()
+
+
+if __name__ == "__main__":
+    main()

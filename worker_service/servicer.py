@@ -1,0 +1,76 @@
+"""The ``nanoserve.worker.v1.Worker`` servicer: protobuf in, ``Worker`` call, protobuf out.
+
+Thin on purpose: decoding and encoding live in ``scheduler_service.wire_worker``, the work in
+``Worker``. The servicer adds the one thing the in-process path does not need: sessions. A step
+must name the session the scheduler started; a scheduler that lost this worker (or a worker that
+was restarted) finds out from a FAILED_PRECONDITION instead of corrupting state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+import grpc
+
+from nanoserve.worker.v1 import worker_pb2 as pb
+from nanoserve.worker.v1 import worker_pb2_grpc
+from scheduler_service import wire_worker
+from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+class StepExecutor(Protocol):
+    """What the servicer needs from a worker (``worker_service.worker.Worker``)."""
+
+    def describe(self) -> WorkerInfo: ...
+
+    def start_session(self) -> None: ...
+
+    def step(self, plan: StepPlan) -> StepResult: ...
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker: StepExecutor) -> None:
+        self.worker = worker
+        self.session_id = 0
+        self._lock = threading.Lock()  # one step (or session change) at a time
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+        return wire_worker.info_to_pb(self.worker.describe())
+
+    def StartSession(
+        self, request: pb.StartSessionRequest, context: grpc.ServicerContext
+    ) -> pb.StartSessionResponse:
+        if request.session_id == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id=0 is invalid: must be nonzero")
+        with self._lock:
+            self.worker.start_session()
+            self.session_id = request.session_id
+        log.info("started session %x", request.session_id)
+        return pb.StartSessionResponse()
+
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+        with self._lock:
+            if request.session_id != self.session_id:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"session_id={request.session_id:x} is not this worker's session "
+                    f"({self.session_id:x}): call StartSession first",
+                )
+            plan = wire_worker.plan_from_pb(request)
+            start = time.perf_counter_ns()
+            try:
+                result = self.worker.step(plan)
+            except Exception as e:  # the session's state is now unknown: refuse further steps
+                self.session_id = 0
+                log.exception("step %d failed", plan.step_id)
+                context.abort(grpc.StatusCode.INTERNAL, f"step {plan.step_id} failed: {e!r}")
+            compute_ns = time.perf_counter_ns() - start
+        return wire_worker.result_to_pb(result, compute_ns)
+
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
+        return pb.PingResponse(session_id=self.session_id)
