@@ -175,7 +175,7 @@ def main() -> None:
 
     print(f"\n{'prefill (D 128, H_kv 8, bf16, block 256)':40s} {'ms':>8s} {'TFLOP/s':>7s}")
     for name, (cached_and_new, num_q_heads) in PREFILL_SHAPES.items():
-        config = default_prefill_config(num_q_heads // NUM_KV_HEADS, torch.device("cuda"))
+        config = default_prefill_config(num_q_heads // NUM_KV_HEADS, HEAD_DIM, torch.device("cuda"))
         ms, tflops = bench_prefill(cached_and_new, num_q_heads, config=config)
         print(f"{name:40s} {ms:8.3f} {tflops:7.1f}")
 

@@ -30,11 +30,15 @@ MAX_NUM_SPLITS = 32
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters: K/V rows per tile, warps per program, software-pipelining depth."""
+    """Launch parameters: K/V rows per tile, warps per program, software-pipelining depth.
+
+    The default was the fastest of a sweep on an H100 (256 seqs x 1024 tokens, Qwen3-0.6B heads,
+    bf16): 97% of device copy bandwidth; most configurations there were within 3% of it.
+    """
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def paged_decode_attention_ref(
@@ -170,6 +174,11 @@ def _combine_splits_kernel(
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty))
 
 
+def default_decode_config(head_dim: int) -> DecodeConfig:
+    """The swept default at D <= 128; shallower, narrower tiles beyond, to fit shared memory."""
+    return DecodeConfig() if head_dim <= 128 else DecodeConfig(block_n=32, num_stages=2)
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -272,7 +281,7 @@ def paged_decode_attention(
         num_splits = default_num_splits(
             num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device
         )
-    config = config or DecodeConfig()
+    config = config or default_decode_config(head_dim)
     group = num_q_heads // num_kv_heads
     part_out = part_lse = out  # placeholders, unused when NUM_SPLITS == 1
     if num_splits > 1:

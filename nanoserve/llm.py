@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -40,8 +41,8 @@ class LLM:
         engine_args = {k: v for k, v in engine_options.items() if k in engine_keys}
         worker_args = {k: v for k, v in engine_options.items() if k in worker_keys}
         worker_args.setdefault("device", _default_device())
-        worker_args.setdefault("max_num_batched_tokens", engine_args.get("max_num_batched_tokens", 8192))
-        self.tokenizer = Tokenizer.from_dir(model)
+        has_tokenizer = (Path(model) / "tokenizer.json").is_file()
+        self.tokenizer = Tokenizer.from_dir(model) if has_tokenizer else None
         self.worker = Worker(WorkerConfig(model_dir=model, **worker_args))
         self.engine = EngineCore(EngineConfig(**engine_args), self.worker, self.tokenizer)
 
@@ -81,6 +82,8 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: at least one token is required")
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model has no tokenizer.json: pass token ids")
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
             raise ValueError("prompt must be a string or a list of token ids")

@@ -35,6 +35,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None  # default: the model's, capped by the cache
     enable_prefix_caching: bool = True
+    detokenize: bool = True  # False: token ids only (benchmarks on token-id workloads)
 
 
 @dataclass
@@ -124,7 +125,9 @@ class EngineCore:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         seq = Sequence(next(self._seq_ids), prompt_token_ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
+        detok = None
+        if self.tokenizer is not None and self.config.detokenize:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         request = _Request(request_id, seq, detok)
         self._requests[request_id] = request
         self._by_seq_id[seq.seq_id] = request

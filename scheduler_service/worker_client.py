@@ -13,7 +13,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 import grpc
 
@@ -38,6 +38,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.enable_retries", 0),
 ]
+T = TypeVar("T")
 
 
 class WorkerUnavailable(Exception):
@@ -89,8 +90,9 @@ class GrpcWorkerClient:
 
     def describe(self) -> WorkerInfo:
         """Rank 0's facts, with the cache capacity every rank can hold; ranks are put in order."""
+        request, timeout = pb.DescribeRequest(), self.rpc_timeout_s
         infos = [
-            wire_worker.info_from_pb(self._call(i, stub.Describe, pb.DescribeRequest()))
+            wire_worker.info_from_pb(self._call(i, lambda: stub.Describe(request, timeout=timeout)))
             for i, stub in enumerate(self._stubs)
         ]
         world_size = len(self.addrs)
@@ -112,14 +114,15 @@ class GrpcWorkerClient:
 
     def start_session(self) -> None:
         session_id = secrets.randbits(63) | 1
+        request = pb.StartSessionRequest(session_id=session_id)
         for i, stub in enumerate(self._stubs):
-            self._call(i, stub.StartSession, pb.StartSessionRequest(session_id=session_id))
+            self._call(i, lambda: stub.StartSession(request, timeout=self.rpc_timeout_s))
         self.session_id = session_id
 
     def ping(self) -> None:
         """Raise WorkerUnavailable unless every rank answers and still holds our session."""
         for i, stub in enumerate(self._stubs):
-            reply = self._call(i, stub.Ping, pb.PingRequest())
+            reply = self._call(i, lambda: stub.Ping(pb.PingRequest(), timeout=self.rpc_timeout_s))
             if reply.session_id != self.session_id:
                 raise WorkerUnavailable(f"worker {self.addrs[i]} lost the session (restarted?)")
 
@@ -140,23 +143,17 @@ class GrpcWorkerClient:
     def _send_step(self, data: bytes) -> bytes:
         timeout = self.step_timeout_s
         if len(self._step_calls) == 1:
-            return self._call(0, self._step_calls[0], data, timeout)
-        futures = [call.future(data, timeout=timeout) for call in self._step_calls]
-        replies = [self._call(i, f.result) for i, f in enumerate(futures)]
+            step = self._step_calls[0]
+            return self._call(0, lambda: step(data, timeout=timeout))
+        futures = [step.future(data, timeout=timeout) for step in self._step_calls]
+        replies = [self._call(i, future.result) for i, future in enumerate(futures)]
         return replies[0]
 
-    def _call(self, rank: int, method: Callable[..., Any], *args: Any) -> Any:
-        """Call a stub method (request, timeout) or a future's result(); map failures."""
+    def _call(self, rank: int, call: Callable[[], T]) -> T:
+        """Run one RPC to ``rank``; any gRPC failure becomes WorkerUnavailable naming the worker."""
         try:
-            if len(args) == 1 and not isinstance(args[0], (bytes, pb.DescribeRequest.__mro__[1])):
-                return method(args[0], timeout=self.rpc_timeout_s)
-            if len(args) == 2:
-                return method(args[0], timeout=args[1])
-            if not args:
-                return method()
-            return method(args[0], timeout=self.rpc_timeout_s)
+            return call()
         except grpc.RpcError as e:
-            code = e.code() if isinstance(e, grpc.Call) else None
-            name = code.name if code is not None else "ERROR"
+            code = e.code().name if isinstance(e, grpc.Call) else "ERROR"
             details = e.details() if isinstance(e, grpc.Call) else str(e)
-            raise WorkerUnavailable(f"worker {self.addrs[rank]}: {name}: {details}") from e
+            raise WorkerUnavailable(f"worker {self.addrs[rank]}: {code}: {details}") from e

@@ -45,7 +45,9 @@ from worker_service import attention_backends  # noqa: E402
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 NAN = float("nan")
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Relative norm error allowed per input dtype. On the GPU a float32 tl.dot runs in tf32; fp16 and
+# bf16 also round the softmax probabilities to the input dtype before the P @ V product.
+TOLERANCE = {torch.float32: 1e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
 def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -113,7 +115,7 @@ def run_store_case(
     dtype: torch.dtype,
     cache_dtype: torch.dtype,
 ) -> None:
-    num_blocks = 4
+    num_blocks = max(slots) // block_size + 2  # one block never written
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, NAN, dtype=cache_dtype, device=DEVICE)
     v_cache = torch.full(shape, NAN, dtype=cache_dtype, device=DEVICE)

@@ -99,9 +99,7 @@ class TritonBackend:
             return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
         self._store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
-            return self._decode(
-                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale
-            )
+            return self._decode(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale)
         return self._prefill(
             q,
             k_cache,
@@ -134,9 +132,7 @@ def select_backend(device: torch.device, forced: str | None = None) -> Attention
             f"unknown attention backend {forced!r}; allowed: {', '.join(BACKEND_NAMES)}"
         )
     name = (
-        forced
-        if forced not in (None, "auto")
-        else ("triton" if device.type == "cuda" else "torch")
+        forced if forced not in (None, "auto") else ("triton" if device.type == "cuda" else "torch")
     )
     if name == "torch":
         return TorchRefBackend()

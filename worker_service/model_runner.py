@@ -13,6 +13,7 @@ import torch
 from models.layers.attention import AttentionMetadata
 from models.qwen3 import Qwen3ForCausalLM
 from scheduler_service.step_plan import StepResult
+from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.sampler import SamplingBatch, compute_logprobs, sample
 from worker_service.sequence_table import WorkerSequence
 
@@ -25,8 +26,10 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: tuple[int, ...],
         vocab_size: int,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.graphs = graphs
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -39,7 +42,10 @@ class ModelRunner:
         self, step_id: int, seqs: list[WorkerSequence], num_new_tokens: list[int]
     ) -> StepResult:
         input_ids, positions, meta, sample_rows = self._prepare(seqs, num_new_tokens)
-        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        if self.graphs is not None and self.graphs.can_run(meta, len(seqs)):
+            hidden = self.graphs.run(input_ids, positions, meta)  # [B, hidden]
+        else:
+            hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         for seq, num_tokens in zip(seqs, num_new_tokens):
             seq.num_computed_tokens += num_tokens
         if not sample_rows:

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from models.config import ModelConfig
+from models.layers.attention import AttentionMetadata
 from models.loader import load_model
 from models.parallel import ParallelContext
 from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
 from worker_service.attention_backends import select_backend
 from worker_service.config import WorkerConfig
+from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.kv_cache import allocate_kv_cache, bytes_per_block
 from worker_service.model_runner import ModelRunner
 from worker_service.sequence_table import SequenceTable
@@ -30,19 +32,50 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(
-    name: str, device: torch.device, checkpoint_dtype: str
-) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
     """``auto`` is float32 on CPU; on GPU the checkpoint's half type, else bfloat16."""
     if name == "auto":
         if device.type == "cpu":
             return torch.float32
         return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
     if name not in _DTYPES:
-        raise ValueError(
-            f"dtype={name!r} is invalid: must be auto or one of {sorted(_DTYPES)}"
-        )
+        raise ValueError(f"dtype={name!r} is invalid: must be auto or one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+@torch.inference_mode()
+def warm_up_forward(
+    model: torch.nn.Module,
+    num_tokens: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    device: torch.device,
+) -> None:
+    """A plain prefill of ``num_tokens`` tokens (no cache bound yet) plus logits for a full batch."""
+    seq_len = min(num_tokens, max_model_len)
+    num_seqs = max(1, num_tokens // seq_len)
+    lens = [seq_len] * num_seqs
+    cu = torch.tensor(
+        [0] + [seq_len * (i + 1) for i in range(num_seqs)], dtype=torch.int32, device=device
+    )
+    total = seq_len * num_seqs
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=device),
+        cu_seqlens_q=cu,
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32, device=device),
+        max_seqlen_q=seq_len,
+        max_seqlen_k=seq_len,
+        is_decode=False,
+        is_plain_prefill=True,
+    )
+    ids = torch.zeros(total, dtype=torch.int64, device=device)
+    positions = torch.arange(seq_len, device=device).repeat(num_seqs)
+    hidden = model(ids, positions, meta)
+    rows = min(max_num_seqs, total)
+    logits = model.compute_logits(hidden[:rows])
+    if logits is not None:
+        logits.float().softmax(-1).sort(dim=-1, descending=True)
 
 
 class Worker:
@@ -50,16 +83,16 @@ class Worker:
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device(
-                "cuda", config.rank % max(1, torch.cuda.device_count())
-            )
+            self.device = torch.device("cuda", config.rank % max(1, torch.cuda.device_count()))
             torch.cuda.set_device(self.device)
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.dtype)
         self.backend = select_backend(self.device, config.attention_backend)
         parallel = ParallelContext(rank=config.rank, world_size=config.world_size)
-        self.model = load_model(
-            config.model_dir, self.backend, self.dtype, self.device, parallel
+        self.model = load_model(config.model_dir, self.backend, self.dtype, self.device, parallel)
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
         )
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_cache = allocate_kv_cache(
@@ -77,6 +110,7 @@ class Worker:
             self.device,
             self.model_config.eos_token_ids,
             self.model_config.vocab_size,
+            self._capture_graphs(),
         )
         self.seqs = SequenceTable()
         log.info(
@@ -104,21 +138,52 @@ class Worker:
             budget = self._profile_free_gpu_memory()
         num_blocks = int(budget // per_block)
         if num_blocks < 1:
-            raise ValueError(
-                f"the KV cache budget ({budget / 2**30:.2f} GB) holds no block"
-            )
+            raise ValueError(f"the KV cache budget ({budget / 2**30:.2f} GB) holds no block")
         return num_blocks
 
     def _profile_free_gpu_memory(self) -> float:
-        """GPU bytes left for the cache: utilization x total minus the peak of a warm-up forward."""
-        raise NotImplementedError("GPU memory profiling comes with the GPU issue")
+        """GPU bytes left for the cache: utilization x total, minus what is in use, minus the
+        activation peak of a warm-up forward of ``max_num_batched_tokens`` tokens."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        warm_up_forward(
+            self.model,
+            self.config.max_num_batched_tokens,
+            self.max_model_len,
+            self.config.max_num_seqs,
+            self.device,
+        )
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        peak = torch.cuda.max_memory_allocated()
+        current = torch.cuda.memory_allocated()
+        torch.cuda.empty_cache()
+        return total * self.config.gpu_memory_utilization - used - peak + current
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.config.enforce_eager or self.backend.name == "torch":
+            return None
+        max_blocks = (self.max_model_len + self.config.block_size - 1) // self.config.block_size
+        graphs = DecodeGraphs(
+            self.model,
+            self.config.max_num_seqs,
+            max_blocks,
+            self.model_config.hidden_size,
+            self.dtype,
+            self.device,
+        )
+        graphs.capture()
+        log.info("captured decode CUDA graphs for batch sizes %s", graphs.buckets)
+        return graphs
 
     def describe(self) -> WorkerInfo:
         return WorkerInfo(
             model_path=str(Path(self.config.model_dir).resolve()),
             model_name=Path(self.config.model_dir).resolve().name,
             vocab_size=self.model_config.vocab_size,
-            max_model_len=self.model_config.max_position_embeddings,
+            max_model_len=self.max_model_len,
             eos_token_ids=self.model_config.eos_token_ids,
             block_size=self.config.block_size,
             num_kv_blocks=self.num_kv_blocks,

@@ -1,0 +1,1 @@
+"""Benchmarks: throughput against the hardware bound, control-plane costs, kernels."""

@@ -1,0 +1,155 @@
+"""Throughput on a shared workload: nanoserve in-process (and through gRPC), transformers' generate,
+and the time over the memory-bandwidth bound measured on the same device.
+
+    python -m bench.throughput                      # tiny model on CPU, a quick reproduction
+    python -m bench.throughput --arch qwen3-0.6b --engines inprocess,grpc,transformers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.bound import copy_bandwidth, decode_bytes
+from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+
+WORKLOADS = Path(__file__).parent / "workloads"
+
+
+def load_workload(name: str, limit: int | None) -> tuple[list[list[int]], list[int], dict]:
+    data = json.loads((WORKLOADS / f"{name}.json").read_text())
+    requests = data["requests"][:limit]
+    return [r["prompt_token_ids"] for r in requests], [r["max_tokens"] for r in requests], data["sampling"]
+
+
+def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
+    from nanoserve import LLM, SamplingParams
+
+    llm = LLM(
+        model_dir,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        detokenize=False,
+    )
+    params = [SamplingParams(max_tokens=m, **sampling) for m in max_tokens]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    manager = llm.engine.scheduler.block_manager
+    return {
+        "seconds": seconds,
+        "output_tokens": sum(len(o["token_ids"]) for o in outputs),
+        "cached_fraction": manager.num_cache_hit_tokens / max(1, manager.num_cache_query_tokens),
+        "attention_backend": llm.engine.info.attention_backend,
+        "num_kv_blocks": llm.engine.info.num_kv_blocks,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+    }
+
+
+def run_transformers(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
+    """transformers' generate, batched (left padding), static cache; each batch runs to its longest."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    order = sorted(range(len(prompts)), key=lambda i: max_tokens[i])
+    batch = args.hf_batch_size
+    start = time.perf_counter()
+    useful = 0
+    for begin in range(0, len(order), batch):
+        idx = order[begin : begin + batch]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        with torch.no_grad():
+            model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(max_tokens[i] for i in idx),
+                do_sample=True,
+                temperature=sampling.get("temperature", 1.0),
+                top_k=0,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        useful += sum(max_tokens[i] for i in idx)
+    return {"seconds": time.perf_counter() - start, "output_tokens": useful}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint dir (default: write a random --arch checkpoint)")
+    parser.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--workload", default="nano_bench_256")
+    parser.add_argument("--limit", type=int, default=None, help="first N requests only")
+    parser.add_argument("--engines", default="inprocess")
+    parser.add_argument("--hf-limit", type=int, default=64, help="requests for the transformers run")
+    parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
+    parser.add_argument("--out", help="write results as JSON here")
+    args = parser.parse_args()
+
+    model_dir = args.model or str(write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch))
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
+    prompts = [[t % cfg["vocab_size"] for t in p] for p in prompts]  # small models: fold ids
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bandwidth = copy_bandwidth(device)
+    bound = decode_bytes(cfg, [len(p) for p in prompts], max_tokens) / bandwidth
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "workload": args.workload,
+        "requests": len(prompts),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "bound_seconds": bound,
+        "bound_tokens_per_s": sum(max_tokens) / bound,
+        "engines": {},
+    }
+    for engine in args.engines.split(","):
+        if engine == "inprocess":
+            res = run_inprocess(model_dir, prompts, max_tokens, sampling, args)
+        elif engine == "grpc":
+            from bench.grpc_client import run_grpc
+
+            res = run_grpc(model_dir, prompts, max_tokens, sampling, args)
+        elif engine == "transformers":
+            n = args.hf_limit
+            res = run_transformers(model_dir, prompts[:n], max_tokens[:n], sampling, args)
+        else:
+            raise SystemExit(f"unknown engine {engine!r}")
+        res["tokens_per_s"] = res["output_tokens"] / res["seconds"]
+        results["engines"][engine] = res
+        print(json.dumps({engine: res}), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['workload']} on {results['device']}: copy {results['copy_bandwidth_GBps']:.0f} GB/s, "
+          f"bound {results['bound_seconds']:.2f} s = {results['bound_tokens_per_s']:.0f} tok/s")
+    print(f"{'engine':<14}{'tokens':>10}{'seconds':>10}{'tok/s':>10}{'time/bound':>12}")
+    for name, res in results["engines"].items():
+        ratio = res["seconds"] / results["bound_seconds"] if res["output_tokens"] and name != "transformers" else float("nan")
+        print(f"{name:<14}{res['output_tokens']:>10}{res['seconds']:>10.2f}{res['tokens_per_s']:>10.0f}{ratio:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The ``python -m nanoserve`` command line: serve, generate, run.
+
+- ``serve``: start one worker per GPU (or one CPU worker) and the scheduler, print the address,
+  stop everything on Ctrl-C or SIGTERM.
+- ``generate "prompt"``: stream one completion from a running server to the terminal.
+- ``run``: generate for a few fixed prompts with the offline LLM, in this process.
+Without ``--model``, serve and run use the embedded tiny model (written to ``.tiny_model/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / ".tiny_model"
+RUN_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The quick brown fox",
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    args.func(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nanoserve", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="start the workers and the scheduler")
+    serve.add_argument("--model", help="model directory (default: the embedded tiny model)")
+    serve.add_argument("--host", default="127.0.0.1", help="the public address to listen on")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="the public port (0: any)")
+    serve.add_argument("--tp", type=int, help="tensor-parallel size (default: every GPU, or 1)")
+    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    serve.add_argument("--worker-arg", action="append", default=[], help="passed to each worker")
+    serve.add_argument("--scheduler-arg", action="append", default=[], help="passed to the scheduler")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="stream a completion from a running server")
+    gen.add_argument("prompt")
+    gen.add_argument("--addr", default=f"localhost:{DEFAULT_PORT}")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    gen.set_defaults(func=cmd_generate)
+
+    run = sub.add_parser("run", help="generate for a few fixed prompts offline (in-process)")
+    run.add_argument("--model", help="model directory (default: the embedded tiny model)")
+    run.add_argument("--max-tokens", type=int, default=32)
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.set_defaults(func=cmd_run)
+    return p
+
+
+def resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    from models.tiny import write_tiny_model
+
+    return str(write_tiny_model(DEFAULT_MODEL_DIR))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from nanoserve import launcher
+
+    model_dir = resolve_model(args.model)
+    device, world_size = _devices(args.device, args.tp)
+    run_dir = launcher.make_run_dir()
+    dist_addr = f"127.0.0.1:{launcher.free_port()}" if world_size > 1 else None
+    services = []
+    stop = _stop_on_signals()
+    try:
+        for rank in range(world_size):
+            wargs = launcher.worker_args(
+                model_dir, 0, device, rank, world_size, dist_addr, args.worker_arg
+            )
+            services.append(launcher.spawn(f"worker{rank}", "worker_service", wargs, run_dir))
+        worker_addrs = ",".join(f"127.0.0.1:{w.wait_for_port(600)}" for w in services)
+        sargs = ["--model", model_dir, "--workers", worker_addrs, "--host", args.host]
+        sargs += ["--port", str(args.port), *args.scheduler_arg]
+        scheduler = launcher.spawn("scheduler", "scheduler_service", sargs, run_dir)
+        services.append(scheduler)
+        scheduler.wait_for_port(60)
+        addr = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0') else args.host}:{scheduler.port}"
+        launcher.wait_until_serving(addr, 600)
+        print(f"nanoserve ready on {addr}  (model {model_dir}, {world_size} {device} worker(s))")
+        print(f"  try: python -m nanoserve generate 'Hello' --addr {addr}   (logs: {run_dir})")
+        while not stop() and (exited := launcher.first_exited(services)) is None:
+            time.sleep(0.2)
+        if not stop():
+            print(f"{exited.name} exited with {exited.proc.returncode}; stopping", file=sys.stderr)
+    finally:
+        launcher.stop_all(services)
+
+
+def _stop_on_signals():
+    stopping = [False]
+
+    def handler(signum: int, frame: object) -> None:
+        stopping[0] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: stopping[0]
+
+
+def _devices(device: str, tp: int | None) -> tuple[str, int]:
+    """(device, tensor-parallel size): every GPU by default, else one CPU worker."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if tp is None:
+        if device == "cuda":
+            import torch
+
+            tp = torch.cuda.device_count()
+        else:
+            tp = 1
+    return device, tp
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import grpc
+
+    from nanoserve.v1 import generation_pb2 as pb
+    from nanoserve.v1 import generation_pb2_grpc
+
+    sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.chat:
+        chat = pb.Chat(messages=[pb.ChatMessage(role="user", content=args.prompt)])
+        request = pb.GenerateRequest(chat=chat, sampling=sampling, stream=True)
+    else:
+        request = pb.GenerateRequest(text=args.prompt, sampling=sampling, stream=True)
+    with grpc.insecure_channel(args.addr) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        try:
+            for response in stub.Generate(request):
+                if response.HasField("chunk"):
+                    print(response.chunk.text, end="", flush=True)
+                else:
+                    done = response.complete
+                    reason = pb.FinishReason.Name(done.finish_reason)
+                    print(f"\n[{reason}, {done.usage.completion_tokens} tokens]", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from nanoserve import LLM, SamplingParams
+
+    llm = LLM(resolve_model(args.model))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    for prompt, result in zip(RUN_PROMPTS, llm.generate(list(RUN_PROMPTS), params)):
+        print(f"{prompt!r} -> {result['text']!r}")

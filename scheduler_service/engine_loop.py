@@ -1,0 +1,341 @@
+"""EngineLoop: runs the synchronous EngineCore in its own thread, for the asyncio gRPC servicer.
+
+Threads and ownership:
+- The engine thread owns the EngineCore: it applies queued commands (add, abort), steps while
+  there is work, pings the workers while idle, and on worker loss drops the engine and keeps trying
+  to reconnect and start a fresh session.
+- The event loop (the servicer's thread) owns the per-request streams. ``submit`` and ``abort`` are
+  called there; the engine thread hands outputs back with ``call_soon_threadsafe``, one callback
+  per step.
+A client that goes away (cancel, deadline) has its request aborted, which frees its KV blocks in
+the next iteration of the engine thread. On worker loss every in-flight request fails with
+``Unavailable`` at once and readiness turns off until a fresh session is up.
+
+Not here: protobuf (the servicer's edge), tokenization, and scheduling itself (EngineCore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from scheduler_service.config import SchedulerServiceConfig
+from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
+from scheduler_service.sampling_params import SamplingParams
+from scheduler_service.step_plan import WorkerInfo
+from scheduler_service.stop_checker import FinishReason
+from scheduler_service.tokenizer import Tokenizer
+from scheduler_service.worker_client import WorkerUnavailable
+
+log = logging.getLogger(__name__)
+RATE_WINDOW_S = 5.0  # generated tokens/s is measured over this many seconds
+
+
+class Unavailable(Exception):
+    """No worker answers (or the server is draining): UNAVAILABLE."""
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: RESOURCE_EXHAUSTED."""
+
+
+class RemoteWorker(WorkerClient, Protocol):
+    def ping(self) -> None: ...
+
+    def reconnect(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    ready: bool = False
+    num_waiting: int = 0
+    num_running: int = 0
+    total_blocks: int = 0
+    free_blocks: int = 0
+    num_preemptions: int = 0  # these counters run across worker sessions
+    num_generated_tokens: int = 0
+    num_cache_hit_tokens: int = 0
+    num_cache_query_tokens: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_cache_hit_tokens / max(1, self.num_cache_query_tokens)
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Stream:
+    queue: asyncio.Queue[RequestOutput | Exception]
+    session: int  # the worker session it was submitted to
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        config: SchedulerServiceConfig,
+        worker: RemoteWorker,
+        tokenizer: Tokenizer,
+        loop: asyncio.AbstractEventLoop,
+        on_ready_change: Callable[[bool], None] = lambda ready: None,
+    ) -> None:
+        self.config = config
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.on_ready_change = on_ready_change  # called on the event loop
+        self.stats = ServerStats()  # replaced (never mutated) by the engine thread
+        self._loop = loop
+        self._engine: EngineCore | None = None  # written by the engine thread only
+        self._streams: dict[str, _Stream] = {}  # event loop only
+        self._cond = threading.Condition()  # guards the fields below
+        self._session = 0  # counts worker sessions
+        self._commands: list[_Add | _Abort] = []
+        self._num_pending_adds = 0
+        self._stopping = False
+        self._draining = False
+        self._base = ServerStats()  # counters of the sessions before the current one
+        self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    # ---- event loop side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def info(self) -> WorkerInfo:
+        return self._current_engine().info
+
+    @property
+    def max_model_len(self) -> int:
+        return self._current_engine().max_model_len
+
+    def submit(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> asyncio.Queue[RequestOutput | Exception]:
+        """Validate and queue a request; its outputs (or an error) arrive on the returned queue."""
+        if request_id in self._streams:
+            raise ValueError(f"request_id={request_id!r} is invalid: a live request has it")
+        engine = self._current_engine()
+        engine.validate(prompt_token_ids, params)
+        if len(prompt_token_ids) + params.max_tokens > engine.max_model_len:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} is invalid: prompt ({len(prompt_token_ids)} "
+                f"tokens) + max_tokens must be <= max_model_len ({engine.max_model_len})"
+            )
+        with self._cond:
+            self._check_accepting()
+            session = self._session
+            if self.stats.num_waiting + self._num_pending_adds >= self.config.max_num_waiting:
+                raise Overloaded(
+                    f"the waiting queue is full ({self.config.max_num_waiting} requests): "
+                    "retry later"
+                )
+            self._commands.append(_Add(request_id, prompt_token_ids, params))
+            self._num_pending_adds += 1
+            self._cond.notify()
+        queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._streams[request_id] = _Stream(queue, session)
+        return queue
+
+    def abort(self, request_ids: list[str]) -> list[str]:
+        """Abort live requests; return those that were live (their streams end with ABORT)."""
+        found = [r for r in request_ids if r in self._streams]
+        with self._cond:
+            self._commands.extend(_Abort(r) for r in found)
+            self._cond.notify()
+        return found
+
+    def close(self, request_id: str, finished: bool) -> None:
+        """The caller is done with a request's stream; abort the request unless it finished."""
+        if self._streams.pop(request_id, None) is not None and not finished:
+            with self._cond:
+                self._commands.append(_Abort(request_id))
+                self._cond.notify()
+
+    def drain(self) -> None:
+        """Refuse new requests from now on; in-flight ones go on."""
+        with self._cond:
+            self._draining = True
+        self.on_ready_change(False)
+
+    def stop(self) -> None:
+        """Stop the engine thread (blocks until it has finished its step; call off the loop)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def generated_tokens_per_second(self) -> float:
+        horizon = time.monotonic() - RATE_WINDOW_S
+        with self._cond:
+            return sum(n for t, n in self._recent_tokens if t >= horizon) / RATE_WINDOW_S
+
+    def _current_engine(self) -> EngineCore:
+        engine = self._engine
+        if engine is None:
+            raise Unavailable("no worker answers: the server is not ready")
+        return engine
+
+    def _check_accepting(self) -> None:
+        if self._draining or self._stopping:
+            raise Unavailable("the server is draining: no new requests")
+        if self._engine is None:
+            raise Unavailable("no worker answers: the server is not ready")
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(out)
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.queue.put_nowait(error)
+
+    def _fail_all(self, error: Exception, session: int) -> None:
+        """Fail every stream submitted to ``session`` or before (later ones live on)."""
+        for stream in self._streams.values():
+            if stream.session <= session:
+                stream.queue.put_nowait(error)
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if self._engine is None:
+                if not self._start_session():
+                    self._sleep(self.config.reconnect_interval_s)
+                continue
+            try:
+                self._apply_commands(self._engine)
+                if self._engine.has_unfinished:
+                    self._step(self._engine)
+                elif not self._wait_for_commands(self.config.ping_interval_s):
+                    self.worker.ping()
+            except WorkerUnavailable as e:
+                self._lose_worker(str(e))
+            except Exception as e:  # a bug or a worker error: the engine's state is unknown
+                log.exception("engine step failed")
+                self._lose_worker(f"engine error: {e!r}")
+
+    def _start_session(self) -> bool:
+        try:
+            self.worker.reconnect()
+            engine = EngineCore(self.config.engine_config, self.worker, self.tokenizer)
+        except Exception as e:
+            log.warning("workers %s not ready: %s", ",".join(self.config.worker_addrs), e)
+            return False
+        with self._cond:
+            self._engine = engine
+            self._session += 1
+        self._publish_stats(engine)
+        log.info(
+            "session started: %s, %d KV blocks of %d tokens, max_model_len %d",
+            engine.info.model_name,
+            engine.info.num_kv_blocks,
+            engine.info.block_size,
+            engine.max_model_len,
+        )
+        self._loop.call_soon_threadsafe(self.on_ready_change, not self._draining)
+        return True
+
+    def _apply_commands(self, engine: EngineCore) -> None:
+        with self._cond:
+            commands, self._commands = self._commands, []
+            self._num_pending_adds = 0
+        aborted = []
+        for cmd in commands:
+            if isinstance(cmd, _Add):
+                try:
+                    engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
+                except ValueError as e:
+                    self._loop.call_soon_threadsafe(self._fail, cmd.request_id, e)
+            elif engine.abort(cmd.request_id):
+                aborted.append(RequestOutput(cmd.request_id, [], "", True, FinishReason.ABORT, 0, 0, 0))
+        if aborted:
+            self._loop.call_soon_threadsafe(self._deliver, aborted)
+        if commands:
+            self._publish_stats(engine)
+
+    def _step(self, engine: EngineCore) -> None:
+        num_before = engine.num_generated_tokens
+        outputs = engine.step()
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+        now = time.monotonic()
+        with self._cond:
+            self._recent_tokens.append((now, engine.num_generated_tokens - num_before))
+            while self._recent_tokens and self._recent_tokens[0][0] < now - RATE_WINDOW_S:
+                self._recent_tokens.popleft()
+        self._publish_stats(engine)
+
+    def _wait_for_commands(self, timeout: float) -> bool:
+        """Block until a command arrives (True) or ``timeout`` passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._commands or self._stopping, timeout)
+
+    def _sleep(self, seconds: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopping, seconds)
+
+    def _lose_worker(self, reason: str) -> None:
+        log.error("worker lost: %s", reason)
+        engine = self._engine
+        with self._cond:
+            self._engine = None
+            self._commands = []
+            self._num_pending_adds = 0
+        if engine is not None:
+            self._base = self._counters(engine)
+        self.stats = ServerStats(ready=False, **_counter_fields(self._base))
+        self._loop.call_soon_threadsafe(self.on_ready_change, False)
+        error = Unavailable(f"worker lost: {reason}")
+        self._loop.call_soon_threadsafe(self._fail_all, error, self._session)
+
+    def _counters(self, engine: EngineCore) -> ServerStats:
+        blocks = engine.scheduler.block_manager
+        base = self._base
+        return ServerStats(
+            num_preemptions=base.num_preemptions + engine.scheduler.num_preemptions,
+            num_generated_tokens=base.num_generated_tokens + engine.num_generated_tokens,
+            num_cache_hit_tokens=base.num_cache_hit_tokens + blocks.num_cache_hit_tokens,
+            num_cache_query_tokens=base.num_cache_query_tokens + blocks.num_cache_query_tokens,
+        )
+
+    def _publish_stats(self, engine: EngineCore) -> None:
+        blocks = engine.scheduler.block_manager
+        self.stats = ServerStats(
+            ready=not self._draining,
+            num_waiting=len(engine.scheduler.waiting),
+            num_running=len(engine.scheduler.running),
+            total_blocks=blocks.num_blocks,
+            free_blocks=blocks.num_free_blocks,
+            **_counter_fields(self._counters(engine)),
+        )
+
+
+def _counter_fields(stats: ServerStats) -> dict[str, int]:
+    return {
+        "num_preemptions": stats.num_preemptions,
+        "num_generated_tokens": stats.num_generated_tokens,
+        "num_cache_hit_tokens": stats.num_cache_hit_tokens,
+        "num_cache_query_tokens": stats.num_cache_query_tokens,
+    }

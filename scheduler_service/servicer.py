@@ -1,0 +1,178 @@
+"""The public ``nanoserve.v1.Generation`` servicer (grpc.aio): decode, call the engine loop, encode.
+
+Errors are raised as domain exceptions and turned into statuses in one place (``STATUS_OF``): a
+ValueError is INVALID_ARGUMENT, with its message (which names the field) as the details.
+A Generate stream that ends for any reason other than finishing (cancel, deadline, error) has its
+request aborted, so its KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from nanoserve.v1 import generation_pb2 as pb
+from nanoserve.v1 import generation_pb2_grpc
+from scheduler_service import wire_public
+from scheduler_service.engine import RequestOutput
+from scheduler_service.engine_loop import EngineLoop, Overloaded, Unavailable
+from scheduler_service.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (LookupError, grpc.StatusCode.NOT_FOUND),
+)
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext
+
+
+async def abort_with_status(context: Context, error: Exception) -> NoReturn:
+    """End the call with the status that ``error`` maps to (INTERNAL for anything unexpected)."""
+    for kind, code in STATUS_OF:
+        if isinstance(error, kind):
+            await context.abort(code, str(error))
+    log.exception("unexpected error", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+    raise AssertionError("unreachable")
+
+
+def unary_errors(
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: Context) -> Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort_with_status(context, e)
+
+    return wrapper
+
+
+def stream_errors(
+    method: Callable[[Any, Request, Context], AsyncIterator[Response]],
+) -> Callable[[Any, Request, Context], AsyncIterator[Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: Context) -> AsyncIterator[Response]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await abort_with_status(context, e)
+
+    return wrapper
+
+
+class _Outputs:
+    """Reads a request's queue in batches: everything already there, up to an error."""
+
+    def __init__(self, queue: asyncio.Queue[RequestOutput | Exception]) -> None:
+        self.queue = queue
+        self.pending_error: Exception | None = None
+
+    async def next_batch(self) -> list[RequestOutput]:
+        if self.pending_error is not None:
+            raise self.pending_error
+        item = await self.queue.get()
+        batch = []
+        while True:
+            if isinstance(item, Exception):
+                if not batch:
+                    raise item
+                self.pending_error = item
+                return batch
+            batch.append(item)
+            if item.finished or self.queue.empty():
+                return batch
+            item = self.queue.get_nowait()
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, engine_loop: EngineLoop, tokenizer: Tokenizer) -> None:
+        self.engine_loop = engine_loop
+        self.tokenizer = tokenizer
+
+    @stream_errors
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        vocab_size = self.engine_loop.info.vocab_size
+        prompt_ids = wire_public.prompt_from_pb(
+            request.WhichOneof("input"), request, self.tokenizer, vocab_size
+        )
+        params = wire_public.sampling_from_pb(request.sampling, vocab_size)
+        request_id = request.request_id or uuid.uuid4().hex
+        outputs = _Outputs(self.engine_loop.submit(request_id, prompt_ids, params))
+        output_ids: list[int] = []
+        text_parts: list[str] = []
+        logprobs: list[list[tuple[int, float]]] = []
+        finished = False
+        try:
+            while not finished:
+                batch = await outputs.next_batch()
+                for out in batch:
+                    output_ids += out.new_token_ids
+                    text_parts.append(out.new_text)
+                    logprobs += out.new_logprobs or []
+                    finished = out.finished
+                if request.stream and any(out.new_token_ids or out.new_text for out in batch):
+                    yield wire_public.chunk_to_pb(request_id, batch)
+            usage = pb.Usage(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=len(output_ids),
+                cached_tokens=max(out.num_cached_tokens for out in batch),
+            )
+            yield wire_public.complete_to_pb(
+                request_id, output_ids, "".join(text_parts), logprobs, batch[-1], usage
+            )
+        finally:
+            self.engine_loop.close(request_id, finished)
+
+    @unary_errors
+    async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.AbortResponse:
+        request_ids = list(request.request_ids)
+        if not request_ids:
+            raise ValueError("request_ids is empty: name at least one request")
+        aborted = self.engine_loop.abort(request_ids)
+        unknown = [r for r in request_ids if r not in aborted]
+        if unknown:
+            done = f"; aborted {aborted}" if aborted else ""
+            raise LookupError(f"request_ids: no live request has id {unknown}{done}")
+        return pb.AbortResponse(aborted_ids=aborted)
+
+    @unary_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        field = request.WhichOneof("input")
+        if field == "text":
+            ids = self.tokenizer.encode(request.text)
+        else:
+            ids = wire_public.prompt_from_pb(field, request, self.tokenizer, 0)
+        return pb.TokenizeResponse(token_ids=ids)
+
+    @unary_errors
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: Context
+    ) -> pb.GetModelInfoResponse:
+        return wire_public.model_info_to_pb(self.engine_loop.info, self.engine_loop.max_model_len)
+
+    @unary_errors
+    async def GetServerStatus(
+        self, request: pb.GetServerStatusRequest, context: Context
+    ) -> pb.GetServerStatusResponse:
+        loop = self.engine_loop
+        return wire_public.status_to_pb(loop.stats, loop.generated_tokens_per_second())
