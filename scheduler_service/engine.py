@@ -36,6 +36,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's, capped by the cache
     enable_prefix_caching: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks on token-id workloads)
+    async_scheduling: bool = True  # plan step N+1 while the worker runs step N
 
 
 @dataclass
@@ -85,6 +86,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self.num_generated_tokens = 0
         self.num_prefill_tokens = 0
+        self._num_in_flight = 0  # deferred steps the worker has not answered yet
         worker.start_session()
 
     def _max_model_len(self) -> int:
@@ -141,31 +143,40 @@ class EngineCore:
         return True
 
     def step(self) -> list[RequestOutput]:
-        """Run one step: schedule, execute on the worker, and report what changed."""
+        """Run one step: schedule, execute on the worker, and report what changed.
+
+        With async scheduling the worker answers with the previous step's tokens, so stop checks
+        act one step late: a finished sequence may have one wasted token computed, never shown.
+        """
         batch = self.scheduler.schedule()
-        if not batch:
+        if not batch and not self._num_in_flight:
             return []
-        result = self.worker.step(self.plans.build(batch))
+        plan = self.plans.build(batch)
+        plan.defer_result = self.config.async_scheduling
         self.num_prefill_tokens += sum(
             n for seq, n in zip(batch.seqs, batch.num_new_tokens)
             if seq.num_computed_tokens < seq.num_prompt_tokens
         )
-        self.scheduler.on_step_done(batch)
-        sampled = dict(zip(result.seq_ids, range(len(result.seq_ids))))
+        self.scheduler.on_step_launched(batch)
+        self._num_in_flight += bool(batch)
+        result = self.worker.step(plan)
+        if result.step_id < 0:
+            return []
+        self._num_in_flight -= 1
         outputs = []
-        for seq in batch.seqs:
-            index = sampled.get(seq.seq_id)
-            if index is None:
-                continue  # a prefill chunk that did not reach the end of the prompt
+        for index, (seq_id, token_id) in enumerate(zip(result.seq_ids, result.token_ids)):
+            request = self._by_seq_id.get(seq_id)
+            if request is None:
+                continue  # retired while its step was in flight: a wasted token
             logprobs = [result.logprobs[index]] if result.logprobs else None
-            outputs.append(self._append_token(seq, result.token_ids[index], logprobs))
+            outputs.append(self._append_token(request, token_id, logprobs))
         return outputs
 
     def _append_token(
-        self, seq: Sequence, token_id: int, logprobs: list[list[tuple[int, float]]] | None
+        self, request: _Request, token_id: int, logprobs: list[list[tuple[int, float]]] | None
     ) -> RequestOutput:
-        request = self._by_seq_id[seq.seq_id]
-        seq.token_ids.append(token_id)
+        seq = request.seq
+        self.scheduler.on_token(seq, token_id)
         self.num_generated_tokens += 1
         reason = check_stop(seq, token_id, self.info.eos_token_ids, self.max_model_len)
         new_text = ""
@@ -185,7 +196,7 @@ class EngineCore:
             reason is not None,
             reason,
             seq.num_prompt_tokens,
-            seq.num_output_tokens,
+            seq.num_known_output_tokens,
             seq.num_cached_tokens,
             logprobs,
         )

@@ -260,7 +260,6 @@ class EngineLoop:
     def _apply_commands(self, engine: EngineCore) -> None:
         with self._cond:
             commands, self._commands = self._commands, []
-            self._num_pending_adds = 0
         aborted = []
         for cmd in commands:
             if isinstance(cmd, _Add):
@@ -274,6 +273,9 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(self._deliver, aborted)
         if commands:
             self._publish_stats(engine)
+            num_adds = sum(isinstance(cmd, _Add) for cmd in commands)
+            with self._cond:  # only now: until the stats count them, they count as pending
+                self._num_pending_adds -= num_adds
 
     def _step(self, engine: EngineCore) -> None:
         num_before = engine.num_generated_tokens

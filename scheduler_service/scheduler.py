@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler_service.block_manager import BlockManager
-from scheduler_service.sequence import Sequence, SequenceStatus
+from scheduler_service.sequence import PENDING, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ class Scheduler:
         for seq in decoding + prefilling:
             if budget == 0 or seq.status != SequenceStatus.RUNNING:
                 continue  # out of budget, or preempted earlier in this loop
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                continue  # its last token is in flight (async scheduling): nothing left to do
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self._make_room(seq, seq.num_computed_tokens + num_tokens, batch):
                 break  # seq itself was preempted; everything after it already was
@@ -108,8 +110,8 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.allocate(seq):
-                break
+            if seq.pending_positions or not self.block_manager.allocate(seq):
+                break  # a preempted sequence waits for its in-flight token before recomputing
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -125,11 +127,21 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def on_step_done(self, batch: ScheduledBatch) -> None:
-        """Account for computed tokens (before any sampled token is appended)."""
+    def on_step_launched(self, batch: ScheduledBatch) -> None:
+        """Count the batch's tokens as computed (the worker runs steps in order, so the next plan
+        may build on them), and give each sequence that reaches its end a PENDING next token."""
         for seq, num_tokens in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_tokens
-            self.block_manager.commit(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.pending_positions.append(seq.num_tokens)
+                seq.token_ids.append(PENDING)
+            if not seq.pending_positions or seq.pending_positions[0] >= seq.num_computed_tokens:
+                self.block_manager.commit(seq)  # every computed token is known: hash full blocks
+
+    def on_token(self, seq: Sequence, token_id: int) -> None:
+        """The value of ``seq``'s oldest in-flight token came back."""
+        seq.token_ids[seq.pending_positions.popleft()] = token_id
+        self.block_manager.commit(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Retire a sequence (stopped or aborted) wherever it is, and free its blocks."""

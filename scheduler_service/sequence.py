@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections import deque
 from enum import Enum, auto
 
 from scheduler_service.sampling_params import SamplingParams
+
+
+PENDING = -1  # a sampled token whose value has not come back from the worker yet
 
 
 class SequenceStatus(Enum):
@@ -30,6 +34,9 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache at admission
         self.num_preemptions = 0
+        # Async scheduling: positions of tokens sampled by steps whose results are not back yet
+        # (their value in token_ids is PENDING until then), oldest first.
+        self.pending_positions: deque[int] = deque()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -41,6 +48,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        """Output tokens whose values are back (excludes those still in flight)."""
+        return self.num_output_tokens - len(self.pending_positions)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -47,11 +47,14 @@ class StepPlan:
     finished_seq_ids: list[int] = field(default_factory=list)  # forget entirely
     seq_ids: list[int] = field(default_factory=list)  # scheduled, in batch order
     num_new_tokens: list[int] = field(default_factory=list)  # parallel to seq_ids
+    # Async scheduling: answer with the previous plan's result, not this one's, so this step
+    # runs on the device while the scheduler processes the previous one.
+    defer_result: bool = False
 
 
 @dataclass
 class StepResult:
-    """Tokens sampled this step, for the scheduled sequences that reached their end."""
+    """Tokens sampled by step ``step_id`` (-1: no step), for its sequences that reached their end."""
 
     step_id: int
     seq_ids: list[int]

@@ -19,13 +19,14 @@ class FinishReason(Enum):
 def check_stop(
     seq: Sequence, token_id: int, eos_token_ids: tuple[int, ...], max_model_len: int
 ) -> FinishReason | None:
-    """Why ``seq`` must stop after appending ``token_id``, or None to go on."""
+    """Why ``seq`` must stop at its newest known token ``token_id``, or None to go on."""
     params = seq.params
-    if seq.num_output_tokens > params.min_tokens:  # the first min_tokens never stop
+    num_output = seq.num_known_output_tokens
+    if num_output > params.min_tokens:  # the first min_tokens never stop
         if not params.ignore_eos and token_id in eos_token_ids:
             return FinishReason.STOP
         if token_id in params.stop_token_ids:
             return FinishReason.STOP
-    if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
+    if num_output >= params.max_tokens or seq.num_prompt_tokens + num_output >= max_model_len:
         return FinishReason.LENGTH
     return None

@@ -45,9 +45,10 @@ from worker_service import attention_backends  # noqa: E402
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 NAN = float("nan")
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-# Relative norm error allowed per input dtype. On the GPU a float32 tl.dot runs in tf32; fp16 and
-# bf16 also round the softmax probabilities to the input dtype before the P @ V product.
-TOLERANCE = {torch.float32: 1e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+# Relative norm error allowed per input dtype. On the GPU a float32 tl.dot runs in tf32 (10-bit
+# mantissa) in both products, Q K^T and P V: about 1e-3 was seen on an H100. fp16 and bf16 also
+# round the softmax probabilities to the input dtype before the P V product.
+TOLERANCE = {torch.float32: 3e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
 def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:

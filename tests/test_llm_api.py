@@ -87,3 +87,13 @@ def test_every_block_is_free_after_generate(llm) -> None:
     manager = llm.engine.scheduler.block_manager
     assert manager.num_free_blocks == manager.num_blocks
     manager.check_invariants([])
+
+
+def test_async_and_sync_scheduling_sample_the_same_tokens(tiny_model_dir) -> None:
+    prompts = ["one", "two three", "four five six"] * 3
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=9 + i, stop_token_ids=[7]) for i in range(9)]
+    results = []
+    for async_scheduling in (True, False):
+        llm = LLM(str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=64, async_scheduling=async_scheduling)
+        results.append(llm.generate(prompts, params, use_tqdm=False))
+    assert results[0] == results[1]

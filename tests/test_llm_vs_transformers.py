@@ -128,3 +128,10 @@ def test_shared_prefix_hits_the_cache_and_output_is_unchanged(case) -> None:
     hits_before = llm.engine.scheduler.block_manager.num_cache_hit_tokens
     assert generate_ids(llm, shared) == expected
     assert llm.engine.scheduler.block_manager.num_cache_hit_tokens - hits_before >= 160 * 4
+
+
+def test_synchronous_scheduling_gives_the_same_output(case) -> None:
+    model_dir, prompts, expected = case
+    llm = LLM(str(model_dir), device="cpu", block_size=16, num_kv_blocks=24, async_scheduling=False)
+    assert generate_ids(llm, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0

@@ -16,10 +16,10 @@ def make_scheduler(**overrides) -> Scheduler:
 def run_step(scheduler: Scheduler, next_token: int = 1):
     """Schedule, pretend the worker ran, and append a token to sequences that reached their end."""
     batch = scheduler.schedule()
-    scheduler.on_step_done(batch)
+    scheduler.on_step_launched(batch)
     for seq in batch.seqs:
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.token_ids.append(next_token)
+        if seq.pending_positions:
+            scheduler.on_token(seq, next_token)
     return batch
 
 

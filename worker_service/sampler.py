@@ -26,6 +26,28 @@ class SamplingBatch:
     all_greedy: bool
     needs_filter: bool
 
+    @classmethod
+    def from_params(cls, seqs: list, vocab_size: int, device: torch.device) -> SamplingBatch:
+        """Gather the settings of ``seqs`` (worker sequences about to sample) into tensors."""
+        params = [s.params for s in seqs]
+        top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+
+        def to(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return cls(
+            temperatures=to([p.temperature for p in params], torch.float32),
+            top_ks=to(top_ks, torch.int64),
+            top_ps=to([p.top_p for p in params], torch.float32),
+            min_ps=to([p.min_p for p in params], torch.float32),
+            seeds=[p.seed for p in params],
+            output_indices=[s.num_output_tokens for s in seqs],
+            all_greedy=all(p.temperature == 0 for p in params),
+            needs_filter=any(
+                p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if p.temperature > 0
+            ),
+        )
+
 
 def sample(
     logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None

@@ -20,7 +20,7 @@ from worker_service.attention_backends import select_backend
 from worker_service.config import WorkerConfig
 from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.kv_cache import allocate_kv_cache, bytes_per_block
-from worker_service.model_runner import ModelRunner
+from worker_service.model_runner import LaunchedStep, ModelRunner
 from worker_service.sequence_table import SequenceTable
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class Worker:
             self._capture_graphs(),
         )
         self.seqs = SequenceTable()
+        self._in_flight: LaunchedStep | None = None  # a deferred step not yet answered
         log.info(
             "worker ready: %s on %s (%s), attention=%s, %d KV blocks of %d tokens",
             config.model_dir,
@@ -196,10 +197,19 @@ class Worker:
 
     def start_session(self) -> None:
         """A new scheduler session: forget every sequence (cache contents are never trusted)."""
+        if self._in_flight is not None:
+            self.runner.collect(self._in_flight)
+            self._in_flight = None
         self.seqs.clear()
 
     def step(self, plan: StepPlan) -> StepResult:
+        """Run a plan. With ``defer_result`` return the previous deferred plan's result instead."""
         scheduled = self.seqs.apply(plan)
-        if not scheduled:
-            return StepResult(plan.step_id, [], [])
-        return self.runner.execute(plan.step_id, scheduled, plan.num_new_tokens)
+        launched = None
+        if scheduled:
+            launched = self.runner.launch(plan.step_id, scheduled, plan.num_new_tokens)
+        if plan.defer_result:
+            launched, self._in_flight = self._in_flight, launched
+        if launched is None:
+            return StepResult(-1, [], [])
+        return self.runner.collect(launched)

@@ -1,0 +1,122 @@
+"""Helpers for the gRPC tests: real worker and scheduler processes on OS-chosen loopback ports.
+
+Nothing is mocked: ``running_services`` starts ``python -m worker_service`` and
+``python -m scheduler_service`` as subprocesses (through nanoserve.launcher, as ``nanoserve serve``
+does), waits for readiness, and stops both afterwards. Their logs go to the test's run directory
+and are printed when a service fails to start.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from nanoserve import launcher
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK_SIZE = 16
+
+
+def ensure_stubs() -> None:
+    """Generate the gRPC stubs if a fresh checkout has none yet (``make protos`` does the same)."""
+    if not (ROOT / "nanoserve" / "v1" / "generation_pb2.py").exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh")], check=True, env=None)
+
+
+ensure_stubs()
+
+from nanoserve.v1 import generation_pb2 as pb  # noqa: E402
+from nanoserve.v1 import generation_pb2_grpc  # noqa: E402
+
+T = TypeVar("T")
+
+
+@dataclass
+class Services:
+    model_dir: Path
+    run_dir: Path
+    worker: launcher.ServiceProcess
+    scheduler: launcher.ServiceProcess
+    channel: grpc.Channel
+
+    @property
+    def addr(self) -> str:
+        return self.scheduler.addr
+
+    @property
+    def stub(self) -> generation_pb2_grpc.GenerationStub:
+        return generation_pb2_grpc.GenerationStub(self.channel)
+
+    def status(self) -> pb.GetServerStatusResponse:
+        return self.stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=5)
+
+
+def start_worker(
+    model_dir: Path, run_dir: Path, num_kv_blocks: int, port: int = 0, name: str = "worker"
+) -> launcher.ServiceProcess:
+    extra = ["--num-kv-blocks", str(num_kv_blocks), "--block-size", str(BLOCK_SIZE)]
+    args = launcher.worker_args(str(model_dir), port, "cpu", extra=extra)
+    worker = launcher.spawn(name, "worker_service", args, run_dir)
+    worker.wait_for_port(120)
+    return worker
+
+
+def start_scheduler(
+    model_dir: Path, worker_addrs: Sequence[str], run_dir: Path, extra: Sequence[str] = ()
+) -> launcher.ServiceProcess:
+    args = ["--model", str(model_dir), "--workers", ",".join(worker_addrs), "--port", "0"]
+    scheduler = launcher.spawn("scheduler", "scheduler_service", [*args, *extra], run_dir)
+    scheduler.wait_for_port(60)
+    return scheduler
+
+
+@contextmanager
+def running_services(
+    model_dir: Path, run_dir: Path, num_kv_blocks: int, scheduler_args: Sequence[str] = ()
+) -> Iterator[Services]:
+    """A CPU worker with ``num_kv_blocks`` blocks of BLOCK_SIZE tokens and a scheduler, ready."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started: list[launcher.ServiceProcess] = []
+    try:
+        started.append(start_worker(model_dir, run_dir, num_kv_blocks))
+        started.append(start_scheduler(model_dir, [started[0].addr], run_dir, scheduler_args))
+        launcher.wait_until_serving(started[1].addr, 60)
+        with grpc.insecure_channel(started[1].addr) as channel:
+            yield Services(model_dir, run_dir, started[0], started[1], channel)
+    except Exception:
+        for service in started:
+            print(f"--- {service.name} log ---\n{service._tail()}", file=sys.stderr)
+        raise
+    finally:
+        launcher.stop_all(started)
+
+
+def generate(
+    stub: generation_pb2_grpc.GenerationStub, timeout: float = 60, **request: object
+) -> list[pb.GenerateResponse]:
+    """All responses of one Generate call."""
+    return list(stub.Generate(pb.GenerateRequest(**request), timeout=timeout))
+
+
+def greedy(max_tokens: int, **sampling: object) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling)
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
