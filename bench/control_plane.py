@@ -17,6 +17,7 @@ Run: ``python -m bench.control_plane`` (``make bench-cpu``).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -29,16 +30,24 @@ from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.worker_client import GrpcWorkerClient
 
+NUM_CPUS = os.cpu_count() or 1
+WORKER_CPUS = set(range(1, NUM_CPUS)) if NUM_CPUS > 1 else {0}
+SCHEDULER_CPUS = {0}
 COLUMNS = ("planning", "serialize", "transport", "parse", "compute", "outputs", "total")
 
 
-def start_worker(model_dir: str, num_kv_blocks: int, block_size: int, port_file: Path):
+def start_worker(
+    model_dir: str, num_kv_blocks: int, block_size: int, port_file: Path, pin_cpus: bool
+):
     cmd = [
         sys.executable, "-m", "worker_service", "--model", model_dir, "--device", "cpu",
         "--num-kv-blocks", str(num_kv_blocks), "--block-size", str(block_size),
         "--port-file", str(port_file), "--log-level", "WARNING",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    # The worker gets its own core, as on a real deployment where it has its own machine/GPU:
+    # otherwise its compute threads (spinning after each parallel region) steal the scheduler's.
+    pin = (lambda: os.sched_setaffinity(0, WORKER_CPUS)) if pin_cpus else None
+    proc = subprocess.Popen(cmd, preexec_fn=pin)
     deadline = time.monotonic() + 120
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -76,6 +85,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=100, help="decode steps timed")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--pin-cpus", action="store_true", help="scheduler on CPU 0, worker on the rest")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,8 +96,11 @@ def main() -> None:
             model_dir = str(write_tiny_model(Path(tmp) / "tiny"))
         max_len = args.prompt_len + args.steps + 8
         blocks_per_seq = -(-max_len // args.block_size)
+        if args.pin_cpus:
+            os.sched_setaffinity(0, SCHEDULER_CPUS)
+        num_blocks = args.batch * blocks_per_seq + 16
         proc, addr = start_worker(
-            model_dir, args.batch * blocks_per_seq + 16, args.block_size, Path(tmp) / "port"
+            model_dir, num_blocks, args.block_size, Path(tmp) / "port", args.pin_cpus
         )
         try:
             run(args, model_dir, addr)

@@ -36,13 +36,19 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
+        async_scheduling=not args.no_async,
         detokenize=False,
     )
     params = [SamplingParams(max_tokens=m, **sampling) for m in max_tokens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    llm.engine.timings.update(dict.fromkeys(llm.engine.timings, 0.0))
+    profiler = _attach_profiler(llm) if args.torch_profile else None
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    if profiler is not None:
+        profiler.stop()
+        print(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30))
     manager = llm.engine.scheduler.block_manager
     return {
         "seconds": seconds,
@@ -51,7 +57,28 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
         "attention_backend": llm.engine.info.attention_backend,
         "num_kv_blocks": llm.engine.info.num_kv_blocks,
         "preemptions": llm.engine.scheduler.num_preemptions,
+        "host_seconds": dict(llm.engine.timings),
     }
+
+
+def _attach_profiler(llm):
+    """Profile 10 engine steps from step 300 (full-batch decode) with torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    prof = profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=300, warmup=3, active=10, repeat=1),
+    )
+    prof.start()
+    step = llm.engine.step
+
+    def profiled_step():
+        out = step()
+        prof.step()
+        return out
+
+    llm.engine.step = profiled_step
+    return prof
 
 
 def run_transformers(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
@@ -102,6 +129,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-async", action="store_true", help="synchronous scheduling")
+    parser.add_argument("--torch-profile", action="store_true", help="print a kernel profile")
     parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()

@@ -9,6 +9,7 @@ stub behind the same three calls.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,6 +88,7 @@ class EngineCore:
         self.num_generated_tokens = 0
         self.num_prefill_tokens = 0
         self._num_in_flight = 0  # deferred steps the worker has not answered yet
+        self.timings: dict[str, float] = dict.fromkeys(("plan", "worker", "outputs", "steps"), 0.0)
         worker.start_session()
 
     def _max_model_len(self) -> int:
@@ -148,6 +150,7 @@ class EngineCore:
         With async scheduling the worker answers with the previous step's tokens, so stop checks
         act one step late: a finished sequence may have one wasted token computed, never shown.
         """
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch and not self._num_in_flight:
             return []
@@ -159,7 +162,12 @@ class EngineCore:
         )
         self.scheduler.on_step_launched(batch)
         self._num_in_flight += bool(batch)
+        planned = time.perf_counter()
         result = self.worker.step(plan)
+        answered = time.perf_counter()
+        self.timings["plan"] += planned - started
+        self.timings["worker"] += answered - planned
+        self.timings["steps"] += 1
         if result.step_id < 0:
             return []
         self._num_in_flight -= 1
@@ -170,6 +178,7 @@ class EngineCore:
                 continue  # retired while its step was in flight: a wasted token
             logprobs = [result.logprobs[index]] if result.logprobs else None
             outputs.append(self._append_token(request, token_id, logprobs))
+        self.timings["outputs"] += time.perf_counter() - answered
         return outputs
 
     def _append_token(

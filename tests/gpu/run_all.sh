@@ -7,6 +7,11 @@ mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/../.."
+# The GPU image lacks a few pure-Python packages: install carried wheels (see docs/gpu.md).
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$OUT_DIR/env.txt"
