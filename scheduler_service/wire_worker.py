@@ -89,7 +89,9 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def plan_to_pb(plan: StepPlan, session_id: int) -> pb.StepRequest:
-    msg = pb.StepRequest(session_id=session_id, step_id=plan.step_id)
+    msg = pb.StepRequest(
+        session_id=session_id, step_id=plan.step_id, defer_result=plan.defer_result
+    )
     for new in plan.new_seqs:
         msg.new_seqs.append(
             pb.NewSequence(
@@ -118,15 +120,15 @@ def plan_to_pb(plan: StepPlan, session_id: int) -> pb.StepRequest:
 
 
 def plan_from_pb(msg: pb.StepRequest) -> StepPlan:
-    resumed_tables = _split(list(msg.resumed_block_ids), msg.resumed_num_blocks)
+    resumed_tables = _split(msg.resumed_block_ids[:], msg.resumed_num_blocks)
     return StepPlan(
         step_id=msg.step_id,
         new_seqs=[
             NewSequence(
                 seq_id=new.seq_id,
-                prompt_token_ids=list(new.prompt_token_ids),
+                prompt_token_ids=new.prompt_token_ids[:],
                 params=params_from_pb(new.params),
-                block_ids=list(new.block_ids),
+                block_ids=new.block_ids[:],
                 num_computed_tokens=new.num_computed_tokens,
             )
             for new in msg.new_seqs
@@ -137,12 +139,13 @@ def plan_from_pb(msg: pb.StepRequest) -> StepPlan:
                 msg.resumed_seq_ids, resumed_tables, msg.resumed_num_computed_tokens
             )
         ],
-        appended_seq_ids=list(msg.appended_seq_ids),
-        appended_block_ids=_split(list(msg.appended_block_ids), msg.appended_num_blocks),
-        preempted_seq_ids=list(msg.preempted_seq_ids),
-        finished_seq_ids=list(msg.finished_seq_ids),
-        seq_ids=list(msg.seq_ids),
-        num_new_tokens=list(msg.num_new_tokens),
+        appended_seq_ids=msg.appended_seq_ids[:],
+        appended_block_ids=_split(msg.appended_block_ids[:], msg.appended_num_blocks),
+        preempted_seq_ids=msg.preempted_seq_ids[:],
+        finished_seq_ids=msg.finished_seq_ids[:],
+        seq_ids=msg.seq_ids[:],
+        num_new_tokens=msg.num_new_tokens[:],
+        defer_result=msg.defer_result,
     )
 
 
@@ -162,7 +165,7 @@ def result_from_pb(msg: pb.StepResponse) -> StepResult:
     if msg.num_logprobs:
         pairs = list(zip(msg.logprob_token_ids, msg.logprob_values))
         logprobs = _split(pairs, msg.num_logprobs)
-    return StepResult(msg.step_id, list(msg.seq_ids), list(msg.token_ids), logprobs)
+    return StepResult(msg.step_id, msg.seq_ids[:], msg.token_ids[:], logprobs)
 
 
 def _split(flat: list, counts: object) -> list[list]:

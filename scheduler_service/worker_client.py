@@ -10,7 +10,9 @@ retry on its own; retry policy belongs to the engine loop.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -23,7 +25,7 @@ from scheduler_service import wire_worker
 from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
 
 MAX_MESSAGE_BYTES = 1 << 30  # admitting many long prompts at once makes large plans
-STEP_METHOD = "/nanoserve.worker.v1.Worker/Step"
+STEP_STREAM_METHOD = "/nanoserve.worker.v1.Worker/StepStream"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -69,18 +71,19 @@ class GrpcWorkerClient:
         self.session_id = 0
         self.timing = StepTiming()
         self._channels: list[grpc.Channel] = []
+        self._streams: list[StepStream] = []
         self._open()
 
     def _open(self) -> None:
         self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addrs]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
-        # Raw bytes both ways: the plan is serialized once for all ranks, and parsing is timed.
-        self._step_calls = [c.unary_unary(STEP_METHOD) for c in self._channels]
 
     def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
         for channel in self._channels:
             channel.close()
-        self._channels = []
+        self._streams, self._channels = [], []
 
     def reconnect(self) -> None:
         """Fresh channels (no inherited backoff); the session must be started again."""
@@ -117,6 +120,9 @@ class GrpcWorkerClient:
         request = pb.StartSessionRequest(session_id=session_id)
         for i, stub in enumerate(self._stubs):
             self._call(i, lambda: stub.StartSession(request, timeout=self.rpc_timeout_s))
+        for stream in self._streams:
+            stream.close()
+        self._streams = [StepStream(c, self.step_timeout_s) for c in self._channels]
         self.session_id = session_id
 
     def ping(self) -> None:
@@ -141,12 +147,12 @@ class GrpcWorkerClient:
         return result
 
     def _send_step(self, data: bytes) -> bytes:
-        timeout = self.step_timeout_s
-        if len(self._step_calls) == 1:
-            step = self._step_calls[0]
-            return self._call(0, lambda: step(data, timeout=timeout))
-        futures = [step.future(data, timeout=timeout) for step in self._step_calls]
-        replies = [self._call(i, future.result) for i, future in enumerate(futures)]
+        """Every rank gets the same bytes at once; rank 0's answer is the result."""
+        if not self._streams:
+            raise WorkerUnavailable("no session: call start_session first")
+        for stream in self._streams:
+            stream.send(data)
+        replies = [self._call(i, stream.receive) for i, stream in enumerate(self._streams)]
         return replies[0]
 
     def _call(self, rank: int, call: Callable[[], T]) -> T:
@@ -157,3 +163,46 @@ class GrpcWorkerClient:
             code = e.code().name if isinstance(e, grpc.Call) else "ERROR"
             details = e.details() if isinstance(e, grpc.Call) else str(e)
             raise WorkerUnavailable(f"worker {self.addrs[rank]}: {code}: {details}") from e
+
+
+class StepStream:
+    """One rank's long-lived StepStream call: plan bytes in, result bytes out, in order.
+
+    gRPC streams have no per-message deadline, so a watchdog thread cancels the call when a
+    step takes longer than ``step_timeout_s``; the blocked ``receive`` then fails.
+    """
+
+    def __init__(self, channel: grpc.Channel, step_timeout_s: float) -> None:
+        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        call = channel.stream_stream(STEP_STREAM_METHOD)  # raw bytes: serialized once for all
+        self._responses = call(iter(self._requests.get, None))
+        self._timeout_ns = int(step_timeout_s * 1e9)
+        self._sent_ns = 0  # when the step now awaited was sent; 0: none
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def send(self, data: bytes) -> None:
+        self._sent_ns = time.monotonic_ns()
+        self._requests.put(data)
+
+    def receive(self) -> bytes:
+        try:
+            return next(self._responses)
+        except StopIteration:
+            raise WorkerUnavailable("the worker ended the step stream") from None
+        finally:
+            self._sent_ns = 0
+
+    def close(self) -> None:
+        self._closed.set()
+        self._requests.put(None)
+        self._responses.cancel()
+
+    def _watch(self) -> None:
+        period = min(1.0, self._timeout_ns / 4e9)
+        while not self._closed.wait(period):
+            sent = self._sent_ns
+            if sent and time.monotonic_ns() - sent > self._timeout_ns:
+                self._responses.cancel()  # receive() raises CANCELLED
+                return

@@ -46,6 +46,7 @@ def plans(draw: st.DrawFn) -> StepPlan:
         finished_seq_ids=draw(st.lists(seq_ids, max_size=3)),
         seq_ids=[s for s, _ in scheduled],
         num_new_tokens=[n for _, n in scheduled],
+        defer_result=draw(st.booleans()),
     )
 
 
@@ -65,7 +66,7 @@ logprob_rows = st.lists(
 @given(st.lists(st.tuples(seq_ids, st.integers(0, 2**31 - 1), logprob_rows), max_size=10), st.booleans())
 def test_a_step_result_round_trips_through_bytes(rows: list, with_logprobs: bool) -> None:
     logprobs = [r[2] for r in rows] if with_logprobs and rows else None
-    result = StepResult(7, [r[0] for r in rows], [r[1] for r in rows], logprobs)
+    result = StepResult(-1 if not rows else 7, [r[0] for r in rows], [r[1] for r in rows], logprobs)
     data = wire_worker.result_to_pb(result, compute_ns=5).SerializeToString()
     assert wire_worker.result_from_pb(pb.StepResponse.FromString(data)) == result
 

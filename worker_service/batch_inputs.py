@@ -61,18 +61,18 @@ def build_inputs(
     slots = tables[token_rows, positions // block_size] * block_size + positions % block_size
     max_seqlen_q = int(counts.max())
     meta = AttentionMetadata(
-        slot_mapping=_to(slots, torch.int64, device),
-        cu_seqlens_q=_to(cu_seqlens, torch.int32, device),
-        seq_lens=_to(ends, torch.int32, device),
-        block_tables=_to(tables, torch.int32, device),
+        slot_mapping=to_device(slots, torch.int64, device),
+        cu_seqlens_q=to_device(cu_seqlens, torch.int32, device),
+        seq_lens=to_device(ends, torch.int32, device),
+        block_tables=to_device(tables, torch.int32, device),
         max_seqlen_q=max_seqlen_q,
         max_seqlen_k=int(ends.max()),
         is_decode=max_seqlen_q == 1,
         is_plain_prefill=bool((starts == 0).all()),
     )
     return StepInputs(
-        input_ids=_to(np.asarray(input_ids, dtype=np.int64), torch.int64, device),
-        positions=_to(positions, torch.int64, device),
+        input_ids=to_device(np.asarray(input_ids, dtype=np.int64), torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
         meta=meta,
         sample_rows=sample_rows,
         pending_token_indices=pending_indices,
@@ -80,8 +80,15 @@ def build_inputs(
     )
 
 
-def _to(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+def to_device(values: np.ndarray | list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values to ``device`` without waiting for the device: through pinned memory.
+
+    A copy from pageable memory would wait for every queued kernel first, which would serialise
+    the step in flight with the host's preparation of the next one.
+    """
+    tensor = torch.as_tensor(np.asarray(values)).to(dtype)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor
+
+

@@ -14,7 +14,7 @@ import torch
 
 from models.qwen3 import Qwen3ForCausalLM
 from scheduler_service.step_plan import StepResult
-from worker_service.batch_inputs import PENDING, build_inputs
+from worker_service.batch_inputs import PENDING, build_inputs, to_device
 from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.sampler import SamplingBatch, compute_logprobs, sample
 from worker_service.sequence_table import WorkerSequence
@@ -31,6 +31,12 @@ class LaunchedStep:
     tokens_cpu: torch.Tensor  # [B_s] int64, filled by an async copy
     done: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a device-to-host copy into pinned memory; valid once the step's event fires."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 class ModelRunner:
@@ -61,8 +67,8 @@ class ModelRunner:
         inputs = build_inputs(seqs, num_new_tokens, self.block_size, self.device)
         if inputs.pending_token_indices:
             src = [self._last_rows[seq_id] for seq_id in inputs.pending_seq_ids]
-            dst = torch.tensor(inputs.pending_token_indices, device=self.device)
-            inputs.input_ids[dst] = self._last_tokens_gpu[torch.tensor(src, device=self.device)]
+            dst = to_device(inputs.pending_token_indices, torch.int64, self.device)
+            inputs.input_ids[dst] = self._last_tokens_gpu[to_device(src, torch.int64, self.device)]
         meta = inputs.meta
         if self.graphs is not None and self.graphs.can_run(meta, len(seqs)):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)  # [B, hidden]
@@ -74,7 +80,7 @@ class ModelRunner:
         if not sampling_seqs:
             empty = torch.empty(0, dtype=torch.int64)
             return LaunchedStep(step_id, [], [], empty, empty, None, None)
-        rows = torch.tensor(inputs.sample_rows, device=self.device)
+        rows = to_device(inputs.sample_rows, torch.int64, self.device)
         last_token_indices = meta.cu_seqlens_q[1:][rows].long() - 1
         logits = self.model.compute_logits(hidden[last_token_indices])  # [B_s, V]
         logits = self._mask_stop_tokens(logits, sampling_seqs)
@@ -92,10 +98,9 @@ class ModelRunner:
     def _copy_out(self, step_id, seqs, positions, tokens, logprobs) -> LaunchedStep:
         if self.device.type != "cuda":
             return LaunchedStep(step_id, seqs, positions, tokens, tokens, None, logprobs)
-        tokens_cpu = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        tokens_cpu.copy_(tokens, non_blocking=True)
+        tokens_cpu = _pinned_copy(tokens)
         if logprobs is not None:
-            logprobs = tuple(t.to("cpu", non_blocking=True) for t in logprobs)
+            logprobs = tuple(_pinned_copy(t) for t in logprobs)
         done = torch.cuda.Event()
         done.record()
         return LaunchedStep(step_id, seqs, positions, tokens, tokens_cpu, done, logprobs)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker_service.batch_inputs import to_device
+
 
 @dataclass
 class SamplingBatch:
@@ -33,7 +35,7 @@ class SamplingBatch:
         top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
 
         def to(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(values, dtype, device)
 
         return cls(
             temperatures=to([p.temperature for p in params], torch.float32),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import grpc
@@ -54,6 +55,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return pb.StartSessionResponse()
 
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+        return self._step(request, context)
+
+    def StepStream(
+        self, requests: Iterator[pb.StepRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.StepResponse]:
+        for request in requests:
+            yield self._step(request, context)
+
+    def _step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         with self._lock:
             if request.session_id != self.session_id:
                 context.abort(
