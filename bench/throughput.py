@@ -43,6 +43,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     llm.engine.timings.update(dict.fromkeys(llm.engine.timings, 0.0))
     profiler = _attach_profiler(llm) if args.torch_profile else None
+    device_before = llm.worker.runner.device_seconds
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -58,6 +59,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
         "num_kv_blocks": llm.engine.info.num_kv_blocks,
         "preemptions": llm.engine.scheduler.num_preemptions,
         "host_seconds": dict(llm.engine.timings),
+        "device_busy_seconds": llm.worker.runner.device_seconds - device_before,
     }
 
 

@@ -56,6 +56,7 @@ class StepTiming:
     call_ns: int = 0  # send, wait for every rank, receive
     parse_ns: int = 0  # bytes -> StepResult
     compute_ns: int = 0  # what rank 0 reports for Worker.step itself
+    worker_wire_ns: int = 0  # what rank 0 reports for decoding the plan and encoding its reply
     end_ns: int = 0  # step() returns
 
 
@@ -142,7 +143,13 @@ class GrpcWorkerClient:
         result = wire_worker.result_from_pb(reply)
         end = time.perf_counter_ns()
         self.timing = StepTiming(
-            start, serialized - start, received - serialized, end - received, reply.compute_ns, end
+            start_ns=start,
+            serialize_ns=serialized - start,
+            call_ns=received - serialized,
+            parse_ns=end - received,
+            compute_ns=reply.compute_ns,
+            worker_wire_ns=reply.wire_ns,
+            end_ns=end,
         )
         return result
 

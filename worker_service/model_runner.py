@@ -30,6 +30,7 @@ class LaunchedStep:
     tokens_gpu: torch.Tensor  # [B_s] int64, on the device
     tokens_cpu: torch.Tensor  # [B_s] int64, filled by an async copy
     done: torch.cuda.Event | None
+    started: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
@@ -59,11 +60,17 @@ class ModelRunner:
         self.generator.manual_seed(0)
         self._last_rows: dict[int, int] = {}  # seq_id -> row in the last launched step's tokens
         self._last_tokens_gpu = torch.empty(0, dtype=torch.int64, device=device)
+        self._last_done: torch.cuda.Event | None = None
+        self.device_seconds = 0.0  # device busy time of collected steps (CUDA only)
 
     @torch.inference_mode()
     def launch(
         self, step_id: int, seqs: list[WorkerSequence], num_new_tokens: list[int]
     ) -> LaunchedStep:
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         inputs = build_inputs(seqs, num_new_tokens, self.block_size, self.device)
         if inputs.pending_token_indices:
             src = [self._last_rows[seq_id] for seq_id in inputs.pending_seq_ids]
@@ -79,7 +86,7 @@ class ModelRunner:
         sampling_seqs = [seqs[row] for row in inputs.sample_rows]
         if not sampling_seqs:
             empty = torch.empty(0, dtype=torch.int64)
-            return LaunchedStep(step_id, [], [], empty, empty, None, None)
+            return self._copy_out(step_id, [], [], empty.to(self.device), None, started)
         rows = to_device(inputs.sample_rows, torch.int64, self.device)
         last_token_indices = meta.cu_seqlens_q[1:][rows].long() - 1
         logits = self.model.compute_logits(hidden[last_token_indices])  # [B_s, V]
@@ -93,22 +100,23 @@ class ModelRunner:
             seq.token_ids.append(PENDING)
         self._last_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
         self._last_tokens_gpu = tokens
-        return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs)
+        return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started)
 
-    def _copy_out(self, step_id, seqs, positions, tokens, logprobs) -> LaunchedStep:
+    def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started) -> LaunchedStep:
         if self.device.type != "cuda":
-            return LaunchedStep(step_id, seqs, positions, tokens, tokens, None, logprobs)
+            return LaunchedStep(step_id, seqs, positions, tokens, tokens, None, None, logprobs)
         tokens_cpu = _pinned_copy(tokens)
         if logprobs is not None:
             logprobs = tuple(_pinned_copy(t) for t in logprobs)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return LaunchedStep(step_id, seqs, positions, tokens, tokens_cpu, done, logprobs)
+        return LaunchedStep(step_id, seqs, positions, tokens, tokens_cpu, done, started, logprobs)
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step and write its tokens into the sequences."""
         if step.done is not None:
             step.done.synchronize()
+            self._account_device_time(step)
         token_ids = step.tokens_cpu.tolist()
         for seq, position, token_id in zip(step.seqs, step.token_positions, token_ids):
             seq.token_ids[position] = token_id
@@ -116,6 +124,15 @@ class ModelRunner:
         if step.logprobs is not None:
             logprobs = self._logprob_lists(step.seqs, token_ids, *step.logprobs)
         return StepResult(step.step_id, [s.seq_id for s in step.seqs], token_ids, logprobs)
+
+    def _account_device_time(self, step: LaunchedStep) -> None:
+        """Add the time the device spent on this step (not the time it sat queued behind the
+        previous one) to ``device_seconds``."""
+        busy_ms = step.started.elapsed_time(step.done)
+        if self._last_done is not None:
+            busy_ms = min(busy_ms, self._last_done.elapsed_time(step.done))
+        self._last_done = step.done
+        self.device_seconds += busy_ms / 1e3
 
     def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[WorkerSequence]) -> torch.Tensor:
         """Until min_tokens are out, EOS and stop token ids cannot be sampled."""

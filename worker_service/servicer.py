@@ -71,16 +71,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     f"session_id={request.session_id:x} is not this worker's session "
                     f"({self.session_id:x}): call StartSession first",
                 )
-            plan = wire_worker.plan_from_pb(request)
             start = time.perf_counter_ns()
+            plan = wire_worker.plan_from_pb(request)
+            decoded = time.perf_counter_ns()
             try:
                 result = self.worker.step(plan)
             except Exception as e:  # the session's state is now unknown: refuse further steps
                 self.session_id = 0
                 log.exception("step %d failed", plan.step_id)
                 context.abort(grpc.StatusCode.INTERNAL, f"step {plan.step_id} failed: {e!r}")
-            compute_ns = time.perf_counter_ns() - start
-        return wire_worker.result_to_pb(result, compute_ns)
+            computed = time.perf_counter_ns()
+            reply = wire_worker.result_to_pb(result, computed - decoded)
+            reply.wire_ns = decoded - start + time.perf_counter_ns() - computed
+        return reply
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
         return pb.PingResponse(session_id=self.session_id)
