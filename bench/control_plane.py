@@ -38,7 +38,9 @@ COLUMNS = (
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", help="model directory (default: the tiny model, written to a tmp dir)")
+    p.add_argument(
+        "--model", help="model directory (default: the tiny model, written to a tmp dir)"
+    )
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=100, help="decode steps timed")
@@ -140,16 +142,26 @@ def print_table(
     )
     print(f"| {'part':<16} | {'median':>9} | {'mean':>9} | {'p90':>9} |")
     print(f"|{'-' * 18}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
-    rpc = [sum(v) for v in zip(*(samples[c] for c in ("serialize", "grpc", "worker wire", "parse")))]
-    rows = {**samples, "= RPC": rpc, "planning + RPC": [a + b for a, b in zip(samples["planning"], rpc)]}
+    rpc = [
+        sum(v) for v in zip(*(samples[c] for c in ("serialize", "grpc", "worker wire", "parse")))
+    ]
+    rows = {
+        **samples,
+        "= RPC": rpc,
+        "planning + RPC": [a + b for a, b in zip(samples["planning"], rpc)],
+    }
     for name, values in rows.items():
         ordered = sorted(values)
         p90 = ordered[int(0.9 * (len(ordered) - 1))]
         mean = statistics.mean(values)
         print(f"| {name:<16} | {statistics.median(values):>9.1f} | {mean:>9.1f} | {p90:>9.1f} |")
     target = statistics.median(rows["planning + RPC"])
-    print(f"\nplanning + RPC: {target:.0f} us per step median ({'meets' if target < 1000 else 'misses'} the 1 ms target)")
-    print(f"empty Ping round trip: {floor[0]:.0f} us back to back, {floor[1]:.0f} us after idling as long as a step computes")
+    print(
+        f"\nplanning + RPC: {target:.0f} us per step median ({'meets' if target < 1000 else 'misses'} the 1 ms target)"
+    )
+    print(
+        f"empty Ping round trip: {floor[0]:.0f} us back to back, {floor[1]:.0f} us after idling as long as a step computes"
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tp", type=int, help="tensor-parallel size (default: every GPU, or 1)")
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     serve.add_argument("--worker-arg", action="append", default=[], help="passed to each worker")
-    serve.add_argument("--scheduler-arg", action="append", default=[], help="passed to the scheduler")
+    serve.add_argument(
+        "--scheduler-arg", action="append", default=[], help="passed to the scheduler"
+    )
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="stream a completion from a running server")

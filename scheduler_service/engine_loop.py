@@ -111,6 +111,7 @@ class EngineLoop:
         self._draining = False
         self._base = ServerStats()  # counters of the sessions before the current one
         self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
+        self._num_failed_starts = 0  # engine thread only
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # ---- event loop side -------------------------------------------------------------------
@@ -241,8 +242,11 @@ class EngineLoop:
             self.worker.reconnect()
             engine = EngineCore(self.config.engine_config, self.worker, self.tokenizer)
         except Exception as e:
-            log.warning("workers %s not ready: %s", ",".join(self.config.worker_addrs), e)
+            if self._num_failed_starts % 20 == 0:  # the first failure, then every ~10 s
+                log.warning("workers %s not ready: %s", ",".join(self.config.worker_addrs), e)
+            self._num_failed_starts += 1
             return False
+        self._num_failed_starts = 0
         with self._cond:
             self._engine = engine
             self._session += 1
@@ -268,7 +272,9 @@ class EngineLoop:
                 except ValueError as e:
                     self._loop.call_soon_threadsafe(self._fail, cmd.request_id, e)
             elif engine.abort(cmd.request_id):
-                aborted.append(RequestOutput(cmd.request_id, [], "", True, FinishReason.ABORT, 0, 0, 0))
+                aborted.append(
+                    RequestOutput(cmd.request_id, [], "", True, FinishReason.ABORT, 0, 0, 0)
+                )
         if aborted:
             self._loop.call_soon_threadsafe(self._deliver, aborted)
         if commands:

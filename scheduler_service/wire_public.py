@@ -49,7 +49,9 @@ def sampling_from_pb(msg: pb.SamplingParams, vocab_size: int) -> SamplingParams:
 
 
 def prompt_from_pb(
-    input_field: str | None, msg: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tokenizer,
+    input_field: str | None,
+    msg: pb.GenerateRequest | pb.TokenizeRequest,
+    tokenizer: Tokenizer,
     vocab_size: int,
 ) -> list[int]:
     """The prompt's token ids from whichever ``input`` was set; ValueError naming the field."""

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -96,7 +96,7 @@ class GrpcWorkerClient:
         """Rank 0's facts, with the cache capacity every rank can hold; ranks are put in order."""
         request, timeout = pb.DescribeRequest(), self.rpc_timeout_s
         infos = [
-            wire_worker.info_from_pb(self._call(i, lambda: stub.Describe(request, timeout=timeout)))
+            wire_worker.info_from_pb(self._call(i, stub.Describe, request, timeout=timeout))
             for i, stub in enumerate(self._stubs)
         ]
         world_size = len(self.addrs)
@@ -120,7 +120,7 @@ class GrpcWorkerClient:
         session_id = secrets.randbits(63) | 1
         request = pb.StartSessionRequest(session_id=session_id)
         for i, stub in enumerate(self._stubs):
-            self._call(i, lambda: stub.StartSession(request, timeout=self.rpc_timeout_s))
+            self._call(i, stub.StartSession, request, timeout=self.rpc_timeout_s)
         for stream in self._streams:
             stream.close()
         self._streams = [StepStream(c, self.step_timeout_s) for c in self._channels]
@@ -129,7 +129,7 @@ class GrpcWorkerClient:
     def ping(self) -> None:
         """Raise WorkerUnavailable unless every rank answers and still holds our session."""
         for i, stub in enumerate(self._stubs):
-            reply = self._call(i, lambda: stub.Ping(pb.PingRequest(), timeout=self.rpc_timeout_s))
+            reply = self._call(i, stub.Ping, pb.PingRequest(), timeout=self.rpc_timeout_s)
             if reply.session_id != self.session_id:
                 raise WorkerUnavailable(f"worker {self.addrs[i]} lost the session (restarted?)")
 
@@ -162,10 +162,10 @@ class GrpcWorkerClient:
         replies = [self._call(i, stream.receive) for i, stream in enumerate(self._streams)]
         return replies[0]
 
-    def _call(self, rank: int, call: Callable[[], T]) -> T:
-        """Run one RPC to ``rank``; any gRPC failure becomes WorkerUnavailable naming the worker."""
+    def _call(self, rank: int, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)`` on ``rank``; a gRPC failure becomes WorkerUnavailable."""
         try:
-            return call()
+            return call(*args, **kwargs)
         except grpc.RpcError as e:
             code = e.code().name if isinstance(e, grpc.Call) else "ERROR"
             details = e.details() if isinstance(e, grpc.Call) else str(e)

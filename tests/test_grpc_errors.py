@@ -124,7 +124,9 @@ def test_abort_of_an_unknown_id_is_not_found(services: Services, reference_ids: 
     assert_still_serving(services, reference_ids)
 
 
-def test_a_full_waiting_queue_is_resource_exhausted(services: Services, reference_ids: list[int]) -> None:
+def test_a_full_waiting_queue_is_resource_exhausted(
+    services: Services, reference_ids: list[int]
+) -> None:
     long = dict(text="Hi", sampling=greedy(400, ignore_eos=True), stream=True)
     running = services.stub.Generate(pb.GenerateRequest(request_id="running", **long), timeout=60)
     next(running)  # running: max_num_seqs is 1

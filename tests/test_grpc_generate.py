@@ -83,7 +83,9 @@ def test_token_ids_and_chat_inputs_match_their_text(services: Services) -> None:
     chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="Hi there")])
     chat_ids = stub.Tokenize(pb.TokenizeRequest(chat=chat), timeout=10).token_ids
     by_chat = complete_of(generate(stub, chat=chat, sampling=greedy(6)))
-    by_chat_ids = complete_of(generate(stub, token_ids=pb.TokenIds(ids=chat_ids), sampling=greedy(6)))
+    by_chat_ids = complete_of(
+        generate(stub, token_ids=pb.TokenIds(ids=chat_ids), sampling=greedy(6))
+    )
     assert by_chat.output_ids == by_chat_ids.output_ids
     assert by_chat.usage.prompt_tokens == len(chat_ids)
 
@@ -111,7 +113,9 @@ def test_without_stream_only_the_complete_message_is_sent(services: Services) ->
 
 
 def test_a_stop_string_ends_the_text_before_it(services: Services) -> None:
-    free = complete_of(generate(services.stub, text=PROMPTS[3], sampling=greedy(12, ignore_eos=True)))
+    free = complete_of(
+        generate(services.stub, text=PROMPTS[3], sampling=greedy(12, ignore_eos=True))
+    )
     stop = free.text[3:6]
     done = complete_of(generate(services.stub, text=PROMPTS[3], sampling=greedy(12, stop=[stop])))
     assert done.finish_reason == pb.STOP
@@ -147,7 +151,9 @@ def test_64_concurrent_streams_finish_while_preempting_and_hitting_the_prefix_ca
     assert after.free_blocks == after.total_blocks == NUM_KV_BLOCKS
 
 
-async def stream_all(addr: str, requests: list[pb.GenerateRequest]) -> list[tuple[int, pb.Complete]]:
+async def stream_all(
+    addr: str, requests: list[pb.GenerateRequest]
+) -> list[tuple[int, pb.Complete]]:
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
 

@@ -63,7 +63,10 @@ logprob_rows = st.lists(
 )
 
 
-@given(st.lists(st.tuples(seq_ids, st.integers(0, 2**31 - 1), logprob_rows), max_size=10), st.booleans())
+@given(
+    st.lists(st.tuples(seq_ids, st.integers(0, 2**31 - 1), logprob_rows), max_size=10),
+    st.booleans(),
+)
 def test_a_step_result_round_trips_through_bytes(rows: list, with_logprobs: bool) -> None:
     logprobs = [r[2] for r in rows] if with_logprobs and rows else None
     result = StepResult(-1 if not rows else 7, [r[0] for r in rows], [r[1] for r in rows], logprobs)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanoserve import launcher
 from tests.service_fixtures import (
@@ -20,7 +21,6 @@ from tests.service_fixtures import (
     start_worker,
     wait_for,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 NUM_KV_BLOCKS = 32
 LOSS_DEADLINE_S = 5.0  # in-flight requests must fail within this long after the kill

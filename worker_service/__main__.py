@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     memory.add_argument(
         "--gpu-memory-utilization", type=float, default=WorkerConfig.gpu_memory_utilization
     )
-    p.add_argument("--max-num-batched-tokens", type=int, default=WorkerConfig.max_num_batched_tokens)
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=WorkerConfig.max_num_batched_tokens
+    )
     p.add_argument("--attention-backend", default=WorkerConfig.attention_backend)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--rank", type=int, default=0)

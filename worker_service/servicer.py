@@ -40,14 +40,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.session_id = 0
         self._lock = threading.Lock()  # one step (or session change) at a time
 
-    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+    def Describe(
+        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeResponse:
         return wire_worker.info_to_pb(self.worker.describe())
 
     def StartSession(
         self, request: pb.StartSessionRequest, context: grpc.ServicerContext
     ) -> pb.StartSessionResponse:
         if request.session_id == 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id=0 is invalid: must be nonzero")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "session_id=0 is invalid: must be nonzero"
+            )
         with self._lock:
             self.worker.start_session()
             self.session_id = request.session_id
