@@ -1,8 +1,8 @@
 """Control-plane benchmark: where a decode step's time goes with 256 sequences over real gRPC.
 
-Starts one CPU worker process on the tiny model (or ``--model``), drives it from an in-process
-EngineCore through GrpcWorkerClient, lets 256 requests finish prefill, then times decode steps at
-batch 256, split into:
+Starts one worker process (CPU unless ``--device cuda``) on the tiny model (or ``--model``),
+drives it from an in-process EngineCore through GrpcWorkerClient, lets 256 requests finish
+prefill, then times decode steps at batch 256, split into:
   planning     EngineCore.step up to the RPC: Scheduler.schedule, PlanBuilder.build, bookkeeping
   serialize    StepPlan -> StepRequest bytes (scheduler)
   grpc         the call minus the worker's own time: send, gRPC on both sides, receive
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="decode steps timed")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--sync", action="store_true", help="no async scheduling (one step in flight)")
+    p.add_argument("--device", default="cpu", help="the worker's device: cpu or cuda")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +56,7 @@ def main() -> None:
 
             model_dir = str(write_tiny_model(Path(tmp) / "tiny"))
         blocks_per_seq = -(-(args.prompt_len + args.steps + 8) // args.block_size)
-        worker_args = launcher.worker_args(model_dir, 0, "cpu", extra=[
+        worker_args = launcher.worker_args(model_dir, 0, args.device, extra=[
             "--num-kv-blocks", str(args.batch * blocks_per_seq + 16),
             "--block-size", str(args.block_size), "--log-level", "WARNING",
         ])  # fmt: skip

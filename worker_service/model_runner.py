@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.parallel import SINGLE_RANK, ParallelContext, broadcast
 from models.qwen3 import Qwen3ForCausalLM
 from scheduler_service.step_plan import StepResult
 from worker_service.batch_inputs import PENDING, build_inputs, to_device
@@ -49,8 +50,10 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...],
         vocab_size: int,
         graphs: DecodeGraphs | None = None,
+        parallel: ParallelContext = SINGLE_RANK,
     ) -> None:
         self.model = model
+        self.parallel = parallel
         self.graphs = graphs
         self.block_size = block_size
         self.device = device
@@ -89,12 +92,17 @@ class ModelRunner:
             return self._copy_out(step_id, [], [], empty.to(self.device), None, started)
         rows = to_device(inputs.sample_rows, torch.int64, self.device)
         last_token_indices = meta.cu_seqlens_q[1:][rows].long() - 1
-        logits = self.model.compute_logits(hidden[last_token_indices])  # [B_s, V]
-        logits = self._mask_stop_tokens(logits, sampling_seqs)
-        batch = SamplingBatch.from_params(sampling_seqs, self.vocab_size, self.device)
-        tokens = sample(logits, batch, self.generator)  # [B_s]
-        num_top = max(s.params.logprobs for s in sampling_seqs)
-        logprobs = compute_logprobs(logits, tokens, num_top) if num_top else None
+        logits = self.model.compute_logits(hidden[last_token_indices])  # [B_s, V] on rank 0
+        logprobs = None
+        if logits is None:  # another rank samples; this one receives its tokens below
+            tokens = torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device)
+        else:
+            logits = self._mask_stop_tokens(logits, sampling_seqs)
+            batch = SamplingBatch.from_params(sampling_seqs, self.vocab_size, self.device)
+            tokens = sample(logits, batch, self.generator)  # [B_s]
+            num_top = max(s.params.logprobs for s in sampling_seqs)
+            logprobs = compute_logprobs(logits, tokens, num_top) if num_top else None
+        tokens = broadcast(tokens, self.parallel)  # every rank feeds them into its next step
         positions = [len(seq.token_ids) for seq in sampling_seqs]
         for seq in sampling_seqs:
             seq.token_ids.append(PENDING)

@@ -111,6 +111,7 @@ class Worker:
             self.model_config.eos_token_ids,
             self.model_config.vocab_size,
             self._capture_graphs(),
+            parallel,
         )
         self.seqs = SequenceTable()
         self._in_flight: LaunchedStep | None = None  # a deferred step not yet answered
