@@ -130,7 +130,7 @@ class EngineCore:
         self.validate(prompt_token_ids, params)
         seq = Sequence(next(self._seq_ids), prompt_token_ids, params)
         detok = None
-        if self.tokenizer is not None and self.config.detokenize:
+        if self.tokenizer is not None and self.config.detokenize and params.detokenize:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         request = _Request(request_id, seq, detok)
         self._requests[request_id] = request

@@ -28,6 +28,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     stop_token_ids: tuple[int, ...] = field(default=())
     logprobs: int = 0
+    detokenize: bool = True  # False: token ids only, no text (saves the host's time)
 
     def __post_init__(self) -> None:
         # Accept None, one string or any iterable from callers; keep tuples.
@@ -66,6 +67,7 @@ class SamplingParams:
                 token_id,
                 f"must be in [0, {vocab_size})",
             )
+        _check(self.detokenize or not self.stop, "stop", self.stop, "needs detokenize=True")
         for text in self.stop:
             _check(isinstance(text, str) and text != "", "stop", text, "must be non-empty strings")
 

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=WorkerConfig.max_num_batched_tokens
     )
+    p.add_argument("--max-num-seqs", type=int, default=WorkerConfig.max_num_seqs)
+    p.add_argument("--max-model-len", type=int, help="default: the model's context length")
     p.add_argument("--attention-backend", default=WorkerConfig.attention_backend)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--rank", type=int, default=0)
@@ -56,6 +58,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         kv_cache_gb=args.kv_cache_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         rank=args.rank,

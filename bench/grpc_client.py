@@ -1,0 +1,73 @@
+"""The throughput benchmark through the full gRPC stack: worker and scheduler as separate processes,
+every request sent at once by concurrent clients over one channel (non-streaming Generate)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from nanoserve import launcher
+from nanoserve.v1 import generation_pb2 as pb
+from nanoserve.v1 import generation_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def start_services(model_dir: str, args, device: str) -> tuple[list[launcher.ServiceProcess], str]:
+    """A worker and a scheduler on ports the OS picks; returns them and the public address."""
+    run_dir = launcher.make_run_dir()
+    engine_flags = ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    worker_extra = [*engine_flags, "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len)]
+    if args.enforce_eager:
+        worker_extra.append("--enforce-eager")
+    worker = launcher.spawn("worker", "worker_service", launcher.worker_args(model_dir, 0, device, extra=worker_extra), run_dir)
+    worker.wait_for_port(600)
+    scheduler_flags = ["--model", model_dir, "--workers", worker.addr, "--port", "0", *engine_flags,
+                       "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
+                       "--max-num-waiting", "100000"]
+    if args.no_prefix_caching:
+        scheduler_flags.append("--no-prefix-caching")
+    if args.no_async:
+        scheduler_flags.append("--no-async-scheduling")
+    scheduler = launcher.spawn("scheduler", "scheduler_service", scheduler_flags, run_dir)
+    scheduler.wait_for_port(120)
+    launcher.wait_until_serving(scheduler.addr, 600)
+    return [worker, scheduler], scheduler.addr
+
+
+def request(prompt: list[int], max_tokens: int, sampling: dict) -> pb.GenerateRequest:
+    params = pb.SamplingParams(max_tokens=max_tokens, **sampling)
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=params, stream=False)
+
+
+async def send_all(addr: str, requests: list[pb.GenerateRequest]) -> tuple[float, int]:
+    async with grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        async def one(req: pb.GenerateRequest) -> int:
+            num_tokens = 0
+            async for reply in stub.Generate(req):
+                if reply.HasField("complete"):
+                    num_tokens = reply.complete.usage.completion_tokens
+            return num_tokens
+
+        await one(request([1, 2, 3], 8, {}))  # warm-up
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(r) for r in requests))
+        return time.perf_counter() - start, sum(counts)
+
+
+def run_grpc(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    services, addr = start_services(model_dir, args, device)
+    try:
+        sampling = dict(sampling, detokenize=False)
+        requests = [request(p, m, sampling) for p, m in zip(prompts, max_tokens)]
+        seconds, num_tokens = asyncio.run(send_all(addr, requests))
+    finally:
+        launcher.stop_all(services)
+    return {"seconds": seconds, "output_tokens": num_tokens}
