@@ -20,19 +20,18 @@ $(BIN)/python: requirements.txt requirements-dev.txt
 	touch $(BIN)/python
 
 protos: $(BIN)/python
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
-		protos/nanoserve/v1/generation.proto protos/nanoserve/worker/v1/worker.proto
+	PYTHON=$(BIN)/python bash scripts/gen_protos.sh
 
 tiny-model: $(BIN)/python
 	$(BIN)/python -m models.tiny --out $(TINY_MODEL)
 
-run:
+run: protos
 	$(BIN)/python -m nanoserve run --model $(MODEL)
 
-serve:
+serve: protos
 	$(BIN)/python -m nanoserve serve --model $(MODEL) --port $(PORT) --tp $(TP)
 
-test:
+test: protos
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 test-gpu:
@@ -41,7 +40,7 @@ test-gpu:
 bench:
 	$(BIN)/python -m bench.throughput --model $(MODEL)
 
-bench-cpu:
+bench-cpu: protos
 	$(BIN)/python -m bench.control_plane
 
 lint:

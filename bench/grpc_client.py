@@ -29,8 +29,6 @@ def start_services(model_dir: str, args, device: str) -> tuple[list[launcher.Ser
                        "--max-num-waiting", "100000"]
     if args.no_prefix_caching:
         scheduler_flags.append("--no-prefix-caching")
-    if args.no_async:
-        scheduler_flags.append("--no-async-scheduling")
     scheduler = launcher.spawn("scheduler", "scheduler_service", scheduler_flags, run_dir)
     scheduler.wait_for_port(120)
     launcher.wait_until_serving(scheduler.addr, 600)

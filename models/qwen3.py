@@ -62,10 +62,11 @@ class Qwen3Attention(nn.Module):
         q, k, v = qkv.split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1
         )
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # [T, H_q, D]
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))  # [T, H_kv, D]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H_q, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
-        q, k = self.rotary_emb(positions, q, k)
+        # q_norm, k_norm, then RoPE; on CUDA one fused kernel writing into qkv.
+        q, k = self.rotary_emb.forward_with_qk_norm(positions, q, k, self.q_norm, self.k_norm)
         out = self.attn(q, k, v, meta)  # [T, H_q D]
         return self.o_proj(out)
 

@@ -78,17 +78,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_dir = launcher.make_run_dir()
     dist_addr = f"127.0.0.1:{launcher.free_port()}" if world_size > 1 else None
     services = []
+    env = launcher.secret_env()  # the scheduler proves itself to the workers with it
     stop = _stop_on_signals()
     try:
         for rank in range(world_size):
             wargs = launcher.worker_args(
                 model_dir, 0, device, rank, world_size, dist_addr, args.worker_arg
             )
-            services.append(launcher.spawn(f"worker{rank}", "worker_service", wargs, run_dir))
+            worker = launcher.spawn(f"worker{rank}", "worker_service", wargs, run_dir, env=env)
+            services.append(worker)
         worker_addrs = ",".join(f"127.0.0.1:{w.wait_for_port(600)}" for w in services)
         sargs = ["--model", model_dir, "--workers", worker_addrs, "--host", args.host]
         sargs += ["--port", str(args.port), *args.scheduler_arg]
-        scheduler = launcher.spawn("scheduler", "scheduler_service", sargs, run_dir)
+        scheduler = launcher.spawn("scheduler", "scheduler_service", sargs, run_dir, env=env)
         services.append(scheduler)
         scheduler.wait_for_port(60)
         addr = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0') else args.host}:{scheduler.port}"

@@ -2,11 +2,14 @@
 
 Used by ``python -m nanoserve serve`` and by the tests: one place knows how to run the services as
 subprocesses on ports the OS picks (``--port 0`` plus a port file) and how to tell they are ready.
-Not a supervisor: a process that dies is reported, not restarted.
+Not a supervisor: a process that dies is reported, not restarted. Secrets travel to the children
+in environment variables (``secret_env``), never on their command lines, which ``ps`` shows.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,6 +24,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 READINESS_SERVICE = "nanoserve.v1.Generation"
+WORKER_SECRET_ENV = "NANOSERVE_WORKER_SECRET"  # read by both worker_service and scheduler_service
+
+
+def secret_env() -> dict[str, str]:
+    """A fresh worker secret for one deployment, as the environment both services read."""
+    return {WORKER_SECRET_ENV: secrets.token_urlsafe(32)}
 
 
 @dataclass
@@ -69,15 +78,26 @@ class ServiceProcess:
 
 
 def spawn(
-    name: str, module: str, args: Sequence[str], run_dir: Path, log_to_file: bool = True
+    name: str,
+    module: str,
+    args: Sequence[str],
+    run_dir: Path,
+    log_to_file: bool = True,
+    env: dict[str, str] | None = None,
 ) -> ServiceProcess:
-    """``python -m module args --port-file ...`` with output to ``run_dir/name.log`` (or inherited)."""
+    """``python -m module args --port-file ...`` with output to ``run_dir/name.log`` (or inherited).
+
+    ``env`` is added to this process's environment for the child.
+    """
     port_file = run_dir / f"{name}.port"
     port_file.unlink(missing_ok=True)
     log_path = run_dir / f"{name}.log" if log_to_file else None
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed by stop())
     cmd = [sys.executable, "-m", module, *args, "--port-file", str(port_file)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None)
+    child_env = {**os.environ, **env} if env else None
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=child_env
+    )
     return ServiceProcess(name, proc, port_file, log_path, _log=log)
 
 

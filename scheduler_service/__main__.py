@@ -3,7 +3,10 @@
 Serves ``nanoserve.v1.Generation`` with health (``""`` liveness; ``nanoserve.v1.Generation``
 readiness: SERVING once the workers answer, NOT_SERVING while any is lost and while draining) and
 reflection, on grpc.aio; the engine runs in its own thread (engine_loop.py). SIGTERM or Ctrl-C
-drains: new requests are refused, in-flight ones get ``--drain-timeout`` seconds to finish.
+drains: readiness turns NOT_SERVING and new requests are refused with UNAVAILABLE while health
+keeps answering; in-flight ones get ``--drain-timeout`` seconds to finish; then the process exits 0.
+With ``--tls-cert``/``--tls-key`` the port speaks TLS only; with ``$NANOSERVE_AUTH_TOKEN`` every
+call (health and reflection too, with ``--auth-health``) needs ``authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -19,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nanoserve.v1 import generation_pb2, generation_pb2_grpc
+from scheduler_service.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.servicer import GenerationServicer
@@ -28,10 +33,9 @@ from scheduler_service.worker_client import GrpcWorkerClient
 log = logging.getLogger("scheduler_service")
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
-MAX_MESSAGE_BYTES = 64 << 20  # a long prompt sent as token ids
+MAX_SEND_MESSAGE_BYTES = 64 << 20  # a long Complete with logprobs
 SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
     # Long non-streaming calls send nothing for a while: pings keep their connection known alive.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -46,7 +50,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 async def serve(config: SchedulerServiceConfig) -> None:
     loop = asyncio.get_running_loop()
     tokenizer = Tokenizer.from_dir(config.model_dir)
-    worker = GrpcWorkerClient(config.worker_addrs, config.step_timeout_s, config.rpc_timeout_s)
+    worker = GrpcWorkerClient(
+        config.worker_addrs, config.step_timeout_s, config.rpc_timeout_s, config.worker_secret
+    )
     health_servicer = health.aio.HealthServicer()
 
     def on_ready_change(ready: bool) -> None:
@@ -54,20 +60,23 @@ async def serve(config: SchedulerServiceConfig) -> None:
         loop.create_task(health_servicer.set(SERVICE_NAME, status))
 
     engine_loop = EngineLoop(config, worker, tokenizer, loop, on_ready_change)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = _make_server(config)
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(engine_loop, tokenizer), server
+        GenerationServicer(engine_loop, tokenizer, config), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = _add_port(server, config)
     await health_servicer.set("", SERVING)
     await health_servicer.set(SERVICE_NAME, NOT_SERVING)
     await server.start()
     engine_loop.start()
-    log.info("scheduler listening on %s:%d, workers %s", config.host, port, config.worker_addrs)
+    scheme = "TLS" if config.tls else "plaintext"
+    auth = "bearer token" if config.auth_token else "no authentication"
+    log.info("scheduler listening on %s:%d (%s, %s)", config.host, port, scheme, auth)
+    log.info("workers %s", ",".join(config.worker_addrs))
     print(f"scheduler_service listening on {config.host}:{port}", flush=True)
     if config.port_file:
         _write_port_file(config.port_file, port)
@@ -76,11 +85,40 @@ async def serve(config: SchedulerServiceConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining (up to %.0f s)", config.drain_timeout_s)
-    engine_loop.drain()
-    await server.stop(config.drain_timeout_s)
+    await _drain(engine_loop, config.drain_timeout_s)
+    await server.stop(1.0)  # whatever is left past the drain timeout is cancelled (and aborted)
     await asyncio.to_thread(engine_loop.stop)
     worker.close()
+    log.info("stopped")
+
+
+async def _drain(engine_loop: EngineLoop, timeout_s: float) -> None:
+    """Refuse new requests (health still answers NOT_SERVING) until in-flight ones are done."""
+    log.info("draining: %d streams in flight, up to %.0f s", engine_loop.num_streams, timeout_s)
+    engine_loop.drain()
+    deadline = time.monotonic() + timeout_s
+    while engine_loop.num_streams and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine_loop.num_streams:
+        log.warning("drain timeout: cancelling %d streams", engine_loop.num_streams)
+
+
+def _make_server(config: SchedulerServiceConfig) -> grpc.aio.Server:
+    options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    interceptors = []
+    if config.auth_token:
+        open_prefixes = () if config.auth_health else OPEN_SERVICE_PREFIXES
+        interceptors.append(BearerTokenInterceptor(config.auth_token, open_prefixes))
+    return grpc.aio.server(options=options, interceptors=interceptors)
+
+
+def _add_port(server: grpc.aio.Server, config: SchedulerServiceConfig) -> int:
+    address = f"{config.host}:{config.port}"
+    if not config.tls:
+        return server.add_insecure_port(address)
+    assert config.tls_cert is not None and config.tls_key is not None
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    return server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
 
 
 def _write_port_file(path: str, port: int) -> None:

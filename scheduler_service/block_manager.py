@@ -53,6 +53,7 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self._free: dict[int, None] = dict.fromkeys(range(num_blocks))  # ordered: LRU first
         self._seq_hashes: dict[int, list[int]] = {}  # seq_id -> chained hashes of its full blocks
+        self._num_committed: dict[int, int] = {}  # seq_id -> leading blocks already committed
         self.num_cache_hit_tokens = 0
         self.num_cache_query_tokens = 0
 
@@ -100,8 +101,14 @@ class BlockManager:
         """Register the hashes of blocks that became full and computed, for later prefix hits."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._hashes_of(seq, seq.num_computed_tokens // self.block_size)
-        for index, block_hash in enumerate(hashes):
+        num_full = seq.num_computed_tokens // self.block_size
+        start = self._num_committed.get(seq.seq_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._hashes_of(seq, num_full)
+        self._num_committed[seq.seq_id] = num_full
+        for index in range(start, num_full):
+            block_hash = hashes[index]
             block = self.blocks[seq.block_table[index]]
             if block.hash == _NO_HASH:
                 block.hash = block_hash
@@ -117,6 +124,7 @@ class BlockManager:
                 self._free[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        self._num_committed.pop(seq.seq_id, None)
 
     def forget(self, seq: Sequence) -> None:
         """Drop the hashes memoised for a sequence that will never come back."""
@@ -127,13 +135,14 @@ class BlockManager:
         while len(hashes) < num_full_blocks:
             prev = hashes[-1] if hashes else _NO_HASH
             hashes.append(chain_hash(prev, seq.block_token_ids(len(hashes), self.block_size)))
-        return hashes[:num_full_blocks]
+        return hashes  # the first num_full_blocks entries are the ones asked for
 
     def _lookup_prefix(self, seq: Sequence) -> list[int]:
         if not self.enable_prefix_caching:
             return []
         hit_ids: list[int] = []
-        for index, block_hash in enumerate(self._hashes_of(seq, seq.num_tokens // self.block_size)):
+        num_full = seq.num_tokens // self.block_size
+        for index, block_hash in enumerate(self._hashes_of(seq, num_full)[:num_full]):
             block_id = self.hash_to_block.get(block_hash)
             if block_id is None:
                 break

@@ -1,15 +1,21 @@
 """SchedulerServiceConfig: every setting of the scheduler process, built once from flags in main().
 
 The engine's own knobs (batch budgets, max_model_len, prefix caching) are an EngineConfig, derived
-as a property; the rest concern the service: addresses, queue limit, timeouts.
+as a property; the rest concern the service: addresses, limits, timeouts, TLS and authentication.
+Secrets (the bearer token, the worker secret) come from environment variables, never from flags,
+so they do not show in ``ps``; ``repr`` hides them, so they never reach a log line.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from scheduler_service.engine import EngineConfig
+
+AUTH_TOKEN_ENV = "NANOSERVE_AUTH_TOKEN"  # clients send ``authorization: Bearer <token>``
+WORKER_SECRET_ENV = "NANOSERVE_WORKER_SECRET"  # shared with the workers (see worker_service)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,19 @@ class SchedulerServiceConfig:
     reconnect_interval_s: float = 0.5  # between attempts to reach a lost worker
     ping_interval_s: float = 1.0  # while idle, how often the workers are probed
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    max_prompt_tokens: int | None = None  # None: max_model_len is the only limit
+    max_output_tokens: int | None = None  # cap on sampling.max_tokens; None: max_model_len
+    max_num_streams: int = 1024  # live Generate calls; past it, RESOURCE_EXHAUSTED
+    max_message_bytes: int = 4 << 20  # largest public request (a long prompt as token ids)
+    max_stream_buffer: int = 1024  # undelivered step outputs per stream before it is aborted
+    max_num_stop: int = 64  # stop strings plus stop token ids per request
+    max_stop_chars: int = 1024  # longest stop string
+    max_request_id_chars: int = 256
+    tls_cert: str | None = None  # PEM files; both set: the public port speaks TLS only
+    tls_key: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    auth_health: bool = False  # True: health and reflection need the token too
+    worker_secret: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -39,6 +58,16 @@ class SchedulerServiceConfig:
         for name in ("step_timeout_s", "rpc_timeout_s", "reconnect_interval_s", "ping_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be > 0")
+        for name in _POSITIVE_LIMITS:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} is invalid: must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def engine_config(self) -> EngineConfig:
@@ -65,8 +94,30 @@ class SchedulerServiceConfig:
             max_num_waiting=args.max_num_waiting,
             step_timeout_s=args.step_timeout,
             drain_timeout_s=args.drain_timeout,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_output_tokens=args.max_output_tokens,
+            max_num_streams=args.max_num_streams,
+            max_message_bytes=args.max_message_bytes,
+            max_stream_buffer=args.max_stream_buffer,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            auth_token=os.environ.get(AUTH_TOKEN_ENV) or None,
+            auth_health=args.auth_health,
+            worker_secret=os.environ.get(WORKER_SECRET_ENV) or None,
             log_level=args.log_level,
         )
+
+
+_POSITIVE_LIMITS = (
+    "max_prompt_tokens",
+    "max_output_tokens",
+    "max_num_streams",
+    "max_message_bytes",
+    "max_stream_buffer",
+    "max_num_stop",
+    "max_stop_chars",
+    "max_request_id_chars",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,5 +138,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-waiting", type=int, default=d.max_num_waiting)
     p.add_argument("--step-timeout", type=float, default=d.step_timeout_s, help="seconds")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, help="seconds")
+    p.add_argument("--max-prompt-tokens", type=int, help="default: max_model_len")
+    p.add_argument("--max-output-tokens", type=int, help="cap on max_tokens; default: none")
+    p.add_argument("--max-num-streams", type=int, default=d.max_num_streams)
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument(
+        "--max-stream-buffer",
+        type=int,
+        default=d.max_stream_buffer,
+        help="step outputs a client may leave unread before its request is aborted",
+    )
+    p.add_argument("--tls-cert", help="PEM certificate chain for the public port")
+    p.add_argument("--tls-key", help="PEM private key for the public port")
+    p.add_argument(
+        "--auth-health",
+        action="store_true",
+        help=f"require the bearer token (${AUTH_TOKEN_ENV}) for health and reflection too",
+    )
     p.add_argument("--log-level", default="INFO")
     return p

@@ -8,8 +8,11 @@ Threads and ownership:
   called there; the engine thread hands outputs back with ``call_soon_threadsafe``, one callback
   per step.
 A client that goes away (cancel, deadline) has its request aborted, which frees its KV blocks in
-the next iteration of the engine thread. On worker loss every in-flight request fails with
-``Unavailable`` at once and readiness turns off until a fresh session is up.
+the next iteration of the engine thread. So does one that stops reading: its stream buffers at
+most ``max_stream_buffer`` step outputs, past which the request is aborted (the step loop never
+waits for a client). On worker loss every in-flight request fails with ``Unavailable`` at once
+and readiness turns off until a fresh session is up. Whenever the engine falls idle it checks
+that every KV block is free (``kv_cache_violation``) and logs an error if not.
 
 Not here: protobuf (the servicer's edge), tokenization, and scheduling itself (EngineCore).
 """
@@ -28,6 +31,13 @@ from typing import Protocol
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
 from scheduler_service.sampling_params import SamplingParams
+from scheduler_service.server_stats import (
+    ServerStats,
+    counter_fields,
+    counters,
+    kv_cache_violation,
+    snapshot,
+)
 from scheduler_service.step_plan import WorkerInfo
 from scheduler_service.stop_checker import FinishReason
 from scheduler_service.tokenizer import Tokenizer
@@ -35,6 +45,7 @@ from scheduler_service.worker_client import WorkerUnavailable
 
 log = logging.getLogger(__name__)
 RATE_WINDOW_S = 5.0  # generated tokens/s is measured over this many seconds
+__all__ = ["EngineLoop", "Overloaded", "ServerStats", "SlowClient", "Unavailable"]
 
 
 class Unavailable(Exception):
@@ -42,30 +53,17 @@ class Unavailable(Exception):
 
 
 class Overloaded(Exception):
-    """The waiting queue is full: RESOURCE_EXHAUSTED."""
+    """The waiting queue or the stream limit is full: RESOURCE_EXHAUSTED."""
+
+
+class SlowClient(Overloaded):
+    """The client left more than ``max_stream_buffer`` outputs unread: its request was aborted."""
 
 
 class RemoteWorker(WorkerClient, Protocol):
     def ping(self) -> None: ...
 
     def reconnect(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class ServerStats:
-    ready: bool = False
-    num_waiting: int = 0
-    num_running: int = 0
-    total_blocks: int = 0
-    free_blocks: int = 0
-    num_preemptions: int = 0  # these counters run across worker sessions
-    num_generated_tokens: int = 0
-    num_cache_hit_tokens: int = 0
-    num_cache_query_tokens: int = 0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.num_cache_hit_tokens / max(1, self.num_cache_query_tokens)
 
 
 @dataclass(frozen=True)
@@ -112,6 +110,8 @@ class EngineLoop:
         self._base = ServerStats()  # counters of the sessions before the current one
         self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
         self._num_failed_starts = 0  # engine thread only
+        self._idle_checked = False  # engine thread only: KV invariants checked since last step
+        self.num_invariant_violations = 0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # ---- event loop side -------------------------------------------------------------------
@@ -133,6 +133,11 @@ class EngineLoop:
         """Validate and queue a request; its outputs (or an error) arrive on the returned queue."""
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is invalid: a live request has it")
+        if len(self._streams) >= self.config.max_num_streams:
+            raise Overloaded(
+                f"{len(self._streams)} streams are live (--max-num-streams "
+                f"{self.config.max_num_streams}): retry later"
+            )
         engine = self._current_engine()
         engine.validate(prompt_token_ids, params)
         if len(prompt_token_ids) + params.max_tokens > engine.max_model_len:
@@ -170,6 +175,11 @@ class EngineLoop:
                 self._commands.append(_Abort(request_id))
                 self._cond.notify()
 
+    @property
+    def num_streams(self) -> int:
+        """Live Generate calls (event loop only)."""
+        return len(self._streams)
+
     def drain(self) -> None:
         """Refuse new requests from now on; in-flight ones go on."""
         with self._cond:
@@ -203,8 +213,30 @@ class EngineLoop:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is not None:
+            if stream is None:
+                continue
+            if stream.queue.qsize() >= self.config.max_stream_buffer and not out.finished:
+                self._drop_slow_client(out.request_id, stream)
+            else:
                 stream.queue.put_nowait(out)
+
+    def _drop_slow_client(self, request_id: str, stream: _Stream) -> None:
+        """Abort a request whose client stopped reading; its stream ends with SlowClient."""
+        log.warning(
+            "request %r aborted: its client left %d outputs unread",
+            request_id,
+            stream.queue.qsize(),
+        )
+        del self._streams[request_id]
+        stream.queue.put_nowait(
+            SlowClient(
+                f"the client left {stream.queue.qsize()} outputs unread "
+                f"(--max-stream-buffer {self.config.max_stream_buffer}): request aborted"
+            )
+        )
+        with self._cond:
+            self._commands.append(_Abort(request_id))
+            self._cond.notify()
 
     def _fail(self, request_id: str, error: Exception) -> None:
         stream = self._streams.get(request_id)
@@ -229,6 +261,9 @@ class EngineLoop:
                 self._apply_commands(self._engine)
                 if self._engine.has_unfinished:
                     self._step(self._engine)
+                    self._idle_checked = False
+                elif not self._idle_checked:
+                    self._check_idle(self._engine)
                 elif not self._wait_for_commands(self.config.ping_interval_s):
                     self.worker.ping()
             except WorkerUnavailable as e:
@@ -236,6 +271,13 @@ class EngineLoop:
             except Exception as e:  # a bug or a worker error: the engine's state is unknown
                 log.exception("engine step failed")
                 self._lose_worker(f"engine error: {e!r}")
+
+    def _check_idle(self, engine: EngineCore) -> None:
+        self._idle_checked = True
+        violation = kv_cache_violation(engine)
+        if violation is not None:
+            self.num_invariant_violations += 1
+            log.error("KV cache invariant violated with no live request: %s", violation)
 
     def _start_session(self) -> bool:
         try:
@@ -312,38 +354,11 @@ class EngineLoop:
             self._commands = []
             self._num_pending_adds = 0
         if engine is not None:
-            self._base = self._counters(engine)
-        self.stats = ServerStats(ready=False, **_counter_fields(self._base))
+            self._base = counters(engine, self._base)
+        self.stats = ServerStats(ready=False, **counter_fields(self._base))
         self._loop.call_soon_threadsafe(self.on_ready_change, False)
         error = Unavailable(f"worker lost: {reason}")
         self._loop.call_soon_threadsafe(self._fail_all, error, self._session)
 
-    def _counters(self, engine: EngineCore) -> ServerStats:
-        blocks = engine.scheduler.block_manager
-        base = self._base
-        return ServerStats(
-            num_preemptions=base.num_preemptions + engine.scheduler.num_preemptions,
-            num_generated_tokens=base.num_generated_tokens + engine.num_generated_tokens,
-            num_cache_hit_tokens=base.num_cache_hit_tokens + blocks.num_cache_hit_tokens,
-            num_cache_query_tokens=base.num_cache_query_tokens + blocks.num_cache_query_tokens,
-        )
-
     def _publish_stats(self, engine: EngineCore) -> None:
-        blocks = engine.scheduler.block_manager
-        self.stats = ServerStats(
-            ready=not self._draining,
-            num_waiting=len(engine.scheduler.waiting),
-            num_running=len(engine.scheduler.running),
-            total_blocks=blocks.num_blocks,
-            free_blocks=blocks.num_free_blocks,
-            **_counter_fields(self._counters(engine)),
-        )
-
-
-def _counter_fields(stats: ServerStats) -> dict[str, int]:
-    return {
-        "num_preemptions": stats.num_preemptions,
-        "num_generated_tokens": stats.num_generated_tokens,
-        "num_cache_hit_tokens": stats.num_cache_hit_tokens,
-        "num_cache_query_tokens": stats.num_cache_query_tokens,
-    }
+        self.stats = snapshot(engine, self._base, ready=not self._draining)

@@ -19,7 +19,8 @@ import grpc
 
 from nanoserve.v1 import generation_pb2 as pb
 from nanoserve.v1 import generation_pb2_grpc
-from scheduler_service import wire_public
+from scheduler_service import limits, wire_public
+from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import EngineLoop, Overloaded, Unavailable
 from scheduler_service.tokenizer import Tokenizer
@@ -103,19 +104,25 @@ class _Outputs:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, engine_loop: EngineLoop, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, engine_loop: EngineLoop, tokenizer: Tokenizer, config: SchedulerServiceConfig
+    ) -> None:
         self.engine_loop = engine_loop
         self.tokenizer = tokenizer
+        self.config = config
 
     @stream_errors
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         vocab_size = self.engine_loop.info.vocab_size
+        limits.check_request_id(request.request_id, self.config)
+        params = wire_public.sampling_from_pb(request.sampling, vocab_size)
+        limits.check_sampling(params, self.config)
         prompt_ids = wire_public.prompt_from_pb(
             request.WhichOneof("input"), request, self.tokenizer, vocab_size
         )
-        params = wire_public.sampling_from_pb(request.sampling, vocab_size)
+        limits.check_prompt(len(prompt_ids), self.config)
         request_id = request.request_id or uuid.uuid4().hex
         outputs = _Outputs(self.engine_loop.submit(request_id, prompt_ids, params))
         output_ids: list[int] = []

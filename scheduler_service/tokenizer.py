@@ -115,6 +115,42 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(f"message {i} ({role}): content must be a string")
 
 
+def _decoder_type(hf_tokenizer: HFTokenizer) -> str | None:
+    decoder = json.loads(hf_tokenizer.to_str()).get("decoder") or {}
+    return decoder.get("type")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's reversible map from bytes to printable characters, inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def _build_byte_table(hf_tokenizer: HFTokenizer) -> list[bytes | str | None] | None:
+    alphabet = _byte_level_alphabet()
+    added = hf_tokenizer.get_added_tokens_decoder()
+    table: list[bytes | str | None] = []
+    for token_id in range(hf_tokenizer.get_vocab_size(with_added_tokens=True)):
+        if token_id in added:
+            table.append(added[token_id].content)
+            continue
+        token = hf_tokenizer.id_to_token(token_id)
+        if token is None:
+            table.append(None)
+        elif any(c not in alphabet for c in token):
+            return None  # not a byte-level vocabulary after all: use decode()
+        else:
+            table.append(bytes(alphabet[c] for c in token))
+    return table
+
+
 class Tokenizer:
     """A model's tokenizer as the scheduler needs it: encode, decode, chat template, eos ids."""
 
@@ -138,6 +174,8 @@ class Tokenizer:
         self.special_token_ids: frozenset[int] = frozenset(
             i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special
         )
+        self._byte_table: list[bytes | str | None] | None = None
+        self._byte_table_supported: bool | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -187,6 +225,19 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token_ids. Ids the tokenizer does not know decode to nothing."""
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def byte_level_table(self) -> list[bytes | str | None] | None:
+        """Per token id: its bytes (byte-level BPE), its text (added tokens), or None (unknown).
+
+        Only for tokenizers whose decoder is plain ByteLevel (GPT-2, Qwen): there decoding is
+        concatenating these bytes and reading UTF-8, which the detokenizer does incrementally at
+        a fraction of the cost of calling decode(). None for any other decoder.
+        """
+        if self._byte_table is None and self._byte_table_supported is None:
+            self._byte_table_supported = _decoder_type(self._tokenizer) == "ByteLevel"
+            if self._byte_table_supported:
+                self._byte_table = _build_byte_table(self._tokenizer)
+        return self._byte_table
 
     def decodes_to_nothing(self, token_id: int, skip_special_tokens: bool = True) -> bool:
         """True for ids decode() drops: unknown ids, and special ones when skipping them."""

@@ -26,6 +26,7 @@ OPTIONAL_SAMPLING_FIELDS = (
     "min_tokens",
     "ignore_eos",
     "logprobs",
+    "detokenize",
 )
 FINISH_REASONS = {
     FinishReason.STOP: pb.STOP,

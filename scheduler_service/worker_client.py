@@ -4,7 +4,8 @@ Each step plan is serialized once and sent to every rank in parallel (the same b
 id is shared); rank 0's answer is the result. Any failure to reach a rank, a Step past its
 deadline, or a rank that lost the session (it was restarted) raises ``WorkerUnavailable``: the
 caller then drops the engine, ``reconnect()``s and starts a fresh session. This module does not
-retry on its own; retry policy belongs to the engine loop.
+retry on its own; retry policy belongs to the engine loop. With a worker secret, every call
+carries it as ``authorization: Bearer <secret>`` metadata (the workers refuse calls without it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import grpc
 from nanoserve.worker.v1 import worker_pb2 as pb
 from nanoserve.worker.v1 import worker_pb2_grpc
 from scheduler_service import wire_worker
+from scheduler_service.auth import MetadataInterceptor, bearer
 from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
 
 MAX_MESSAGE_BYTES = 1 << 30  # admitting many long prompts at once makes large plans
@@ -62,7 +64,11 @@ class StepTiming:
 
 class GrpcWorkerClient:
     def __init__(
-        self, addrs: Sequence[str], step_timeout_s: float = 60.0, rpc_timeout_s: float = 5.0
+        self,
+        addrs: Sequence[str],
+        step_timeout_s: float = 60.0,
+        rpc_timeout_s: float = 5.0,
+        secret: str | None = None,
     ) -> None:
         if not addrs:
             raise ValueError("addrs is empty: at least one worker address is required")
@@ -71,12 +77,18 @@ class GrpcWorkerClient:
         self.rpc_timeout_s = rpc_timeout_s
         self.session_id = 0
         self.timing = StepTiming()
+        self._interceptors = [MetadataInterceptor(bearer(secret))] if secret else []
         self._channels: list[grpc.Channel] = []
         self._streams: list[StepStream] = []
         self._open()
 
     def _open(self) -> None:
-        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addrs]
+        self._channels = [
+            grpc.intercept_channel(
+                grpc.insecure_channel(a, options=CHANNEL_OPTIONS), *self._interceptors
+            )
+            for a in self.addrs
+        ]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
 
     def close(self) -> None:

@@ -181,11 +181,19 @@ def test_scheduler_tokenizer_modules_never_import_torch_or_transformers() -> Non
     assert result.stdout.strip() == "[]"
 
 
+@pytest.fixture(scope="module", params=["byte_table", "decode"])
+def path(request: pytest.FixtureRequest) -> str:
+    """The detokenizer's two paths: byte-level tables, and windowed decode() for other decoders."""
+    return request.param
+
+
 def _detokenize(
-    tokenizer: Tokenizer, chunks: list[list[int]], skip_special_tokens: bool = True
+    tokenizer: Tokenizer, chunks: list[list[int]], skip_special_tokens: bool = True, path: str = "byte_table"
 ) -> list[str]:
     """Feed chunks of output ids through a fresh detokenizer; return every piece, flush last."""
     detok = IncrementalDetokenizer(tokenizer, [1, 2, 3], skip_special_tokens)
+    if path == "decode":
+        detok._byte_table = None
     pieces = [detok.step(chunk) for chunk in chunks]
     pieces.append(detok.flush())
     assert detok.text == "".join(pieces)
@@ -199,9 +207,9 @@ def _detokenize(
     skip_special_tokens=st.booleans(),
 )
 def test_pieces_of_random_ids_join_to_their_decode(
-    ours: Tokenizer, chunks: list[list[int]], skip_special_tokens: bool
+    ours: Tokenizer, path: str, chunks: list[list[int]], skip_special_tokens: bool
 ) -> None:
-    pieces = _detokenize(ours, chunks, skip_special_tokens)
+    pieces = _detokenize(ours, chunks, skip_special_tokens, path)
     expected = ours.decode([i for chunk in chunks for i in chunk], skip_special_tokens)
     assert "".join(pieces) == expected
     if "\ufffd" not in expected:
@@ -210,16 +218,16 @@ def test_pieces_of_random_ids_join_to_their_decode(
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(st.characters(codec="utf-8", exclude_characters="\ufffd")))
-def test_text_streamed_one_token_at_a_time_arrives_whole(ours: Tokenizer, text: str) -> None:
-    pieces = _detokenize(ours, [[i] for i in ours.encode(text)], skip_special_tokens=False)
+def test_text_streamed_one_token_at_a_time_arrives_whole(ours: Tokenizer, path: str, text: str) -> None:
+    pieces = _detokenize(ours, [[i] for i in ours.encode(text)], False, path)
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
 
 
-def test_multibyte_character_split_across_tokens_comes_out_whole(ours: Tokenizer) -> None:
+def test_multibyte_character_split_across_tokens_comes_out_whole(ours: Tokenizer, path: str) -> None:
     ids = ours.encode("語")
     assert len(ids) == 3  # one byte-level token per UTF-8 byte: no merge covers it
-    assert _detokenize(ours, [[i] for i in ids]) == ["", "", "語", ""]
+    assert _detokenize(ours, [[i] for i in ids], path=path) == ["", "", "語", ""]
 
 
 def test_bytes_that_cannot_complete_are_emitted_without_waiting_for_flush(

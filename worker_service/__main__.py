@@ -3,11 +3,16 @@
 Loads the model shard and the KV cache, then serves ``nanoserve.worker.v1.Worker`` until SIGTERM or
 Ctrl-C. ``--port 0`` (the default) lets the OS pick a port; the bound port is printed and, with
 ``--port-file``, written to that file once the worker is ready to answer.
+
+The worker binds 127.0.0.1 unless ``--host`` says otherwise. With ``$NANOSERVE_WORKER_SECRET``
+set (the launcher generates one) it answers only callers that present it; binding anything but
+loopback without a secret is refused, since whoever reaches the port can drive the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -17,6 +22,7 @@ from pathlib import Path
 from worker_service.config import WorkerConfig
 
 log = logging.getLogger("worker_service")
+WORKER_SECRET_ENV = "NANOSERVE_WORKER_SECRET"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--dist-init-addr", help="HOST:PORT of rank 0's torch.distributed store")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--profile-steps", help="START,COUNT: profile these steps (benchmarks only)")
+    p.add_argument("--profile-out", help="where --profile-steps writes its JSON summary")
     return p.parse_args(argv)
 
 
@@ -81,12 +89,34 @@ def _init_distributed(config: WorkerConfig, init_addr: str | None) -> None:
         return
     if not init_addr:
         raise SystemExit("--dist-init-addr is required when --world-size > 1")
+    import torch
     import torch.distributed as dist
 
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    init_method = f"tcp://{init_addr}"
+    if not config.device.startswith("cuda"):
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=config.rank, world_size=config.world_size
+        )
+        return
+    # Bind this rank's GPU first: NCCL otherwise puts every rank's communicator on cuda:0.
+    device = torch.device("cuda", config.rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
     dist.init_process_group(
-        backend, init_method=f"tcp://{init_addr}", rank=config.rank, world_size=config.world_size
+        "nccl",
+        init_method=init_method,
+        rank=config.rank,
+        world_size=config.world_size,
+        device_id=device,  # eager NCCL init, before any CUDA graph captures a collective
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _write_port_file(path: str, port: int) -> None:
@@ -101,14 +131,23 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     config = config_from_args(args)
+    secret = os.environ.get(WORKER_SECRET_ENV) or None
+    if secret is None and not _is_loopback(args.host):
+        raise SystemExit(f"--host {args.host} is not loopback: set ${WORKER_SECRET_ENV} first")
     _init_distributed(config, args.dist_init_addr)
 
     from worker_service.server import start_server
     from worker_service.worker import Worker
 
     worker = Worker(config)
-    server, port = start_server(worker, args.host, args.port)
-    log.info("worker rank %d listening on %s:%d", config.rank, args.host, port)
+    if args.profile_steps:
+        from worker_service.step_profiler import ProfiledWorker
+
+        start, count = (int(n) for n in args.profile_steps.split(","))
+        worker = ProfiledWorker(worker, start, count, args.profile_out or "step_profile.json")
+    server, port = start_server(worker, args.host, args.port, secret)
+    auth = "shared secret" if secret else "no secret (loopback only)"
+    log.info("worker rank %d listening on %s:%d (%s)", config.rank, args.host, port, auth)
     print(f"worker_service listening on {args.host}:{port}", flush=True)
     if args.port_file:
         _write_port_file(args.port_file, port)

@@ -3,7 +3,9 @@
 Greedy rows take the argmax. Other rows are scaled by temperature, filtered by top_k, top_p and
 min_p, and sampled by the exponential race (argmax of probs / E, E ~ Exp(1)), which draws exactly
 from the filtered softmax. A row with a seed draws its noise from a generator seeded by
-(seed, output index), so its tokens do not depend on what else is in the batch.
+(seed, output index), so its tokens do not depend on what else is in the batch. On a GPU, a batch
+without filters takes one Triton pass instead (kernels/sample_tokens.py: Gumbel-max, the same
+distribution, per-row seeds).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class SamplingBatch:
 def sample(
     logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
 ) -> torch.Tensor:  # logits [B, V] -> token ids [B] int64
+    if logits.is_cuda and not batch.all_greedy and not batch.needs_filter:
+        return _sample_with_kernel(logits, batch, generator)
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
@@ -64,6 +68,24 @@ def sample(
     noise = _exponential_noise(probs, batch, generator)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(batch.temperatures == 0, greedy_tokens, sampled)
+
+
+def _sample_with_kernel(
+    logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One pass over the logits (Gumbel-max in Triton): no softmax, no noise tensor."""
+    from kernels.sample_tokens import sample_tokens
+
+    fixed = [
+        -1 if seed is None else (seed * 1_000_003 + index) % 2**62
+        for seed, index in zip(batch.seeds, batch.output_indices)
+    ]
+    fixed_seeds = to_device(fixed, torch.int64, logits.device)
+    random_seeds = torch.randint(
+        0, 2**62, fixed_seeds.shape, device=logits.device, generator=generator
+    )
+    row_seeds = torch.where(fixed_seeds >= 0, fixed_seeds, random_seeds)
+    return sample_tokens(logits, batch.temperatures, row_seeds)
 
 
 def _filter(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -3,10 +3,15 @@
 A worker serves one scheduler, one step at a time, so a small thread pool suffices. Step plans that
 admit many long prompts can be tens of MB, hence the generous message limits. Keepalive lets the
 scheduler ping an idle link (and a dead scheduler's connection be dropped).
+
+Anyone who reaches a worker can drive its GPU, so with a secret every ``Worker`` call must carry
+``authorization: Bearer <secret>`` (UNAUTHENTICATED otherwise); health stays open for probes.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -14,10 +19,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nanoserve.worker.v1 import worker_pb2, worker_pb2_grpc
+from scheduler_service.auth import presents, refusal_like
 from worker_service.servicer import StepExecutor, WorkerServicer
 
 MAX_MESSAGE_BYTES = 1 << 30
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+log = logging.getLogger(__name__)
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -29,9 +36,36 @@ SERVER_OPTIONS = [
 ]
 
 
-def start_server(worker: StepExecutor, host: str, port: int) -> tuple[grpc.Server, int]:
+class SecretInterceptor(grpc.ServerInterceptor):
+    """UNAUTHENTICATED for ``Worker`` calls that do not carry the shared secret."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        if presents(details.invocation_metadata, self._secret):
+            return handler
+        log.warning("refused %s: missing or wrong worker secret", details.method)
+        return refusal_like(handler, "missing or wrong worker secret", aio=False)
+
+
+def start_server(
+    worker: StepExecutor, host: str, port: int, secret: str | None = None
+) -> tuple[grpc.Server, int]:
     """Serve ``worker`` on host:port (0 picks a free port); return the server and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+    interceptors = [SecretInterceptor(secret)] if secret else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=SERVER_OPTIONS,
+        interceptors=interceptors,
+    )
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

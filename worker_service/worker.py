@@ -125,6 +125,12 @@ class Worker:
             config.block_size,
         )
 
+    def _bind_device(self) -> None:
+        """Make this rank's GPU current in the calling thread (gRPC runs steps on pool threads,
+        whose current device is cuda:0; events, streams and Triton launches follow it)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
@@ -198,6 +204,7 @@ class Worker:
 
     def start_session(self) -> None:
         """A new scheduler session: forget every sequence (cache contents are never trusted)."""
+        self._bind_device()
         if self._in_flight is not None:
             self.runner.collect(self._in_flight)
             self._in_flight = None
@@ -205,6 +212,7 @@ class Worker:
 
     def step(self, plan: StepPlan) -> StepResult:
         """Run a plan. With ``defer_result`` return the previous deferred plan's result instead."""
+        self._bind_device()
         scheduled = self.seqs.apply(plan)
         launched = None
         if scheduled:

@@ -2,7 +2,8 @@
 
 Normalisation runs in float32; the result is cast back to the input dtype before the weight
 multiply, exactly as transformers does, so float32 and bfloat16 outputs match it bit for bit on the
-same device.
+same device. On CUDA, 2-D inputs go through the fused Triton kernel (``kernels.rms_norm``), which
+rounds at the same points; the CPU path is the torch code and never touches Triton.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: ``norm(x)``. With it: ``(norm(x + residual), x + residual)``."""
+        if x.is_cuda and x.dim() == 2:
+            from kernels.rms_norm import rms_norm  # triton is imported only where it runs
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -1,0 +1,226 @@
+"""Per-head RMSNorm of q and k followed by neox-style (rotate-half) RoPE, in one kernel, in place.
+
+``qk_norm_rope`` is the Triton kernel: program ``(t, 0)`` rewrites every query head of token ``t``
+and program ``(t, 1)`` every key head, each head held as its two halves so rotate-half needs no
+shuffle. ``qk_norm_rope_ref`` is the torch reference, the operations Qwen3's attention runs on CPU
+(``q_norm``/``k_norm``, then ``RotaryEmbedding``). The kernel rounds to the input dtype wherever
+the reference does (normalised row, weight product, cos/sin, each rope product and their sum), so
+only the float32 sum of squares and ``rsqrt`` can differ. Not a layer: no parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def qk_norm_rope_ref(
+    positions: torch.Tensor,  # [T] int
+    q: torch.Tensor,  # [T, H_q, D]
+    k: torch.Tensor,  # [T, H_kv, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    cos_cache: torch.Tensor,  # [P, D]
+    sin_cache: torch.Tensor,  # [P, D]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope(norm(q)), rope(norm(k))`` as new tensors; the inputs are left unchanged."""
+    q = _norm_ref(q, q_weight, eps)
+    k = _norm_ref(k, k_weight, eps)
+    cos = cos_cache[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D]
+    sin = sin_cache[positions].to(q.dtype).unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+@triton.jit
+def _norm_rope_heads(
+    x_ptr,  # this token's first head
+    stride_h,
+    weight_ptr,
+    cos1,  # [1, BLOCK_HALF] float32 holding values of the input dtype
+    cos2,
+    sin1,
+    sin2,
+    eps,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < HALF)
+    ptrs = x_ptr + heads * stride_h + dims  # [BLOCK_HEADS, BLOCK_HALF]: first halves
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    variance = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+    inv_rms = tl.rsqrt(variance + eps)[:, None]
+    w1 = tl.load(weight_ptr + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(weight_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    n1 = (w1 * (x1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    n2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    # rotate_half(n) = [-n2, n1]; (-a) * b rounds to -(a * b), so subtract the rounded product.
+    out1 = (n1 * cos1).to(dtype).to(tl.float32) - (n2 * sin1).to(dtype).to(tl.float32)
+    out2 = (n2 * cos2).to(dtype).to(tl.float32) + (n1 * sin2).to(dtype).to(tl.float32)
+    tl.store(ptrs, out1.to(dtype), mask=mask)
+    tl.store(ptrs + HALF, out2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    positions_ptr,
+    q_ptr,
+    k_ptr,
+    q_weight_ptr,
+    k_weight_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cos,
+    stride_sin,
+    eps,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,  # head_dim / 2
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_KV_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    dtype = q_ptr.dtype.element_ty
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    dim_mask = dims < HALF
+    cos_row = cos_ptr + pos * stride_cos
+    sin_row = sin_ptr + pos * stride_sin
+    cos1 = tl.load(cos_row + dims, mask=dim_mask, other=0.0).to(dtype).to(tl.float32)
+    cos2 = tl.load(cos_row + HALF + dims, mask=dim_mask, other=0.0).to(dtype).to(tl.float32)
+    sin1 = tl.load(sin_row + dims, mask=dim_mask, other=0.0).to(dtype).to(tl.float32)
+    sin2 = tl.load(sin_row + HALF + dims, mask=dim_mask, other=0.0).to(dtype).to(tl.float32)
+    if tl.program_id(1) == 0:
+        _norm_rope_heads(
+            q_ptr + token * stride_qt,
+            stride_qh,
+            q_weight_ptr,
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            eps,
+            NUM_Q_HEADS,
+            HALF,
+            BLOCK_Q_HEADS,
+            BLOCK_HALF,
+        )
+    else:
+        _norm_rope_heads(
+            k_ptr + token * stride_kt,
+            stride_kh,
+            k_weight_ptr,
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            eps,
+            NUM_KV_HEADS,
+            HALF,
+            BLOCK_KV_HEADS,
+            BLOCK_HALF,
+        )
+
+
+def _check_qk_norm_rope_inputs(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> None:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q, k must be [T, H_q, D], [T, H_kv, D], got {q.shape}, {k.shape}")
+    num_tokens, _, head_dim = q.shape
+    if head_dim % 2 != 0:
+        raise ValueError(f"head_dim must be even for rotate-half RoPE, got {head_dim}")
+    if q.dtype != k.dtype or not q.dtype.is_floating_point:
+        raise ValueError(f"q and k must share one floating dtype, got {q.dtype}, {k.dtype}")
+    if q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError("q and k must be contiguous in their last (head_dim) dimension")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w.shape != (head_dim,) or w.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous [D={head_dim}], got {tuple(w.shape)}")
+        if torch.promote_types(q.dtype, w.dtype) != q.dtype:
+            raise ValueError(f"{name} dtype {w.dtype} would promote q's {q.dtype}: not in place")
+    if cos_cache.dim() != 2 or cos_cache.shape[1] != head_dim or sin_cache.shape != cos_cache.shape:
+        raise ValueError(
+            f"cos/sin caches must be [P, D={head_dim}], got {cos_cache.shape}, {sin_cache.shape}"
+        )
+    if cos_cache.stride(1) != 1 or sin_cache.stride(1) != 1:
+        raise ValueError("cos/sin caches must be contiguous in their last dimension")
+    if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be [T={num_tokens}] int32/int64, got {positions.shape}")
+    tensors = (positions, q, k, q_weight, k_weight, cos_cache, sin_cache)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def qk_norm_rope(
+    positions: torch.Tensor,  # [T] int32/int64, each < P (not checked: that would sync)
+    q: torch.Tensor,  # [T, H_q, D], rows/heads may be strided (views of the fused qkv output)
+    k: torch.Tensor,  # [T, H_kv, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    cos_cache: torch.Tensor,  # [P, D], any float dtype (cast to q's dtype, as the reference does)
+    sin_cache: torch.Tensor,  # [P, D]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite q and k with ``qk_norm_rope_ref``'s result and return them. No host sync."""
+    _check_qk_norm_rope_inputs(positions, q, k, q_weight, k_weight, cos_cache, sin_cache)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_tokens == 0:
+        return q, k
+    block_q_heads = triton.next_power_of_2(num_q_heads)
+    block_half = triton.next_power_of_2(head_dim // 2)
+    _qk_norm_rope_kernel[(num_tokens, 2)](
+        positions,
+        q,
+        k,
+        q_weight,
+        k_weight,
+        cos_cache,
+        sin_cache,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos_cache.stride(0),
+        sin_cache.stride(0),
+        eps,
+        NUM_Q_HEADS=num_q_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HALF=head_dim // 2,
+        BLOCK_Q_HEADS=block_q_heads,
+        BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=block_half,
+        num_warps=max(1, min(8, block_q_heads * block_half // 256)),
+    )
+    return q, k

@@ -1,0 +1,74 @@
+"""ServerStats: the scheduler's counters and gauges, as GetServerStatus reports them.
+
+Immutable snapshots: the engine thread replaces ``EngineLoop.stats`` after each step, the event
+loop reads whichever snapshot is current. Counters run across worker sessions (``with_base``).
+Not here: the tokens/s window (engine_loop.py) or protobuf (wire_public.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler_service.engine import EngineCore
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    ready: bool = False
+    num_waiting: int = 0
+    num_running: int = 0
+    total_blocks: int = 0
+    free_blocks: int = 0
+    num_preemptions: int = 0  # these counters run across worker sessions
+    num_generated_tokens: int = 0
+    num_cache_hit_tokens: int = 0
+    num_cache_query_tokens: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_cache_hit_tokens / max(1, self.num_cache_query_tokens)
+
+
+def counters(engine: EngineCore, base: ServerStats) -> ServerStats:
+    """``base``'s counters plus those of ``engine``'s session (gauges left at zero)."""
+    blocks = engine.scheduler.block_manager
+    return ServerStats(
+        num_preemptions=base.num_preemptions + engine.scheduler.num_preemptions,
+        num_generated_tokens=base.num_generated_tokens + engine.num_generated_tokens,
+        num_cache_hit_tokens=base.num_cache_hit_tokens + blocks.num_cache_hit_tokens,
+        num_cache_query_tokens=base.num_cache_query_tokens + blocks.num_cache_query_tokens,
+    )
+
+
+def snapshot(engine: EngineCore, base: ServerStats, ready: bool) -> ServerStats:
+    blocks = engine.scheduler.block_manager
+    return ServerStats(
+        ready=ready,
+        num_waiting=len(engine.scheduler.waiting),
+        num_running=len(engine.scheduler.running),
+        total_blocks=blocks.num_blocks,
+        free_blocks=blocks.num_free_blocks,
+        **counter_fields(counters(engine, base)),
+    )
+
+
+def counter_fields(stats: ServerStats) -> dict[str, int]:
+    return {
+        "num_preemptions": stats.num_preemptions,
+        "num_generated_tokens": stats.num_generated_tokens,
+        "num_cache_hit_tokens": stats.num_cache_hit_tokens,
+        "num_cache_query_tokens": stats.num_cache_query_tokens,
+    }
+
+
+def kv_cache_violation(engine: EngineCore) -> str | None:
+    """With no request live, every block must be free with ref_count 0; else what is wrong."""
+    scheduler = engine.scheduler
+    try:
+        scheduler.block_manager.check_invariants([*scheduler.running, *scheduler.waiting])
+    except AssertionError as e:
+        return str(e) or "check_invariants failed"
+    blocks = scheduler.block_manager
+    if blocks.num_free_blocks != blocks.num_blocks:
+        return f"{blocks.num_blocks - blocks.num_free_blocks} blocks still held with no request"
+    return None
