@@ -69,10 +69,21 @@ def _shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def write_tokenizer(out: Path) -> None:
+    """The tiny model's tokenizer (the scheduler service needs one; benchmarks send token ids)."""
+    from models.tiny import tokenizer_config, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer), indent=2))
+
+
 def write_random_checkpoint(out: Path, arch: str, seed: int = 0) -> Path:
     """Write config.json + model.safetensors (bf16, N(0, 0.02), norms at 1) if not there yet."""
     cfg = ARCHITECTURES[arch]
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "tokenizer.json").exists():
+        write_tokenizer(out)
     if (out / "model.safetensors").exists():
         return out
     gen = torch.Generator().manual_seed(seed)

@@ -15,16 +15,28 @@ from nanoserve.v1 import generation_pb2_grpc as pb_grpc
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
-def start_services(model_dir: str, args, device: str) -> tuple[list[launcher.ServiceProcess], str]:
-    """A worker and a scheduler on ports the OS picks; returns them and the public address."""
+def start_services(model_dir: str, args, device: str, worker_extra: list[str] = ()) -> tuple[list[launcher.ServiceProcess], str]:
+    """``args.tp`` worker ranks and a scheduler on ports the OS picks; returns them and the public
+    address. ``worker_extra`` goes to rank 0 only (e.g. its --profile-steps)."""
     run_dir = launcher.make_run_dir()
     engine_flags = ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    worker_extra = [*engine_flags, "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len)]
+    common = [*engine_flags, "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len)]
     if args.enforce_eager:
-        worker_extra.append("--enforce-eager")
-    worker = launcher.spawn("worker", "worker_service", launcher.worker_args(model_dir, 0, device, extra=worker_extra), run_dir)
-    worker.wait_for_port(600)
-    scheduler_flags = ["--model", model_dir, "--workers", worker.addr, "--port", "0", *engine_flags,
+        common.append("--enforce-eager")
+    tp = getattr(args, "tp", 1)
+    dist_addr = f"127.0.0.1:{launcher.free_port()}" if tp > 1 else None
+    workers = []
+    for rank in range(tp):
+        extra = [*common, *(worker_extra if rank == 0 else [])]
+        wargs = launcher.worker_args(model_dir, 0, device, rank, tp, dist_addr, extra=extra)
+        workers.append(launcher.spawn(f"worker{rank}", "worker_service", wargs, run_dir))
+    try:
+        for worker in workers:
+            worker.wait_for_port(600)
+    except Exception:
+        launcher.stop_all(workers)
+        raise
+    scheduler_flags = ["--model", model_dir, "--workers", ",".join(w.addr for w in workers), "--port", "0", *engine_flags,
                        "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
                        "--max-num-waiting", "100000"]
     if args.no_prefix_caching:
@@ -32,7 +44,7 @@ def start_services(model_dir: str, args, device: str) -> tuple[list[launcher.Ser
     scheduler = launcher.spawn("scheduler", "scheduler_service", scheduler_flags, run_dir)
     scheduler.wait_for_port(120)
     launcher.wait_until_serving(scheduler.addr, 600)
-    return [worker, scheduler], scheduler.addr
+    return [*workers, scheduler], scheduler.addr
 
 
 def request(prompt: list[int], max_tokens: int, sampling: dict) -> pb.GenerateRequest:

@@ -55,6 +55,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
         "seconds": seconds,
         "output_tokens": sum(len(o["token_ids"]) for o in outputs),
         "cached_fraction": manager.num_cache_hit_tokens / max(1, manager.num_cache_query_tokens),
+        "prompt_tokens": sum(len(p) for p in prompts),
         "attention_backend": llm.engine.info.attention_backend,
         "num_kv_blocks": llm.engine.info.num_kv_blocks,
         "preemptions": llm.engine.scheduler.num_preemptions,
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-async", action="store_true", help="synchronous scheduling")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (grpc engine)")
     parser.add_argument("--torch-profile", action="store_true", help="print a kernel profile")
     parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out", help="write results as JSON here")

@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one go: `bash tests/gpu/run_all.sh OUT_DIR`.
 # Full logs and JSON land in OUT_DIR; a short table is printed last.
+# On the lent GPU machine, carry .whl (grpcio extras) and the generated stubs (nanoserve/v1,
+# nanoserve/worker): its image lacks grpcio-tools and grpcio-health-checking (docs/gpu.md).
 set -uo pipefail
 OUT_DIR=${1:-out/gpu}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/../.."
-# The GPU image lacks a few pure-Python packages: install carried wheels (see docs/gpu.md).
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  $PY -c "import torch, triton, grpc; print('torch', torch.__version__, 'triton', triton.__version__, 'grpcio', grpc.__version__)"
   git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$OUT_DIR/env.txt"
 
-$PY -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
-tests_rc=${PIPESTATUS[0]}
+step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-$PY -m bench.throughput --arch qwen3-0.6b --engines ${ENGINES:-inprocess,transformers} \
-    --out "$OUT_DIR/throughput.json" 2>&1 | tee "$OUT_DIR/throughput.log"
-[ -f bench/kernel_bench.py ] && $PY bench/kernel_bench.py 2>&1 | tee "$OUT_DIR/kernel_bench.log"
+step pytest_gpu $PY -m pytest -m gpu -q -p no:cacheprovider tests
+step nano_bench $PY -m bench.throughput --arch qwen3-0.6b --engines ${ENGINES:-inprocess,grpc,transformers} \
+    --hf-limit 32 --hf-batch-size 32 --out "$OUT_DIR/nano_bench.json"
+if [ -z "${QUICK:-}" ]; then
+  step prefix_on $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 --out "$OUT_DIR/prefix_on.json"
+  step prefix_off $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 --no-prefix-caching \
+      --out "$OUT_DIR/prefix_off.json"
+  step online $PY -m bench.online --arch qwen3-0.6b --rates 4,16,64 --num-requests 200 --out "$OUT_DIR/online.json"
+  step kernels $PY bench/kernel_bench.py
+fi
 
 echo
 echo "== summary =="
 grep -E "passed|failed|error" "$OUT_DIR/pytest_gpu.log" | tail -1
-tail -n 6 "$OUT_DIR/throughput.log"
-[ -f "$OUT_DIR/kernel_bench.log" ] && tail -n 8 "$OUT_DIR/kernel_bench.log"
-exit $tests_rc
+for f in nano_bench prefix_on prefix_off; do
+  [ -f "$OUT_DIR/$f.log" ] && grep -A4 "^engine" "$OUT_DIR/$f.log" | sed "s/^/$f: /"
+done
+[ -f "$OUT_DIR/online.log" ] && tail -n 5 "$OUT_DIR/online.log"
+exit 0
