@@ -25,13 +25,13 @@ from transformers import Qwen3ForCausalLM as HFQwen3ForCausalLM
 
 import models.loader
 from models.config import ModelConfig
-from models.layers.attention import AttentionBackend
 from models.loader import load_weights
 from models.parallel import ParallelContext
 from models.qwen3 import Qwen3ForCausalLM
 from nanoserve import launcher
 from tests.conftest import copy_tokenizer
 from tests.service_fixtures import BLOCK_SIZE, generate, generation_pb2_grpc, greedy, pb
+from worker_service.attention_backends import TorchRefBackend
 
 NUM_NEW_TOKENS = 16
 NUM_KV_BLOCKS = 64
@@ -191,8 +191,7 @@ def rank_reads(model_dir: Path, rank: int, world_size: int, monkeypatch) -> dict
         models.loader, "safe_open", lambda *a, **k: CountingFile(real_safe_open(*a, **k), reads)
     )
     config = ModelConfig.from_dir(model_dir)
-    backend = AttentionBackend("torch", None, None, None)
-    model = Qwen3ForCausalLM(config, backend, ParallelContext(rank, world_size))
+    model = Qwen3ForCausalLM(config, TorchRefBackend(), ParallelContext(rank, world_size))
     load_weights(model, model_dir)
     return reads
 
