@@ -222,5 +222,6 @@ def qk_norm_rope(
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=block_half,
         num_warps=max(1, min(8, block_q_heads * block_half // 256)),
+        enable_fp_fusion=False,  # an FMA would skip a rounding the reference does
     )
     return q, k

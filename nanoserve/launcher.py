@@ -89,6 +89,7 @@ def spawn(
 
     ``env`` is added to this process's environment for the child.
     """
+    run_dir.mkdir(parents=True, exist_ok=True)
     port_file = run_dir / f"{name}.port"
     port_file.unlink(missing_ok=True)
     log_path = run_dir / f"{name}.log" if log_to_file else None

@@ -1,0 +1,160 @@
+"""Tensor-parallel sweep through gRPC: for each TP size, greedy agreement with TP=1, throughput on a
+workload, and the share of rank 0's step time spent in all-reduce (torch.profiler, a few steps).
+
+    python -m bench.tp_sweep --arch qwen3-8b --tp 4,2,1 --out results/      # GPUs (NCCL)
+    python -m bench.tp_sweep --model .tiny_model --tp 1,2 --limit 8        # CPU rehearsal (gloo)
+
+Each TP size starts its own N worker ranks and scheduler (bench.grpc_client.start_services), sends
+a few greedy prompts (temperature 0, ignore_eos), then the workload; the profiled step window is
+part of the timed run, so it costs that run a little. Agreement is the common prefix of each
+greedy output with TP=1's (bf16 all-reduces sum in a different order, so long outputs may drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.checkpoint import ARCHITECTURES, _shapes
+from bench.grpc_client import request, send_all, start_services
+from bench.throughput import load_workload
+from nanoserve import launcher
+
+
+def write_checkpoint_fast(out: Path, arch: str, seed: int = 0) -> Path:
+    """bench.checkpoint's random checkpoint, with the random numbers drawn on the GPU if any."""
+    from safetensors.torch import save_file
+
+    cfg = ARCHITECTURES[arch]
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "model.safetensors").exists():
+        return out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tensors = {}
+    for name, shape in _shapes(cfg).items():
+        if len(shape) == 1:
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02
+            tensors[name] = x.to(torch.bfloat16).cpu()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+async def greedy_outputs(addr: str, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
+    import grpc
+
+    from nanoserve.v1 import generation_pb2_grpc as pb_grpc
+
+    params = {"temperature": 0.0, "ignore_eos": True, "detokenize": False}
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        async def one(prompt: list[int]) -> list[int]:
+            ids: list[int] = []
+            async for reply in stub.Generate(request(prompt, num_tokens, params)):
+                if reply.HasField("complete"):
+                    ids = list(reply.complete.output_ids)
+            return ids
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def run_one(model_dir: str, tp: int, args, prompts, max_tokens, sampling, greedy_prompts) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.tp = tp
+    profile_path = Path(args.out) / f"profile_tp{tp}.json"
+    profile_path.unlink(missing_ok=True)
+    extra = ["--profile-steps", args.profile_steps, "--profile-out", str(profile_path)]
+    started = time.perf_counter()
+    services, addr = start_services(model_dir, args, device, extra)
+    try:
+        startup_s = time.perf_counter() - started
+        greedy = asyncio.run(greedy_outputs(addr, greedy_prompts, args.greedy_tokens))
+        bench_sampling = dict(sampling, detokenize=False)
+        requests = [request(p, m, bench_sampling) for p, m in zip(prompts, max_tokens)]
+        seconds, num_tokens = asyncio.run(send_all(addr, requests))
+    finally:
+        launcher.stop_all(services)
+        log_dir = services[0].log_path.parent if services and services[0].log_path else None
+    profile = json.loads(profile_path.read_text()) if profile_path.exists() else None
+    return {
+        "tp": tp,
+        "startup_s": startup_s,
+        "greedy": greedy,
+        "requests": len(prompts),
+        "seconds": seconds,
+        "output_tokens": num_tokens,
+        "tokens_per_s": num_tokens / seconds,
+        "profile": profile,
+        "log_dir": str(log_dir),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint dir (default: write a random --arch checkpoint)")
+    p.add_argument("--arch", default="qwen3-8b", choices=sorted(ARCHITECTURES))
+    p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
+    p.add_argument("--tp", default="1,2", help="TP sizes in run order")
+    p.add_argument("--workload", default="nano_bench_256")
+    p.add_argument("--limit", type=int, help="first N requests only")
+    p.add_argument("--greedy-prompts", type=int, default=4)
+    p.add_argument("--greedy-tokens", type=int, default=64)
+    p.add_argument("--profile-steps", default="150,10", help="START,COUNT of rank 0's steps")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--out", default="tp_sweep")
+    args = p.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    model_dir = args.model or str(write_checkpoint_fast(Path(args.checkpoint_dir) / args.arch, args.arch))
+    print(f"checkpoint ready in {time.perf_counter() - started:.0f} s: {model_dir}", flush=True)
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
+    prompts = [[t % vocab for t in prompt] for prompt in prompts]
+    greedy_prompts = [prompt[: 32 + 48 * i] for i, prompt in enumerate(prompts[: args.greedy_prompts])]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"device": device, "model": model_dir, "workload": args.workload, "runs": []}
+    for tp in (int(n) for n in args.tp.split(",")):
+        run = run_one(model_dir, tp, args, prompts, max_tokens, sampling, greedy_prompts)
+        results["runs"].append(run)
+        summary = {k: v for k, v in run.items() if k not in ("greedy", "profile")}
+        print(json.dumps(summary), flush=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results, args)
+
+
+def print_table(results: dict, args) -> None:
+    runs = {run["tp"]: run for run in results["runs"]}
+    reference = runs.get(1, results["runs"][0])["greedy"]
+    print(f"\n{results['workload']} ({results['runs'][0]['requests']} requests) through gRPC on "
+          f"{results['device']}; greedy: {len(reference)} prompts x {args.greedy_tokens} tokens")
+    print(f"{'TP':>3}{'tokens':>9}{'seconds':>9}{'tok/s':>9}{'startup s':>11}"
+          f"{'all-reduce %':>14}{'collective %':>14}  greedy prefix agreeing with TP=1 (per prompt)")
+    for tp, run in runs.items():
+        agree = [common_prefix(a, b) for a, b in zip(run["greedy"], reference)]
+        prof = run["profile"] or {}
+        ar = f"{100 * prof['all_reduce_share']:.1f}" if prof else "n/a"
+        coll = f"{100 * prof['collective_share']:.1f}" if prof else "n/a"
+        print(f"{tp:>3}{run['output_tokens']:>9}{run['seconds']:>9.2f}{run['tokens_per_s']:>9.0f}"
+              f"{run['startup_s']:>11.0f}{ar:>14}{coll:>14}  {agree}")
+
+
+if __name__ == "__main__":
+    main()
