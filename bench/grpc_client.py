@@ -15,7 +15,7 @@ from nanoserve.v1 import generation_pb2_grpc as pb_grpc
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
-def start_services(model_dir: str, args, device: str, worker_extra: list[str] = ()) -> tuple[list[launcher.ServiceProcess], str]:
+def start_services(model_dir: str, args, device: str, worker_extra: tuple[str, ...] | list[str] = ()) -> tuple[list[launcher.ServiceProcess], str]:
     """``args.tp`` worker ranks and a scheduler on ports the OS picks; returns them and the public
     address. ``worker_extra`` goes to rank 0 only (e.g. its --profile-steps)."""
     run_dir = launcher.make_run_dir()

@@ -89,6 +89,8 @@ def main() -> None:
     prompts, max_tokens, sampling = load_workload(args.workload, args.num_requests)
     sampling = dict(sampling, detokenize=False)
     requests = [request([t % vocab for t in p], min(m, args.max_output), sampling) for p, m in zip(prompts, max_tokens)]
+    for req in requests:
+        req.stream = True
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

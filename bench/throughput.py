@@ -155,7 +155,9 @@ def main() -> None:
         "bound_tokens_per_s": sum(max_tokens) / bound,
         "engines": {},
     }
-    for engine in args.engines.split(","):
+    # Separate processes first: an in-process engine holds its GPU memory until this one exits.
+    engines = sorted(args.engines.split(","), key=lambda e: e != "grpc")
+    for engine in engines:
         if engine == "inprocess":
             res = run_inprocess(model_dir, prompts, max_tokens, sampling, args)
         elif engine == "grpc":

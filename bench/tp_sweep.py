@@ -48,6 +48,22 @@ def write_checkpoint_fast(out: Path, arch: str, seed: int = 0) -> Path:
     return out
 
 
+def ensure_tokenizer(model_dir: Path) -> None:
+    """The scheduler needs tokenizer files; a random checkpoint gets the tiny model's (token ids
+    are sent directly, so only its special tokens matter; its vocabulary fits any real model's)."""
+    if (model_dir / "tokenizer.json").exists():
+        return
+    import shutil
+    import tempfile
+
+    from models.tiny import write_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = write_tiny_model(Path(tmp) / "tiny")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny / name, model_dir / name)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -103,7 +119,9 @@ def run_one(model_dir: str, tp: int, args, prompts, max_tokens, sampling, greedy
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="checkpoint dir (default: write a random --arch checkpoint)")
     p.add_argument("--arch", default="qwen3-8b", choices=sorted(ARCHITECTURES))
     p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
@@ -123,12 +141,17 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    model_dir = args.model or str(write_checkpoint_fast(Path(args.checkpoint_dir) / args.arch, args.arch))
+    model_dir = args.model or str(
+        write_checkpoint_fast(Path(args.checkpoint_dir) / args.arch, args.arch)
+    )
+    ensure_tokenizer(Path(model_dir))
     print(f"checkpoint ready in {time.perf_counter() - started:.0f} s: {model_dir}", flush=True)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     prompts = [[t % vocab for t in prompt] for prompt in prompts]
-    greedy_prompts = [prompt[: 32 + 48 * i] for i, prompt in enumerate(prompts[: args.greedy_prompts])]
+    greedy_prompts = [
+        prompt[: 32 + 48 * i] for i, prompt in enumerate(prompts[: args.greedy_prompts])
+    ]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"device": device, "model": model_dir, "workload": args.workload, "runs": []}
     for tp in (int(n) for n in args.tp.split(",")):
@@ -143,17 +166,23 @@ def main() -> None:
 def print_table(results: dict, args) -> None:
     runs = {run["tp"]: run for run in results["runs"]}
     reference = runs.get(1, results["runs"][0])["greedy"]
-    print(f"\n{results['workload']} ({results['runs'][0]['requests']} requests) through gRPC on "
-          f"{results['device']}; greedy: {len(reference)} prompts x {args.greedy_tokens} tokens")
-    print(f"{'TP':>3}{'tokens':>9}{'seconds':>9}{'tok/s':>9}{'startup s':>11}"
-          f"{'all-reduce %':>14}{'collective %':>14}  greedy prefix agreeing with TP=1 (per prompt)")
+    print(
+        f"\n{results['workload']} ({results['runs'][0]['requests']} requests) through gRPC on "
+        f"{results['device']}; greedy: {len(reference)} prompts x {args.greedy_tokens} tokens"
+    )
+    print(
+        f"{'TP':>3}{'tokens':>9}{'seconds':>9}{'tok/s':>9}{'startup s':>11}"
+        f"{'all-reduce %':>14}{'collective %':>14}  greedy prefix agreeing with TP=1 (per prompt)"
+    )
     for tp, run in runs.items():
         agree = [common_prefix(a, b) for a, b in zip(run["greedy"], reference)]
         prof = run["profile"] or {}
         ar = f"{100 * prof['all_reduce_share']:.1f}" if prof else "n/a"
         coll = f"{100 * prof['collective_share']:.1f}" if prof else "n/a"
-        print(f"{tp:>3}{run['output_tokens']:>9}{run['seconds']:>9.2f}{run['tokens_per_s']:>9.0f}"
-              f"{run['startup_s']:>11.0f}{ar:>14}{coll:>14}  {agree}")
+        print(
+            f"{tp:>3}{run['output_tokens']:>9}{run['seconds']:>9.2f}{run['tokens_per_s']:>9.0f}"
+            f"{run['startup_s']:>11.0f}{ar:>14}{coll:>14}  {agree}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,13 @@ from typing import Protocol
 
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
+from scheduler_service.request_streams import (
+    OutputQueue,
+    Overloaded,
+    RequestStreams,
+    SlowClient,
+    Unavailable,
+)
 from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.server_stats import (
     ServerStats,
@@ -46,18 +53,6 @@ from scheduler_service.worker_client import WorkerUnavailable
 log = logging.getLogger(__name__)
 RATE_WINDOW_S = 5.0  # generated tokens/s is measured over this many seconds
 __all__ = ["EngineLoop", "Overloaded", "ServerStats", "SlowClient", "Unavailable"]
-
-
-class Unavailable(Exception):
-    """No worker answers (or the server is draining): UNAVAILABLE."""
-
-
-class Overloaded(Exception):
-    """The waiting queue or the stream limit is full: RESOURCE_EXHAUSTED."""
-
-
-class SlowClient(Overloaded):
-    """The client left more than ``max_stream_buffer`` outputs unread: its request was aborted."""
 
 
 class RemoteWorker(WorkerClient, Protocol):
@@ -78,12 +73,6 @@ class _Abort:
     request_id: str
 
 
-@dataclass(frozen=True)
-class _Stream:
-    queue: asyncio.Queue[RequestOutput | Exception]
-    session: int  # the worker session it was submitted to
-
-
 class EngineLoop:
     def __init__(
         self,
@@ -100,7 +89,7 @@ class EngineLoop:
         self.stats = ServerStats()  # replaced (never mutated) by the engine thread
         self._loop = loop
         self._engine: EngineCore | None = None  # written by the engine thread only
-        self._streams: dict[str, _Stream] = {}  # event loop only
+        self._streams = RequestStreams(config.max_stream_buffer)  # event loop only
         self._cond = threading.Condition()  # guards the fields below
         self._session = 0  # counts worker sessions
         self._commands: list[_Add | _Abort] = []
@@ -129,7 +118,7 @@ class EngineLoop:
 
     def submit(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> asyncio.Queue[RequestOutput | Exception]:
+    ) -> OutputQueue:
         """Validate and queue a request; its outputs (or an error) arrive on the returned queue."""
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is invalid: a live request has it")
@@ -156,24 +145,23 @@ class EngineLoop:
             self._commands.append(_Add(request_id, prompt_token_ids, params))
             self._num_pending_adds += 1
             self._cond.notify()
-        queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        self._streams[request_id] = _Stream(queue, session)
-        return queue
+        return self._streams.open(request_id, session)
 
     def abort(self, request_ids: list[str]) -> list[str]:
         """Abort live requests; return those that were live (their streams end with ABORT)."""
         found = [r for r in request_ids if r in self._streams]
-        with self._cond:
-            self._commands.extend(_Abort(r) for r in found)
-            self._cond.notify()
+        self._send_aborts(found)
         return found
+
+    def _send_aborts(self, request_ids: list[str]) -> None:
+        with self._cond:
+            self._commands.extend(_Abort(r) for r in request_ids)
+            self._cond.notify()
 
     def close(self, request_id: str, finished: bool) -> None:
         """The caller is done with a request's stream; abort the request unless it finished."""
-        if self._streams.pop(request_id, None) is not None and not finished:
-            with self._cond:
-                self._commands.append(_Abort(request_id))
-                self._cond.notify()
+        if self._streams.close(request_id) and not finished:
+            self._send_aborts([request_id])
 
     @property
     def num_streams(self) -> int:
@@ -211,43 +199,9 @@ class EngineLoop:
             raise Unavailable("no worker answers: the server is not ready")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            if stream.queue.qsize() >= self.config.max_stream_buffer and not out.finished:
-                self._drop_slow_client(out.request_id, stream)
-            else:
-                stream.queue.put_nowait(out)
-
-    def _drop_slow_client(self, request_id: str, stream: _Stream) -> None:
-        """Abort a request whose client stopped reading; its stream ends with SlowClient."""
-        log.warning(
-            "request %r aborted: its client left %d outputs unread",
-            request_id,
-            stream.queue.qsize(),
-        )
-        del self._streams[request_id]
-        stream.queue.put_nowait(
-            SlowClient(
-                f"the client left {stream.queue.qsize()} outputs unread "
-                f"(--max-stream-buffer {self.config.max_stream_buffer}): request aborted"
-            )
-        )
-        with self._cond:
-            self._commands.append(_Abort(request_id))
-            self._cond.notify()
-
-    def _fail(self, request_id: str, error: Exception) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.queue.put_nowait(error)
-
-    def _fail_all(self, error: Exception, session: int) -> None:
-        """Fail every stream submitted to ``session`` or before (later ones live on)."""
-        for stream in self._streams.values():
-            if stream.session <= session:
-                stream.queue.put_nowait(error)
+        dropped = self._streams.deliver(outputs)
+        if dropped:  # their clients stopped reading: free their blocks
+            self._send_aborts(dropped)
 
     # ---- engine thread ---------------------------------------------------------------------
 
@@ -312,7 +266,7 @@ class EngineLoop:
                 try:
                     engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
                 except ValueError as e:
-                    self._loop.call_soon_threadsafe(self._fail, cmd.request_id, e)
+                    self._loop.call_soon_threadsafe(self._streams.fail, cmd.request_id, e)
             elif engine.abort(cmd.request_id):
                 aborted.append(
                     RequestOutput(cmd.request_id, [], "", True, FinishReason.ABORT, 0, 0, 0)
@@ -358,7 +312,7 @@ class EngineLoop:
         self.stats = ServerStats(ready=False, **counter_fields(self._base))
         self._loop.call_soon_threadsafe(self.on_ready_change, False)
         error = Unavailable(f"worker lost: {reason}")
-        self._loop.call_soon_threadsafe(self._fail_all, error, self._session)
+        self._loop.call_soon_threadsafe(self._streams.fail_all, error, self._session)
 
     def _publish_stats(self, engine: EngineCore) -> None:
         self.stats = snapshot(engine, self._base, ready=not self._draining)

@@ -19,20 +19,19 @@ fi
 
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-step pytest_gpu $PY -m pytest -m gpu -q -p no:cacheprovider tests
+step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider tests
 step nano_bench $PY -m bench.throughput --arch qwen3-0.6b --engines ${ENGINES:-inprocess,grpc,transformers} \
     --hf-limit 32 --hf-batch-size 32 --out "$OUT_DIR/nano_bench.json"
 if [ -z "${QUICK:-}" ]; then
-  step prefix_on $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 --out "$OUT_DIR/prefix_on.json"
-  step prefix_off $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 --no-prefix-caching \
-      --out "$OUT_DIR/prefix_off.json"
-  step online $PY -m bench.online --arch qwen3-0.6b --rates 4,16,64 --num-requests 200 --out "$OUT_DIR/online.json"
+  step prefix_on $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256
+  step prefix_off $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 --no-prefix-caching
+  step online $PY -m bench.online --arch qwen3-0.6b --rates 4,16,64 --num-requests 200
   step kernels $PY bench/kernel_bench.py
 fi
 
 echo
 echo "== summary =="
-grep -E "passed|failed|error" "$OUT_DIR/pytest_gpu.log" | tail -1
+grep -E "^FAILED|^ERROR|passed|failed" "$OUT_DIR/pytest_gpu.log" | tail -6
 for f in nano_bench prefix_on prefix_off; do
   [ -f "$OUT_DIR/$f.log" ] && grep -A4 "^engine" "$OUT_DIR/$f.log" | sed "s/^/$f: /"
 done

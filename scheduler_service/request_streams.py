@@ -1,0 +1,94 @@
+"""RequestStreams: the per-request output queues of live Generate calls (event loop only).
+
+Each live request has one asyncio queue that the engine thread's outputs are delivered to (via
+``call_soon_threadsafe``) and that its Generate call reads. A queue holds at most ``max_buffer``
+undelivered step outputs: a client that stops reading stalls its own call's writes, never the
+step loop, and past the bound its stream is dropped with ``SlowClient`` so the caller can abort
+the request and free its blocks. Not here: commands to the engine (engine_loop.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from scheduler_service.engine import RequestOutput
+
+log = logging.getLogger(__name__)
+OutputQueue = asyncio.Queue[RequestOutput | Exception]
+
+
+class Unavailable(Exception):
+    """No worker answers (or the server is draining): UNAVAILABLE."""
+
+
+class Overloaded(Exception):
+    """The waiting queue or the stream limit is full: RESOURCE_EXHAUSTED."""
+
+
+class SlowClient(Overloaded):
+    """The client left more than ``max_stream_buffer`` outputs unread: its request was aborted."""
+
+
+@dataclass(frozen=True)
+class _Stream:
+    queue: OutputQueue
+    session: int  # the worker session it was submitted to
+
+
+class RequestStreams:
+    def __init__(self, max_buffer: int) -> None:
+        self.max_buffer = max_buffer
+        self._streams: dict[str, _Stream] = {}
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def open(self, request_id: str, session: int) -> OutputQueue:
+        queue: OutputQueue = asyncio.Queue()
+        self._streams[request_id] = _Stream(queue, session)
+        return queue
+
+    def close(self, request_id: str) -> bool:
+        """Forget a stream; whether it was still open."""
+        return self._streams.pop(request_id, None) is not None
+
+    def deliver(self, outputs: list[RequestOutput]) -> list[str]:
+        """Queue each output on its stream; return the ids of streams dropped as too slow."""
+        dropped = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if stream.queue.qsize() >= self.max_buffer and not out.finished:
+                self._drop(out.request_id, stream)
+                dropped.append(out.request_id)
+            else:
+                stream.queue.put_nowait(out)
+        return dropped
+
+    def fail(self, request_id: str, error: Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.queue.put_nowait(error)
+
+    def fail_all(self, error: Exception, session: int) -> None:
+        """Fail every stream submitted to ``session`` or before (later ones live on)."""
+        for stream in self._streams.values():
+            if stream.session <= session:
+                stream.queue.put_nowait(error)
+
+    def _drop(self, request_id: str, stream: _Stream) -> None:
+        num_unread = stream.queue.qsize()
+        log.warning("request %r dropped: its client left %d outputs unread", request_id, num_unread)
+        del self._streams[request_id]
+        stream.queue.put_nowait(
+            SlowClient(
+                f"the client left {num_unread} outputs unread "
+                f"(--max-stream-buffer {self.max_buffer}): request aborted"
+            )
+        )
