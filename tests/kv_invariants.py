@@ -1,7 +1,7 @@
 """A pytest plugin: after each test, every in-process engine's KV cache is clean.
 
 For the in-process tests (``LLM``, ``EngineCore``): every EngineCore built during a test is
-tracked (weakly); after the test, each one with no unfinished request must hold every block free
+tracked; after the test, each one with no unfinished request must hold every block free
 with a reference count of zero and pass ``BlockManager.check_invariants``. The services tests
 check the same over gRPC (tests/service_fixtures.py: ``assert_kv_cache_clean``).
 Enable it from tests/conftest.py with ``pytest_plugins = ["tests.kv_invariants"]``.
@@ -16,7 +16,8 @@ import pytest
 
 from scheduler_service.engine import EngineCore
 
-_ENGINES: weakref.WeakSet[EngineCore] = weakref.WeakSet()
+_ENGINES: weakref.WeakSet[EngineCore] = weakref.WeakSet()  # every engine still alive
+_NEW_ENGINES: list[EngineCore] = []  # built during the current test: kept until it is checked
 
 
 def assert_engine_kv_cache_clean(engine: EngineCore) -> None:
@@ -37,6 +38,7 @@ def track_engines() -> Iterator[None]:
     def tracking_init(self: EngineCore, *args: object, **kwargs: object) -> None:
         original_init(self, *args, **kwargs)  # type: ignore[arg-type]
         _ENGINES.add(self)
+        _NEW_ENGINES.append(self)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EngineCore, "__init__", tracking_init)
@@ -46,6 +48,8 @@ def track_engines() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def kv_cache_clean_after_each_test(track_engines: None) -> Iterator[None]:
     yield
-    for engine in list(_ENGINES):
+    engines = {id(e): e for e in [*_ENGINES, *_NEW_ENGINES]}.values()
+    _NEW_ENGINES.clear()
+    for engine in engines:
         if not engine.has_unfinished:  # a test that stops mid-run owns its state
             assert_engine_kv_cache_clean(engine)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kernels.paged_attention import paged_attention_ref
 from kernels.store_kvcache import store_kvcache_ref
 from models.layers.attention import AttentionBackend, AttentionMetadata
+from worker_service.cuda_graphs import batch_buckets
 
 
 def dense_causal_varlen_ref(
@@ -76,14 +77,26 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self) -> None:
-        from kernels.paged_decode_attention import paged_decode_attention
+    def __init__(self, max_context_len: int | None = None, max_num_seqs: int | None = None) -> None:
+        """With both limits given, decode splits long contexts by the engine's limits (the
+        padded batch size and max_model_len), never by this step's shapes: eager and CUDA-graph
+        decode then split alike and give bit-identical results."""
+        from kernels.paged_decode_attention import default_num_splits, paged_decode_attention
         from kernels.paged_prefill_attention import paged_prefill_attention
         from kernels.store_kvcache import store_kvcache
 
         self._store_kvcache = store_kvcache
         self._decode = paged_decode_attention
         self._prefill = paged_prefill_attention
+        self._default_num_splits = default_num_splits
+        self._max_context_len = max_context_len
+        self._buckets = batch_buckets(max_num_seqs) if max_num_seqs else None
+
+    def _decode_splits(self, num_seqs: int, num_kv_heads: int, device: torch.device) -> int | None:
+        if self._max_context_len is None or self._buckets is None:
+            return None  # the kernel decides from the shapes it is given
+        padded = next((b for b in self._buckets if b >= num_seqs), num_seqs)
+        return self._default_num_splits(padded, num_kv_heads, self._max_context_len, device)
 
     def forward(
         self,
@@ -99,7 +112,10 @@ class TritonBackend:
             return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
         self._store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
-            return self._decode(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale)
+            splits = self._decode_splits(q.shape[0], k_cache.shape[2], q.device)
+            return self._decode(
+                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale, num_splits=splits
+            )
         return self._prefill(
             q,
             k_cache,
@@ -115,7 +131,12 @@ class TritonBackend:
 BACKEND_NAMES = ("auto", "torch", "triton")
 
 
-def select_backend(device: torch.device, forced: str | None = None) -> AttentionBackend:
+def select_backend(
+    device: torch.device,
+    forced: str | None = None,
+    max_context_len: int | None = None,
+    max_num_seqs: int | None = None,
+) -> AttentionBackend:
     """Pick the attention backend for ``device``; ``forced`` names one of ``BACKEND_NAMES``.
 
     Automatic choice: Triton on CUDA, torch elsewhere. (flash-attn would come first on CUDA when
@@ -140,4 +161,4 @@ def select_backend(device: torch.device, forced: str | None = None) -> Attention
         raise ValueError(
             f"attention backend 'triton' on {device.type} needs TRITON_INTERPRET=1 (the Triton interpreter)"
         )
-    return TritonBackend()
+    return TritonBackend(max_context_len, max_num_seqs)

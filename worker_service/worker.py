@@ -87,13 +87,15 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.dtype)
-        self.backend = select_backend(self.device, config.attention_backend)
-        parallel = ParallelContext(rank=config.rank, world_size=config.world_size)
-        self.model = load_model(config.model_dir, self.backend, self.dtype, self.device, parallel)
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
+        self.backend = select_backend(
+            self.device, config.attention_backend, self.max_model_len, config.max_num_seqs
+        )
+        parallel = ParallelContext(rank=config.rank, world_size=config.world_size)
+        self.model = load_model(config.model_dir, self.backend, self.dtype, self.device, parallel)
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_cache = allocate_kv_cache(
             self.model,
