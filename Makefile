@@ -7,7 +7,7 @@ MODEL ?= $(TINY_MODEL)
 TP ?= 1
 PORT ?= 50051
 
-.PHONY: setup protos tiny-model run serve test test-gpu bench bench-cpu lint clean
+.PHONY: setup protos tiny-model run serve test test-compose test-gpu bench bench-cpu soak lint clean
 
 setup: $(BIN)/python protos tiny-model
 
@@ -33,6 +33,12 @@ serve: protos
 
 test: protos
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-compose: $(BIN)/python
+	NANOSERVE_TEST_COMPOSE=1 $(BIN)/python -m pytest -q -s tests/compose
+
+soak: protos
+	$(BIN)/python -m bench.soak --num-requests 6000 --concurrency 256 --out soak.json
 
 test-gpu:
 	bash tests/gpu/run_all.sh $${OUT:-out/gpu}

@@ -26,6 +26,7 @@ from nanoserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_service.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.metrics import Metrics
 from scheduler_service.servicer import GenerationServicer
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.worker_client import GrpcWorkerClient
@@ -59,10 +60,15 @@ async def serve(config: SchedulerServiceConfig) -> None:
         status = SERVING if ready else NOT_SERVING
         loop.create_task(health_servicer.set(SERVICE_NAME, status))
 
-    engine_loop = EngineLoop(config, worker, tokenizer, loop, on_ready_change)
+    metrics = Metrics()
+    engine_loop = EngineLoop(config, worker, tokenizer, loop, on_ready_change, metrics)
+    metrics.track_stats(lambda: engine_loop.stats)
+    if config.metrics_port is not None:
+        metrics_port = metrics.start_http_server(config.metrics_port, config.host)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     server = _make_server(config)
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(engine_loop, tokenizer, config), server
+        GenerationServicer(engine_loop, tokenizer, config, metrics), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

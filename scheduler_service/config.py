@@ -12,6 +12,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from nanoserve.envargs import apply_env_defaults
 from scheduler_service.engine import EngineConfig
 
 AUTH_TOKEN_ENV = "NANOSERVE_AUTH_TOKEN"  # clients send ``authorization: Bearer <token>``
@@ -48,6 +49,7 @@ class SchedulerServiceConfig:
     auth_token: str | None = field(default=None, repr=False)
     auth_health: bool = False  # True: health and reflection need the token too
     worker_secret: str | None = field(default=None, repr=False)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: OS picks); None: off
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -80,7 +82,7 @@ class SchedulerServiceConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerServiceConfig:
-        args = _parser().parse_args(argv)
+        args = apply_env_defaults(_parser()).parse_args(argv)
         return cls(
             model_dir=args.model,
             worker_addrs=tuple(a.strip() for a in args.workers.split(",") if a.strip()),
@@ -104,6 +106,7 @@ class SchedulerServiceConfig:
             auth_token=os.environ.get(AUTH_TOKEN_ENV) or None,
             auth_health=args.auth_health,
             worker_secret=os.environ.get(WORKER_SECRET_ENV) or None,
+            metrics_port=args.metrics_port,
             log_level=args.log_level,
         )
 
@@ -155,5 +158,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"require the bearer token (${AUTH_TOKEN_ENV}) for health and reflection too",
     )
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (default: off)")
     p.add_argument("--log-level", default="INFO")
     return p

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from scheduler_service.config import SchedulerServiceConfig
+from scheduler_service.metrics import Metrics
 from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
 from scheduler_service.request_streams import (
     OutputQueue,
@@ -81,7 +82,9 @@ class EngineLoop:
         tokenizer: Tokenizer,
         loop: asyncio.AbstractEventLoop,
         on_ready_change: Callable[[bool], None] = lambda ready: None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.config = config
         self.worker = worker
         self.tokenizer = tokenizer
@@ -281,7 +284,9 @@ class EngineLoop:
 
     def _step(self, engine: EngineCore) -> None:
         num_before = engine.num_generated_tokens
+        t0 = time.perf_counter()
         outputs = engine.step()
+        self.metrics.observe_step(time.perf_counter() - t0)
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
         now = time.monotonic()

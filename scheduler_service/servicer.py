@@ -22,6 +22,7 @@ from nanoserve.v1 import generation_pb2_grpc
 from scheduler_service import limits, wire_public
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
+from scheduler_service.metrics import Metrics
 from scheduler_service.engine_loop import EngineLoop, Overloaded, Unavailable
 from scheduler_service.tokenizer import Tokenizer
 
@@ -105,8 +106,10 @@ class _Outputs:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(
-        self, engine_loop: EngineLoop, tokenizer: Tokenizer, config: SchedulerServiceConfig
+        self, engine_loop: EngineLoop, tokenizer: Tokenizer, config: SchedulerServiceConfig,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.engine_loop = engine_loop
         self.tokenizer = tokenizer
         self.config = config
@@ -124,6 +127,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
         limits.check_prompt(len(prompt_ids), self.config)
         request_id = request.request_id or uuid.uuid4().hex
+        timer = self.metrics.track_request()
         outputs = _Outputs(self.engine_loop.submit(request_id, prompt_ids, params))
         output_ids: list[int] = []
         text_parts: list[str] = []
@@ -137,8 +141,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     text_parts.append(out.new_text)
                     logprobs += out.new_logprobs or []
                     finished = out.finished
+                timer.on_tokens(sum(len(out.new_token_ids) for out in batch))
                 if request.stream and any(out.new_token_ids or out.new_text for out in batch):
                     yield wire_public.chunk_to_pb(request_id, batch)
+            timer.on_finish(batch[-1].finish_reason)
             usage = pb.Usage(
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=len(output_ids),
@@ -148,6 +154,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 request_id, output_ids, "".join(text_parts), logprobs, batch[-1], usage
             )
         finally:
+            timer.on_finish(None)  # no-op after a finish: counts cancels and errors
             self.engine_loop.close(request_id, finished)
 
     @unary_errors

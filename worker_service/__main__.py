@@ -19,6 +19,7 @@ import signal
 import threading
 from pathlib import Path
 
+from nanoserve.envargs import apply_env_defaults
 from worker_service.config import WorkerConfig
 
 log = logging.getLogger("worker_service")
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--profile-steps", help="START,COUNT: profile these steps (benchmarks only)")
     p.add_argument("--profile-out", help="where --profile-steps writes its JSON summary")
-    return p.parse_args(argv)
+    return apply_env_defaults(p).parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

@@ -1,0 +1,39 @@
+"""Every flag of both services also reads from a NANOSERVE_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from nanoserve.envargs import apply_env_defaults
+from scheduler_service.config import SchedulerServiceConfig
+from worker_service.__main__ import config_from_args, parse_args
+
+
+def test_worker_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOSERVE_MODEL", "/models/x")
+    monkeypatch.setenv("NANOSERVE_MAX_NUM_SEQS", "12")
+    monkeypatch.setenv("NANOSERVE_ENFORCE_EAGER", "yes")
+    config = config_from_args(parse_args([]))
+    assert (config.model_dir, config.max_num_seqs, config.enforce_eager) == ("/models/x", 12, True)
+
+
+def test_a_command_line_flag_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOSERVE_MAX_NUM_SEQS", "12")
+    assert parse_args(["--model", "m", "--max-num-seqs", "3"]).max_num_seqs == 3
+
+
+def test_scheduler_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOSERVE_MODEL", "/models/x")
+    monkeypatch.setenv("NANOSERVE_WORKERS", "a:1,b:2")
+    monkeypatch.setenv("NANOSERVE_MAX_NUM_WAITING", "9")
+    config = SchedulerServiceConfig.from_args([])
+    assert config.max_num_waiting == 9 and len(config.worker_addrs) == 2
+
+
+def test_a_bad_value_names_the_variable() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-num-seqs", type=int, default=1)
+    with pytest.raises(SystemExit, match="NANOSERVE_MAX_NUM_SEQS"):
+        apply_env_defaults(parser, {"NANOSERVE_MAX_NUM_SEQS": "many"})
