@@ -8,6 +8,7 @@ logits differ by at most ``TIE_TOLERANCE`` of the largest logit's magnitude.
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -57,7 +58,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=Tru
 def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint) -> None:
     model_dir, prompts = checkpoint
     expected = hf_greedy_bf16(model_dir, prompts)
-    llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16, gpu_memory_utilization=0.3)
+    llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16, num_kv_blocks=512)
     got = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     matched = [next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), NUM_NEW_TOKENS) for g, e in zip(got, expected)]
     print(f"tokens matching transformers before the first difference: {matched}")
@@ -79,9 +80,10 @@ def test_async_scheduling_output_equals_synchronous_output(checkpoint) -> None:
     results = []
     for async_scheduling in (True, False):
         llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16,
-                  gpu_memory_utilization=0.3, async_scheduling=async_scheduling)
+                  num_kv_blocks=512, async_scheduling=async_scheduling)
         results.append(llm.generate(prompts, params, use_tqdm=False))
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
     assert results[0] == results[1]
 
@@ -91,9 +93,10 @@ def test_cuda_graph_output_equals_eager_output(checkpoint) -> None:
     results = []
     for eager in (False, True):
         llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16,
-                  gpu_memory_utilization=0.3, enforce_eager=eager)
+                  num_kv_blocks=512, enforce_eager=eager)
         assert (llm.worker.runner.graphs is None) == eager
         results.append([o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)])
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
     assert results[0] == results[1]
