@@ -12,15 +12,26 @@ from nanoserve import launcher
 from nanoserve.v1 import generation_pb2 as pb
 from nanoserve.v1 import generation_pb2_grpc as pb_grpc
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
 
 
-def start_services(model_dir: str, args, device: str, worker_extra: tuple[str, ...] | list[str] = ()) -> tuple[list[launcher.ServiceProcess], str]:
+def start_services(
+    model_dir: str, args, device: str, worker_extra: tuple[str, ...] | list[str] = ()
+) -> tuple[list[launcher.ServiceProcess], str]:
     """``args.tp`` worker ranks and a scheduler on ports the OS picks; returns them and the public
     address. ``worker_extra`` goes to rank 0 only (e.g. its --profile-steps)."""
     run_dir = launcher.make_run_dir()
     engine_flags = ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    common = [*engine_flags, "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len)]
+    common = [
+        *engine_flags,
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-model-len",
+        str(args.max_model_len),
+    ]
     if args.enforce_eager:
         common.append("--enforce-eager")
     tp = getattr(args, "tp", 1)
@@ -36,9 +47,21 @@ def start_services(model_dir: str, args, device: str, worker_extra: tuple[str, .
     except Exception:
         launcher.stop_all(workers)
         raise
-    scheduler_flags = ["--model", model_dir, "--workers", ",".join(w.addr for w in workers), "--port", "0", *engine_flags,
-                       "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
-                       "--max-num-waiting", "100000"]
+    scheduler_flags = [
+        "--model",
+        model_dir,
+        "--workers",
+        ",".join(w.addr for w in workers),
+        "--port",
+        "0",
+        *engine_flags,
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-waiting",
+        "100000",
+    ]
     if args.no_prefix_caching:
         scheduler_flags.append("--no-prefix-caching")
     scheduler = launcher.spawn("scheduler", "scheduler_service", scheduler_flags, run_dir)

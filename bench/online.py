@@ -69,7 +69,9 @@ async def run_rate(addr: str, requests: list, rate: float, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model")
     parser.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
     parser.add_argument("--workload", default="nano_bench_256")
@@ -84,11 +86,16 @@ def main() -> None:
     args = parser.parse_args()
     args.enforce_eager = args.no_prefix_caching = args.no_async = False
 
-    model_dir = args.model or str(write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch))
+    model_dir = args.model or str(
+        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
+    )
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     prompts, max_tokens, sampling = load_workload(args.workload, args.num_requests)
     sampling = dict(sampling, detokenize=False)
-    requests = [request([t % vocab for t in p], min(m, args.max_output), sampling) for p, m in zip(prompts, max_tokens)]
+    requests = [
+        request([t % vocab for t in p], min(m, args.max_output), sampling)
+        for p, m in zip(prompts, max_tokens)
+    ]
     for req in requests:
         req.stream = True
     import torch
@@ -96,16 +103,25 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     services, addr = start_services(model_dir, args, device)
     try:
-        rows = [asyncio.run(run_rate(addr, requests, float(rate), seed=i)) for i, rate in enumerate(args.rates.split(","))]
+        rows = [
+            asyncio.run(run_rate(addr, requests, float(rate), seed=i))
+            for i, rate in enumerate(args.rates.split(","))
+        ]
     finally:
         launcher.stop_all(services)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"\nonline serving, {args.num_requests} requests (max_tokens <= {args.max_output}) on {device}")
-    print(f"{'req/s':>6}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'e2e p50':>9}{'p99':>8}  (ms, ms, s)")
+    print(
+        f"\nonline serving, {args.num_requests} requests (max_tokens <= {args.max_output}) on {device}"
+    )
+    print(
+        f"{'req/s':>6}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'e2e p50':>9}{'p99':>8}  (ms, ms, s)"
+    )
     for r in rows:
-        print(f"{r['rate']:>6.0f}{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>8.1f}{r['itl_p50_ms']:>9.1f}"
-              f"{r['itl_p99_ms']:>8.1f}{r['e2e_p50_s']:>9.2f}{r['e2e_p99_s']:>8.2f}")
+        print(
+            f"{r['rate']:>6.0f}{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>8.1f}{r['itl_p50_ms']:>9.1f}"
+            f"{r['itl_p99_ms']:>8.1f}{r['e2e_p50_s']:>9.2f}{r['e2e_p99_s']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ WORKLOADS = Path(__file__).parent / "workloads"
 def load_workload(name: str, limit: int | None) -> tuple[list[list[int]], list[int], dict]:
     data = json.loads((WORKLOADS / f"{name}.json").read_text())
     requests = data["requests"][:limit]
-    return [r["prompt_token_ids"] for r in requests], [r["max_tokens"] for r in requests], data["sampling"]
+    return (
+        [r["prompt_token_ids"] for r in requests],
+        [r["max_tokens"] for r in requests],
+        data["sampling"],
+    )
 
 
 def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
@@ -119,13 +123,19 @@ def run_transformers(model_dir: str, prompts, max_tokens, sampling, args) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint dir (default: write a random --arch checkpoint)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", help="checkpoint dir (default: write a random --arch checkpoint)"
+    )
     parser.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
     parser.add_argument("--workload", default="nano_bench_256")
     parser.add_argument("--limit", type=int, default=None, help="first N requests only")
     parser.add_argument("--engines", default="inprocess")
-    parser.add_argument("--hf-limit", type=int, default=64, help="requests for the transformers run")
+    parser.add_argument(
+        "--hf-limit", type=int, default=64, help="requests for the transformers run"
+    )
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
@@ -139,7 +149,9 @@ def main() -> None:
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()
 
-    model_dir = args.model or str(write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch))
+    model_dir = args.model or str(
+        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
+    )
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     prompts = [[t % cfg["vocab_size"] for t in p] for p in prompts]  # small models: fold ids
@@ -178,12 +190,20 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{results['workload']} on {results['device']}: copy {results['copy_bandwidth_GBps']:.0f} GB/s, "
-          f"bound {results['bound_seconds']:.2f} s = {results['bound_tokens_per_s']:.0f} tok/s")
+    print(
+        f"\n{results['workload']} on {results['device']}: copy {results['copy_bandwidth_GBps']:.0f} GB/s, "
+        f"bound {results['bound_seconds']:.2f} s = {results['bound_tokens_per_s']:.0f} tok/s"
+    )
     print(f"{'engine':<14}{'tokens':>10}{'seconds':>10}{'tok/s':>10}{'time/bound':>12}")
     for name, res in results["engines"].items():
-        ratio = res["seconds"] / results["bound_seconds"] if res["output_tokens"] and name != "transformers" else float("nan")
-        print(f"{name:<14}{res['output_tokens']:>10}{res['seconds']:>10.2f}{res['tokens_per_s']:>10.0f}{ratio:>12.2f}")
+        ratio = (
+            res["seconds"] / results["bound_seconds"]
+            if res["output_tokens"] and name != "transformers"
+            else float("nan")
+        )
+        print(
+            f"{name:<14}{res['output_tokens']:>10}{res['seconds']:>10.2f}{res['tokens_per_s']:>10.0f}{ratio:>12.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,3 +54,53 @@ def paged_attention_ref(
         scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
         out[start:end] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
     return out
+
+
+def check_paged_kv_inputs(
+    q: torch.Tensor,  # [*, H_q, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+) -> None:
+    """Checks shared by the paged attention wrappers; raises ValueError naming the problem."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, H_kv, D], "
+            f"got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads != 0:
+        raise ValueError(
+            f"q must be [*, H_q, D={head_dim}] with H_q % {num_kv_heads} == 0, got {tuple(q.shape)}"
+        )
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
+        raise ValueError(
+            f"q, k_cache, v_cache must share one float dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if q.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q must be contiguous in head_dim and the caches fully contiguous")
+    num_seqs = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
+        raise ValueError(
+            f"seq_lens must be [B] int32, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
+    if (
+        block_tables.dim() != 2
+        or block_tables.shape[0] != num_seqs
+        or block_tables.dtype != torch.int32
+    ):
+        raise ValueError(
+            f"block_tables must be [B={num_seqs}, M] int32, got {tuple(block_tables.shape)} {block_tables.dtype}"
+        )
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dimension")
+    devices = {t.device for t in (q, k_cache, v_cache, seq_lens, block_tables)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")

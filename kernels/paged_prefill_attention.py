@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import paged_attention_ref
-from kernels.paged_decode_attention import check_paged_kv_inputs
+from kernels.paged_attention import check_paged_kv_inputs, paged_attention_ref
 
 
 @dataclass(frozen=True)

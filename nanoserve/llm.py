@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -83,7 +84,9 @@ class LLM:
             if not prompt:
                 raise ValueError("prompt is empty: at least one token is required")
             if self.tokenizer is None:
-                raise ValueError("prompt is text but the model has no tokenizer.json: pass token ids")
+                raise ValueError(
+                    "prompt is text but the model has no tokenizer.json: pass token ids"
+                )
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
             raise ValueError("prompt must be a string or a list of token ids")
@@ -91,7 +94,9 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {r: {"text": "", "token_ids": []} for r in request_ids}
-        bar = tqdm(total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        bar = tqdm(
+            total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm
+        )
         try:
             while self.engine.has_unfinished:
                 start = time.perf_counter()

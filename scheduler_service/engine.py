@@ -114,7 +114,9 @@ class EngineCore:
         vocab = self.info.vocab_size
         for token_id in prompt_token_ids:
             if not 0 <= token_id < vocab:
-                raise ValueError(f"prompt token id {token_id} is outside the vocabulary [0, {vocab})")
+                raise ValueError(
+                    f"prompt token id {token_id} is outside the vocabulary [0, {vocab})"
+                )
         params.validate(vocab)
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
@@ -157,7 +159,8 @@ class EngineCore:
         plan = self.plans.build(batch)
         plan.defer_result = self.config.async_scheduling
         self.num_prefill_tokens += sum(
-            n for seq, n in zip(batch.seqs, batch.num_new_tokens)
+            n
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)
             if seq.num_computed_tokens < seq.num_prompt_tokens
         )
         self.scheduler.on_step_launched(batch)
@@ -220,13 +223,18 @@ class EngineCore:
         stops = request.seq.params.stop
         hold = max((len(s) for s in stops), default=1) - 1
         search_from = max(0, request.num_checked_chars - hold)
-        cut = min((i for i in (request.text.find(s, search_from) for s in stops) if i >= 0),
-                  default=-1)
+        cut = min(
+            (i for i in (request.text.find(s, search_from) for s in stops) if i >= 0), default=-1
+        )
         request.num_checked_chars = len(request.text)
         if cut >= 0:
             request.text = request.text[:cut]
             finishing = True
-        end = len(request.text) if finishing else max(request.num_sent_chars, len(request.text) - hold)
+        end = (
+            len(request.text)
+            if finishing
+            else max(request.num_sent_chars, len(request.text) - hold)
+        )
         new_text = request.text[request.num_sent_chars : end]
         request.num_sent_chars = end
         return new_text, cut >= 0

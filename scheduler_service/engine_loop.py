@@ -23,14 +23,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from scheduler_service.config import SchedulerServiceConfig
-from scheduler_service.metrics import Metrics
 from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
+from scheduler_service.metrics import Metrics
 from scheduler_service.request_streams import (
     OutputQueue,
     Overloaded,
@@ -41,6 +40,7 @@ from scheduler_service.request_streams import (
 from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.server_stats import (
     ServerStats,
+    TokenRate,
     counter_fields,
     counters,
     kv_cache_violation,
@@ -52,7 +52,6 @@ from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.worker_client import WorkerUnavailable
 
 log = logging.getLogger(__name__)
-RATE_WINDOW_S = 5.0  # generated tokens/s is measured over this many seconds
 __all__ = ["EngineLoop", "Overloaded", "ServerStats", "SlowClient", "Unavailable"]
 
 
@@ -100,7 +99,7 @@ class EngineLoop:
         self._stopping = False
         self._draining = False
         self._base = ServerStats()  # counters of the sessions before the current one
-        self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) per step
+        self._token_rate = TokenRate()
         self._num_failed_starts = 0  # engine thread only
         self._idle_checked = False  # engine thread only: KV invariants checked since last step
         self.num_invariant_violations = 0
@@ -185,9 +184,7 @@ class EngineLoop:
         self._thread.join()
 
     def generated_tokens_per_second(self) -> float:
-        horizon = time.monotonic() - RATE_WINDOW_S
-        with self._cond:
-            return sum(n for t, n in self._recent_tokens if t >= horizon) / RATE_WINDOW_S
+        return self._token_rate.per_second()
 
     def _current_engine(self) -> EngineCore:
         engine = self._engine
@@ -289,11 +286,7 @@ class EngineLoop:
         self.metrics.observe_step(time.perf_counter() - t0)
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
-        now = time.monotonic()
-        with self._cond:
-            self._recent_tokens.append((now, engine.num_generated_tokens - num_before))
-            while self._recent_tokens and self._recent_tokens[0][0] < now - RATE_WINDOW_S:
-                self._recent_tokens.popleft()
+        self._token_rate.add(engine.num_generated_tokens - num_before)
         self._publish_stats(engine)
 
     def _wait_for_commands(self, timeout: float) -> bool:

@@ -7,7 +7,6 @@ from enum import Enum, auto
 
 from scheduler_service.sampling_params import SamplingParams
 
-
 PENDING = -1  # a sampled token whose value has not come back from the worker yet
 
 

@@ -7,6 +7,9 @@ Not here: the tokens/s window (engine_loop.py) or protobuf (wire_public.py).
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from scheduler_service.engine import EngineCore
@@ -72,3 +75,24 @@ def kv_cache_violation(engine: EngineCore) -> str | None:
     if blocks.num_free_blocks != blocks.num_blocks:
         return f"{blocks.num_blocks - blocks.num_free_blocks} blocks still held with no request"
     return None
+
+
+class TokenRate:
+    """Generated tokens per second over the last ``window_s`` seconds (thread-safe)."""
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._steps: deque[tuple[float, int]] = deque()  # (time, tokens) per step
+
+    def add(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._steps.append((now, num_tokens))
+            while self._steps and self._steps[0][0] < now - self.window_s:
+                self._steps.popleft()
+
+    def per_second(self) -> float:
+        horizon = time.monotonic() - self.window_s
+        with self._lock:
+            return sum(n for t, n in self._steps if t >= horizon) / self.window_s

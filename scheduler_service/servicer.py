@@ -22,8 +22,8 @@ from nanoserve.v1 import generation_pb2_grpc
 from scheduler_service import limits, wire_public
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
-from scheduler_service.metrics import Metrics
 from scheduler_service.engine_loop import EngineLoop, Overloaded, Unavailable
+from scheduler_service.metrics import Metrics
 from scheduler_service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,10 @@ class _Outputs:
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(
-        self, engine_loop: EngineLoop, tokenizer: Tokenizer, config: SchedulerServiceConfig,
+        self,
+        engine_loop: EngineLoop,
+        tokenizer: Tokenizer,
+        config: SchedulerServiceConfig,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()

@@ -111,9 +111,7 @@ class PlanBuilder:
                 )
             )
         elif num_sent is None:
-            plan.resumed_seqs.append(
-                ResumedSequence(seq.seq_id, table[:], seq.num_computed_tokens)
-            )
+            plan.resumed_seqs.append(ResumedSequence(seq.seq_id, table[:], seq.num_computed_tokens))
         elif len(table) > num_sent:
             plan.appended_seq_ids.append(seq.seq_id)
             plan.appended_block_ids.append(table[num_sent:])

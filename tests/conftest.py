@@ -13,7 +13,9 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU only through the interpreter; it must be set before triton loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest_plugins = ["tests.kv_invariants"]  # every in-process engine ends each test with no block held
+pytest_plugins = [
+    "tests.kv_invariants"
+]  # every in-process engine ends each test with no block held
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

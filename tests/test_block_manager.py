@@ -110,7 +110,9 @@ operations = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(operations, st.booleans())
 def test_random_workload_keeps_refcounts_and_free_list_consistent(ops, prefix_caching) -> None:
-    manager = BlockManager(num_blocks=12, block_size=BLOCK_SIZE, enable_prefix_caching=prefix_caching)
+    manager = BlockManager(
+        num_blocks=12, block_size=BLOCK_SIZE, enable_prefix_caching=prefix_caching
+    )
     live: dict[int, Sequence] = {}
     next_id = 0
     for op, index, tokens in ops:
@@ -127,7 +129,9 @@ def test_random_workload_keeps_refcounts_and_free_list_consistent(ops, prefix_ca
             target.token_ids.append(tokens[0])
             manager.ensure_slots(target, target.num_tokens)
         elif op == "compute":
-            target.num_computed_tokens = min(target.num_tokens, len(target.block_table) * BLOCK_SIZE)
+            target.num_computed_tokens = min(
+                target.num_tokens, len(target.block_table) * BLOCK_SIZE
+            )
             manager.commit(target)
         elif op in ("free", "preempt"):
             manager.free(target)

@@ -5,104 +5,27 @@ Every case draws fresh random inputs, fills the unused parts of the cache and th
 with the reference by relative norm error. On CPU the kernels run in the Triton interpreter at tiny
 shapes; ``@pytest.mark.gpu`` cases run at real shapes (head_dim 128, bf16) and are skipped without
 CUDA. The timing test prints, never asserts.
-
-Triton decides between compiling and interpreting when ``triton`` (and each ``@triton.jit``
-function, its own library included) is first imported. So on CPU this module sets
-``TRITON_INTERPRET=1`` before importing triton, and refuses to run (with a message saying why) if
-an earlier test module already imported triton in compiled mode. Setting ``TRITON_INTERPRET=1``
-for the whole CPU test run (in the Makefile or conftest) avoids that.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import os
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton.language as tl  # noqa: E402
-
-if not ON_GPU and type(tl.cdiv).__name__ != "InterpretedFunction":
-    raise RuntimeError(
-        "triton was imported in compiled mode before this module could set TRITON_INTERPRET=1; "
-        "run the CPU tests with TRITON_INTERPRET=1 in the environment (as `make test` does)"
-    )
-
-from kernels import paged_decode_attention as decode_mod  # noqa: E402
-from kernels import paged_prefill_attention as prefill_mod  # noqa: E402
-from kernels import store_kvcache as store_mod  # noqa: E402
-from kernels.paged_decode_attention import DecodeConfig  # noqa: E402
-from kernels.paged_prefill_attention import PrefillConfig  # noqa: E402
-from models.layers.attention import AttentionMetadata  # noqa: E402
-from worker_service import attention_backends  # noqa: E402
-
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-NAN = float("nan")
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-# Relative norm error allowed per input dtype. On the GPU a float32 tl.dot runs in tf32 (10-bit
-# mantissa) in both products, Q K^T and P V: about 1e-3 was seen on an H100. fp16 and bf16 also
-# round the softmax probabilities to the input dtype before the P V product.
-TOLERANCE = {torch.float32: 3e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-
-
-def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """Every element written and finite; ||out - ref|| / ||ref|| within the dtype's tolerance."""
-    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} elements not finite"
-    err = (out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)
-    assert err.item() < TOLERANCE[dtype], f"relative error {err.item():.2e}"
-
-
-def make_paged_kv(
-    seq_lens: list[int],
-    block_size: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    device: torch.device = DEVICE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random K/V for each sequence's context in shuffled blocks; every other slot is NaN.
-
-    Returns ``k_cache``, ``v_cache`` [num_blocks, block_size, H_kv, D] and ``block_tables``
-    [B, max_blocks + 1] int32 (one extra column of -1 padding).
-    """
-    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 2
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, NAN, dtype=dtype, device=device)
-    v_cache = torch.full(shape, NAN, dtype=dtype, device=device)
-    block_tables = torch.full(
-        (len(seq_lens), max(blocks_per_seq, default=0) + 1), -1, dtype=torch.int32
-    )
-    order = torch.randperm(num_blocks)
-    used = 0
-    for b, (seq_len, num_seq_blocks) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
-        block_ids = order[used : used + num_seq_blocks]
-        used += num_seq_blocks
-        block_tables[b, :num_seq_blocks] = block_ids.int()
-        slots = (block_ids[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
-        slots = slots.to(device)
-        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
-            seq_len, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
-        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
-            seq_len, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
-    return k_cache, v_cache, block_tables.to(device)
-
-
-def seq_lens_tensor(seq_lens: list[int]) -> torch.Tensor:
-    return torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-
-
-def cu_seqlens(q_lens: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE)
-
+from kernels import paged_decode_attention as decode_mod
+from kernels import paged_prefill_attention as prefill_mod
+from kernels import store_kvcache as store_mod
+from kernels.paged_decode_attention import DecodeConfig
+from kernels.paged_prefill_attention import PrefillConfig
+from tests.kernel_helpers import (
+    DEVICE,
+    NAN,
+    assert_close_rel,
+    cu_seqlens,
+    gpu_only,
+    make_paged_kv,
+    seq_lens_tensor,
+)
 
 # ---------------------------------------------------------------- store_kvcache
 
@@ -274,97 +197,6 @@ def test_paged_prefill_with_cached_prefix_matches_reference(
 ) -> None:
     config = PrefillConfig(block_m=max(16, 2 * group), block_n=block_n)
     run_prefill_case(cached_and_new, block_size, num_kv_heads, group, 16, dtype, config)
-
-
-# ---------------------------------------------------------------- backend
-
-
-def make_step_metadata(
-    cached_and_new: list[tuple[int, int]], block_tables: torch.Tensor, block_size: int
-) -> AttentionMetadata:
-    """Metadata of one step in which each sequence computes ``new`` tokens after ``cached``."""
-    seq_lens = [cached + new for cached, new in cached_and_new]
-    q_lens = [new for _, new in cached_and_new]
-    slots = []
-    for b, (cached, new) in enumerate(cached_and_new):
-        for pos in range(cached, cached + new):
-            slots.append(int(block_tables[b, pos // block_size]) * block_size + pos % block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
-        cu_seqlens_q=cu_seqlens(q_lens),
-        seq_lens=seq_lens_tensor(seq_lens),
-        block_tables=block_tables,
-        max_seqlen_q=max(q_lens),
-        max_seqlen_k=max(seq_lens),
-        is_decode=all(n == 1 for n in q_lens),
-        is_plain_prefill=all(c == 0 for c, _ in cached_and_new),
-    )
-
-
-@pytest.mark.parametrize(
-    "cached_and_new",
-    [[(0, 9), (0, 3)], [(20, 7), (0, 18)], [(30, 1), (4, 1), (0, 1)]],
-    ids=["plain-prefill", "chunked-prefill", "decode"],
-)
-def test_triton_backend_matches_torch_backend(cached_and_new: list[tuple[int, int]]) -> None:
-    block_size, num_kv_heads, group, head_dim = 16, 2, 2, 16
-    seq_lens = [cached + new for cached, new in cached_and_new]
-    k_cache, v_cache, block_tables = make_paged_kv(
-        [c for c, _ in cached_and_new], block_size, num_kv_heads, head_dim, torch.float32
-    )
-    # Give every sequence room for its new tokens: extra blocks from a larger pool.
-    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 2
-    pool_shape = (num_blocks + k_cache.shape[0], *k_cache.shape[1:])
-    k_pool = torch.full(pool_shape, NAN, device=DEVICE)
-    v_pool = torch.full(pool_shape, NAN, device=DEVICE)
-    k_pool[: k_cache.shape[0]], v_pool[: v_cache.shape[0]] = k_cache, v_cache
-    tables = torch.full((len(seq_lens), num_blocks), -1, dtype=torch.int32, device=DEVICE)
-    next_free = k_cache.shape[0]
-    for b, seq_len in enumerate(seq_lens):
-        cached_blocks = block_tables[b][block_tables[b] >= 0]
-        tables[b, : len(cached_blocks)] = cached_blocks
-        for i in range(len(cached_blocks), math.ceil(seq_len / block_size)):
-            tables[b, i], next_free = next_free, next_free + 1
-    meta = make_step_metadata(cached_and_new, tables, block_size)
-    num_tokens = sum(n for _, n in cached_and_new)
-    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, device=DEVICE)
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
-    k_ref, v_ref = k_pool.clone(), v_pool.clone()
-    out = attention_backends.TritonBackend().forward(q, k, v, k_pool, v_pool, meta, 0.25)
-    ref = attention_backends.TorchRefBackend().forward(q, k, v, k_ref, v_ref, meta, 0.25)
-    assert_close_rel(out, ref, torch.float32)
-    torch.testing.assert_close(k_pool, k_ref, equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(v_pool, v_ref, equal_nan=True, rtol=0, atol=0)
-
-
-def test_triton_backend_without_cache_attends_densely() -> None:
-    meta = make_step_metadata([(0, 5), (0, 3)], torch.zeros(2, 1, dtype=torch.int32), 16)
-    q, k, v = (torch.randn(8, 2, 16, device=DEVICE) for _ in range(3))
-    empty = torch.empty(0, device=DEVICE)
-    out = attention_backends.TritonBackend().forward(q, k, v, empty, empty, meta, 0.25)
-    ref = attention_backends.dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, 0.25)
-    assert_close_rel(out, ref, torch.float32)
-
-
-def test_select_backend_names_the_allowed_backends_for_unknown_ones() -> None:
-    with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
-        attention_backends.select_backend(torch.device("cpu"), "xformers")
-    with pytest.raises(ValueError, match="flash-attn"):
-        attention_backends.select_backend(torch.device("cpu"), "flash-attn")
-
-
-def test_select_backend_on_cpu_is_torch_unless_triton_is_forced_under_the_interpreter(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cpu = torch.device("cpu")
-    assert attention_backends.select_backend(cpu).name == "torch"
-    assert attention_backends.select_backend(cpu, "auto").name == "torch"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert attention_backends.select_backend(cpu, "triton").name == "triton"
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        attention_backends.select_backend(cpu, "triton")
 
 
 # ---------------------------------------------------------------- GPU, real shapes

@@ -9,7 +9,9 @@ from nanoserve import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir) -> LLM:
-    return LLM(str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=128, max_model_len=256)
+    return LLM(
+        str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=128, max_model_len=256
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,22 +58,32 @@ def test_seeded_request_is_the_same_alone_and_in_a_full_batch(llm) -> None:
 
 def test_top_k_one_equals_greedy(llm) -> None:
     greedy = llm.generate(["A B C"], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
-    top1 = llm.generate(["A B C"], SamplingParams(temperature=0.9, top_k=1, max_tokens=10), use_tqdm=False)
+    top1 = llm.generate(
+        ["A B C"], SamplingParams(temperature=0.9, top_k=1, max_tokens=10), use_tqdm=False
+    )
     assert greedy[0]["token_ids"] == top1[0]["token_ids"]
 
 
 def test_stop_token_ids_end_the_request(llm) -> None:
     first = llm.generate(["x y"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     stop_id = first["token_ids"][2]
-    out = llm.generate(["x y"], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_id]), use_tqdm=False)
+    out = llm.generate(
+        ["x y"],
+        SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_id]),
+        use_tqdm=False,
+    )
     ids = out[0]["token_ids"]
     assert ids[-1] == stop_id and len(ids) == first["token_ids"].index(stop_id) + 1
 
 
 def test_stop_string_cuts_the_text(llm) -> None:
-    first = llm.generate(["q"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]["text"]
+    first = llm.generate(["q"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0][
+        "text"
+    ]
     stop = first[3:5]
-    out = llm.generate(["q"], SamplingParams(temperature=0, max_tokens=12, stop=[stop]), use_tqdm=False)
+    out = llm.generate(
+        ["q"], SamplingParams(temperature=0, max_tokens=12, stop=[stop]), use_tqdm=False
+    )
     assert out[0]["text"] == first[: first.index(stop)]
 
 
@@ -91,9 +103,18 @@ def test_every_block_is_free_after_generate(llm) -> None:
 
 def test_async_and_sync_scheduling_sample_the_same_tokens(tiny_model_dir) -> None:
     prompts = ["one", "two three", "four five six"] * 3
-    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=9 + i, stop_token_ids=[7]) for i in range(9)]
+    params = [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=9 + i, stop_token_ids=[7])
+        for i in range(9)
+    ]
     results = []
     for async_scheduling in (True, False):
-        llm = LLM(str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=64, async_scheduling=async_scheduling)
+        llm = LLM(
+            str(tiny_model_dir),
+            device="cpu",
+            block_size=16,
+            num_kv_blocks=64,
+            async_scheduling=async_scheduling,
+        )
         results.append(llm.generate(prompts, params, use_tqdm=False))
     assert results[0] == results[1]

@@ -18,9 +18,15 @@ from tests.conftest import copy_tokenizer
 
 NUM_NEW_TOKENS = 32
 SHAPES = {
-    "gqa2_headdim32_tied": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
-    "one_kv_head_headdim16_untied": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False),
-    "mha_headdim64_untied": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False),
+    "gqa2_headdim32_tied": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True
+    ),
+    "one_kv_head_headdim16_untied": dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False
+    ),
+    "mha_headdim64_untied": dict(
+        num_attention_heads=2, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False
+    ),
 }
 
 
@@ -45,7 +51,9 @@ def write_checkpoint(out: Path, vocab_size: int, shape: dict, seed: int) -> Path
 
 
 def reference_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    model = Qwen3ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    model = Qwen3ForCausalLM.from_pretrained(
+        model_dir, torch_dtype=torch.float32, attn_implementation="eager"
+    )
     model.eval()
     outputs = []
     with torch.no_grad():
@@ -73,7 +81,12 @@ def make_prompts(vocab_size: int, seed: int) -> list[list[int]]:
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def case(request, tiny_model_dir, tmp_path_factory):
     vocab_size = LLM_VOCAB(tiny_model_dir)
-    model_dir = write_checkpoint(tmp_path_factory.mktemp(request.param), vocab_size, SHAPES[request.param], seed=len(request.param))
+    model_dir = write_checkpoint(
+        tmp_path_factory.mktemp(request.param),
+        vocab_size,
+        SHAPES[request.param],
+        seed=len(request.param),
+    )
     copy_tokenizer(tiny_model_dir, model_dir)
     prompts = make_prompts(vocab_size, seed=1)
     return model_dir, prompts, reference_greedy(model_dir, prompts)
@@ -108,7 +121,14 @@ def test_tiny_kv_cache_preempts_and_output_is_unchanged(case) -> None:
 
 def test_small_token_budget_chunks_prefill_and_output_is_unchanged(case) -> None:
     model_dir, prompts, expected = case
-    llm = LLM(str(model_dir), device="cpu", block_size=16, num_kv_blocks=256, max_num_batched_tokens=64, max_num_seqs=8)
+    llm = LLM(
+        str(model_dir),
+        device="cpu",
+        block_size=16,
+        num_kv_blocks=256,
+        max_num_batched_tokens=64,
+        max_num_seqs=8,
+    )
     steps = []
     original_step = llm.worker.step
     llm.worker.step = lambda plan: steps.append(plan) or original_step(plan)  # type: ignore[method-assign]

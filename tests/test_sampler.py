@@ -36,7 +36,9 @@ def test_temperature_scales_the_distribution() -> None:
     vocab, draws = 6, 30_000
     logits = torch.linspace(-1, 1, vocab)
     gen = torch.Generator().manual_seed(7)
-    tokens = sample(logits.expand(draws, vocab).clone(), batch_of(draws, temperature=0.5, vocab=vocab), gen)
+    tokens = sample(
+        logits.expand(draws, vocab).clone(), batch_of(draws, temperature=0.5, vocab=vocab), gen
+    )
     observed = torch.bincount(tokens, minlength=vocab).double()
     expected = (logits.double() / 0.5).softmax(-1) * draws
     assert chisquare(observed.numpy(), expected.numpy()).pvalue > 0.001

@@ -43,7 +43,11 @@ def test_a_row_depends_only_on_its_own_seed() -> None:
 
 def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="seeds"):
-        sample_tokens(torch.randn(2, 10, device=DEVICE), torch.ones(2, device=DEVICE), torch.ones(3, dtype=torch.int64, device=DEVICE))
+        sample_tokens(
+            torch.randn(2, 10, device=DEVICE),
+            torch.ones(2, device=DEVICE),
+            torch.ones(3, dtype=torch.int64, device=DEVICE),
+        )
 
 
 @pytest.mark.gpu

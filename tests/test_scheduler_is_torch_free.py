@@ -10,7 +10,9 @@ import scheduler_service
 
 
 def test_importing_every_scheduler_module_leaves_torch_unloaded() -> None:
-    modules = [f"scheduler_service.{m.name}" for m in pkgutil.iter_modules(scheduler_service.__path__)]
+    modules = [
+        f"scheduler_service.{m.name}" for m in pkgutil.iter_modules(scheduler_service.__path__)
+    ]
     modules = [m for m in modules if not m.endswith("__main__")]
     code = "\n".join(f"import {m}" for m in modules) + (
         "\nimport sys\nbad = [m for m in ('torch', 'transformers', 'triton') if m in sys.modules]"

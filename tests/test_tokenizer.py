@@ -188,7 +188,10 @@ def path(request: pytest.FixtureRequest) -> str:
 
 
 def _detokenize(
-    tokenizer: Tokenizer, chunks: list[list[int]], skip_special_tokens: bool = True, path: str = "byte_table"
+    tokenizer: Tokenizer,
+    chunks: list[list[int]],
+    skip_special_tokens: bool = True,
+    path: str = "byte_table",
 ) -> list[str]:
     """Feed chunks of output ids through a fresh detokenizer; return every piece, flush last."""
     detok = IncrementalDetokenizer(tokenizer, [1, 2, 3], skip_special_tokens)
@@ -218,13 +221,17 @@ def test_pieces_of_random_ids_join_to_their_decode(
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(st.characters(codec="utf-8", exclude_characters="\ufffd")))
-def test_text_streamed_one_token_at_a_time_arrives_whole(ours: Tokenizer, path: str, text: str) -> None:
+def test_text_streamed_one_token_at_a_time_arrives_whole(
+    ours: Tokenizer, path: str, text: str
+) -> None:
     pieces = _detokenize(ours, [[i] for i in ours.encode(text)], False, path)
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
 
 
-def test_multibyte_character_split_across_tokens_comes_out_whole(ours: Tokenizer, path: str) -> None:
+def test_multibyte_character_split_across_tokens_comes_out_whole(
+    ours: Tokenizer, path: str
+) -> None:
     ids = ours.encode("語")
     assert len(ids) == 3  # one byte-level token per UTF-8 byte: no merge covers it
     assert _detokenize(ours, [[i] for i in ids], path=path) == ["", "", "語", ""]

@@ -90,5 +90,3 @@ def to_device(values: np.ndarray | list, dtype: torch.dtype, device: torch.devic
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor
-
-

@@ -26,9 +26,18 @@ NUM_NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     config = Qwen3Config(
-        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
-        initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        initializer_range=0.2,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -45,10 +54,16 @@ def hf_greedy_bf16(model_dir, prompts):
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt], device="cuda")
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=NUM_NEW_TOKENS, min_new_tokens=NUM_NEW_TOKENS,
-                                 eos_token_id=None, pad_token_id=0)
-            outs.append(out[0, len(prompt):].tolist())
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=NUM_NEW_TOKENS,
+                min_new_tokens=NUM_NEW_TOKENS,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            outs.append(out[0, len(prompt) :].tolist())
     return outs
 
 
@@ -60,7 +75,10 @@ def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint) -> Non
     expected = hf_greedy_bf16(model_dir, prompts)
     llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16, num_kv_blocks=512)
     got = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    matched = [next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), NUM_NEW_TOKENS) for g, e in zip(got, expected)]
+    matched = [
+        next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), NUM_NEW_TOKENS)
+        for g, e in zip(got, expected)
+    ]
     print(f"tokens matching transformers before the first difference: {matched}")
     assert min(matched) >= AGREE_TOKENS
     model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
@@ -70,17 +88,28 @@ def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint) -> Non
         with torch.no_grad():
             logits = model(torch.tensor([prompt + theirs[:n]], device="cuda")).logits[0, -1].float()
         gap = (logits[theirs[n]] - logits[ours[n]]).item()
-        print(f"divergence at token {n}: logit gap {gap:.4f} of max {logits.abs().max().item():.2f}")
+        print(
+            f"divergence at token {n}: logit gap {gap:.4f} of max {logits.abs().max().item():.2f}"
+        )
         assert gap <= TIE_TOLERANCE * logits.abs().max().item()
 
 
 def test_async_scheduling_output_equals_synchronous_output(checkpoint) -> None:
     model_dir, prompts = checkpoint
-    params = [SamplingParams(temperature=0.7, seed=i, max_tokens=NUM_NEW_TOKENS, ignore_eos=True) for i in range(len(prompts))]
+    params = [
+        SamplingParams(temperature=0.7, seed=i, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     results = []
     for async_scheduling in (True, False):
-        llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16,
-                  num_kv_blocks=512, async_scheduling=async_scheduling)
+        llm = LLM(
+            str(model_dir),
+            device="cuda",
+            block_size=16,
+            max_num_seqs=16,
+            num_kv_blocks=512,
+            async_scheduling=async_scheduling,
+        )
         results.append(llm.generate(prompts, params, use_tqdm=False))
         del llm
         gc.collect()
@@ -92,8 +121,14 @@ def test_cuda_graph_output_equals_eager_output(checkpoint) -> None:
     model_dir, prompts = checkpoint
     results = []
     for eager in (False, True):
-        llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16,
-                  num_kv_blocks=512, enforce_eager=eager)
+        llm = LLM(
+            str(model_dir),
+            device="cuda",
+            block_size=16,
+            max_num_seqs=16,
+            num_kv_blocks=512,
+            enforce_eager=eager,
+        )
         assert (llm.worker.runner.graphs is None) == eager
         results.append([o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)])
         del llm

@@ -1,0 +1,110 @@
+"""Attention backends: the Triton backend agrees with the torch reference on whole steps, and the
+backend choice names what is allowed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.layers.attention import AttentionMetadata
+from tests.kernel_helpers import (
+    DEVICE,
+    NAN,
+    assert_close_rel,
+    cu_seqlens,
+    make_paged_kv,
+    seq_lens_tensor,
+)
+from worker_service import attention_backends
+
+# ---------------------------------------------------------------- backend
+
+
+def make_step_metadata(
+    cached_and_new: list[tuple[int, int]], block_tables: torch.Tensor, block_size: int
+) -> AttentionMetadata:
+    """Metadata of one step in which each sequence computes ``new`` tokens after ``cached``."""
+    seq_lens = [cached + new for cached, new in cached_and_new]
+    q_lens = [new for _, new in cached_and_new]
+    slots = []
+    for b, (cached, new) in enumerate(cached_and_new):
+        for pos in range(cached, cached + new):
+            slots.append(int(block_tables[b, pos // block_size]) * block_size + pos % block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        cu_seqlens_q=cu_seqlens(q_lens),
+        seq_lens=seq_lens_tensor(seq_lens),
+        block_tables=block_tables,
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(seq_lens),
+        is_decode=all(n == 1 for n in q_lens),
+        is_plain_prefill=all(c == 0 for c, _ in cached_and_new),
+    )
+
+
+@pytest.mark.parametrize(
+    "cached_and_new",
+    [[(0, 9), (0, 3)], [(20, 7), (0, 18)], [(30, 1), (4, 1), (0, 1)]],
+    ids=["plain-prefill", "chunked-prefill", "decode"],
+)
+def test_triton_backend_matches_torch_backend(cached_and_new: list[tuple[int, int]]) -> None:
+    block_size, num_kv_heads, group, head_dim = 16, 2, 2, 16
+    seq_lens = [cached + new for cached, new in cached_and_new]
+    k_cache, v_cache, block_tables = make_paged_kv(
+        [c for c, _ in cached_and_new], block_size, num_kv_heads, head_dim, torch.float32
+    )
+    # Give every sequence room for its new tokens: extra blocks from a larger pool.
+    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 2
+    pool_shape = (num_blocks + k_cache.shape[0], *k_cache.shape[1:])
+    k_pool = torch.full(pool_shape, NAN, device=DEVICE)
+    v_pool = torch.full(pool_shape, NAN, device=DEVICE)
+    k_pool[: k_cache.shape[0]], v_pool[: v_cache.shape[0]] = k_cache, v_cache
+    tables = torch.full((len(seq_lens), num_blocks), -1, dtype=torch.int32, device=DEVICE)
+    next_free = k_cache.shape[0]
+    for b, seq_len in enumerate(seq_lens):
+        cached_blocks = block_tables[b][block_tables[b] >= 0]
+        tables[b, : len(cached_blocks)] = cached_blocks
+        for i in range(len(cached_blocks), math.ceil(seq_len / block_size)):
+            tables[b, i], next_free = next_free, next_free + 1
+    meta = make_step_metadata(cached_and_new, tables, block_size)
+    num_tokens = sum(n for _, n in cached_and_new)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, device=DEVICE)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    out = attention_backends.TritonBackend().forward(q, k, v, k_pool, v_pool, meta, 0.25)
+    ref = attention_backends.TorchRefBackend().forward(q, k, v, k_ref, v_ref, meta, 0.25)
+    assert_close_rel(out, ref, torch.float32)
+    torch.testing.assert_close(k_pool, k_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(v_pool, v_ref, equal_nan=True, rtol=0, atol=0)
+
+
+def test_triton_backend_without_cache_attends_densely() -> None:
+    meta = make_step_metadata([(0, 5), (0, 3)], torch.zeros(2, 1, dtype=torch.int32), 16)
+    q, k, v = (torch.randn(8, 2, 16, device=DEVICE) for _ in range(3))
+    empty = torch.empty(0, device=DEVICE)
+    out = attention_backends.TritonBackend().forward(q, k, v, empty, empty, meta, 0.25)
+    ref = attention_backends.dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, 0.25)
+    assert_close_rel(out, ref, torch.float32)
+
+
+def test_select_backend_names_the_allowed_backends_for_unknown_ones() -> None:
+    with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
+        attention_backends.select_backend(torch.device("cpu"), "xformers")
+    with pytest.raises(ValueError, match="flash-attn"):
+        attention_backends.select_backend(torch.device("cpu"), "flash-attn")
+
+
+def test_select_backend_on_cpu_is_torch_unless_triton_is_forced_under_the_interpreter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    assert attention_backends.select_backend(cpu).name == "torch"
+    assert attention_backends.select_backend(cpu, "auto").name == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention_backends.select_backend(cpu, "triton").name == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        attention_backends.select_backend(cpu, "triton")
