@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--dist-init-addr", help="HOST:PORT of rank 0's torch.distributed store")
+    p.add_argument(
+        "--dist-init-addr",
+        "--dist-init",
+        help="HOST:PORT (or tcp://HOST:PORT) of rank 0's torch.distributed rendezvous",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--profile-steps", help="START,COUNT: profile these steps (benchmarks only)")
     p.add_argument("--profile-out", help="where --profile-steps writes its JSON summary")
@@ -93,7 +97,7 @@ def _init_distributed(config: WorkerConfig, init_addr: str | None) -> None:
     import torch
     import torch.distributed as dist
 
-    init_method = f"tcp://{init_addr}"
+    init_method = init_addr if "://" in init_addr else f"tcp://{init_addr}"
     if not config.device.startswith("cuda"):
         dist.init_process_group(
             "gloo", init_method=init_method, rank=config.rank, world_size=config.world_size
