@@ -119,9 +119,14 @@ class EngineLoop:
         return self._current_engine().max_model_len
 
     def submit(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stream: bool = True,
     ) -> OutputQueue:
-        """Validate and queue a request; its outputs (or an error) arrive on the returned queue."""
+        """Validate and queue a request; its outputs (or an error) arrive on the returned queue
+        (for ``stream=False``: the first output, then the rest at the end)."""
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is invalid: a live request has it")
         if len(self._streams) >= self.config.max_num_streams:
@@ -147,7 +152,7 @@ class EngineLoop:
             self._commands.append(_Add(request_id, prompt_token_ids, params))
             self._num_pending_adds += 1
             self._cond.notify()
-        return self._streams.open(request_id, session)
+        return self._streams.open(request_id, session, stream)
 
     def abort(self, request_ids: list[str]) -> list[str]:
         """Abort live requests; return those that were live (their streams end with ABORT)."""

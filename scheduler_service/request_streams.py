@@ -4,7 +4,10 @@ Each live request has one asyncio queue that the engine thread's outputs are del
 ``call_soon_threadsafe``) and that its Generate call reads. A queue holds at most ``max_buffer``
 undelivered step outputs: a client that stops reading stalls its own call's writes, never the
 step loop, and past the bound its stream is dropped with ``SlowClient`` so the caller can abort
-the request and free its blocks. Not here: commands to the engine (engine_loop.py).
+the request and free its blocks. A non-streaming request gets its first output at once (so time to
+first token is measured) and the rest together when it finishes: waking each of a few hundred
+waiting calls on every step would cost the step loop the time it shares the GIL with.
+Not here: commands to the engine (engine_loop.py).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ class SlowClient(Overloaded):
     """The client left more than ``max_stream_buffer`` outputs unread: its request was aborted."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Stream:
     queue: OutputQueue
     session: int  # the worker session it was submitted to
+    held: list[RequestOutput] | None = None  # non-streaming: outputs kept until it finishes
+    started: bool = False  # an output was delivered already
 
 
 class RequestStreams:
@@ -48,9 +53,9 @@ class RequestStreams:
     def __len__(self) -> int:
         return len(self._streams)
 
-    def open(self, request_id: str, session: int) -> OutputQueue:
+    def open(self, request_id: str, session: int, stream: bool = True) -> OutputQueue:
         queue: OutputQueue = asyncio.Queue()
-        self._streams[request_id] = _Stream(queue, session)
+        self._streams[request_id] = _Stream(queue, session, held=None if stream else [])
         return queue
 
     def close(self, request_id: str) -> bool:
@@ -64,11 +69,16 @@ class RequestStreams:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            if stream.queue.qsize() >= self.max_buffer and not out.finished:
+            if stream.held is not None and stream.started and not out.finished:
+                stream.held.append(out)
+            elif stream.queue.qsize() >= self.max_buffer and not out.finished:
                 self._drop(out.request_id, stream)
                 dropped.append(out.request_id)
             else:
+                for held in stream.held or ():
+                    stream.queue.put_nowait(held)
                 stream.queue.put_nowait(out)
+                stream.started = True
         return dropped
 
     def fail(self, request_id: str, error: Exception) -> None:

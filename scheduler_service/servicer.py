@@ -131,7 +131,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         limits.check_prompt(len(prompt_ids), self.config)
         request_id = request.request_id or uuid.uuid4().hex
         timer = self.metrics.track_request()
-        outputs = _Outputs(self.engine_loop.submit(request_id, prompt_ids, params))
+        outputs = _Outputs(
+            self.engine_loop.submit(request_id, prompt_ids, params, stream=request.stream)
+        )
         output_ids: list[int] = []
         text_parts: list[str] = []
         logprobs: list[list[tuple[int, float]]] = []
