@@ -50,7 +50,8 @@ bench-cpu: protos
 	$(BIN)/python -m bench.control_plane
 
 lint:
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && \
+		$(BIN)/mypy scheduler_service --follow-imports=silent
 
 clean:
 	rm -rf $(VENV) $(TINY_MODEL) nanoserve/v1 nanoserve/worker

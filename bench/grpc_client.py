@@ -87,7 +87,10 @@ async def send_all(addr: str, requests: list[pb.GenerateRequest]) -> tuple[float
             return num_tokens
 
         # Warm-up on a slice of the workload: Triton's JIT compiles happen before the clock.
-        warm = [request(list(r.token_ids.ids), 16, {"temperature": r.sampling.temperature}) for r in requests[:32]]
+        warm = [
+            request(list(r.token_ids.ids), 16, {"temperature": r.sampling.temperature})
+            for r in requests[:32]
+        ]
         await asyncio.gather(*(one(r) for r in warm))
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(r) for r in requests))

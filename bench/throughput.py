@@ -46,7 +46,11 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     params = [SamplingParams(max_tokens=m, **sampling) for m in max_tokens]
     # Warm-up on a slice of the workload, so Triton's JIT compiles (prefill, mixed and decode
     # steps at several batch sizes) happen before the clock starts.
-    llm.generate(prompts[:32], [SamplingParams(max_tokens=16, **sampling)] * min(32, len(prompts)), use_tqdm=False)
+    llm.generate(
+        prompts[:32],
+        [SamplingParams(max_tokens=16, **sampling)] * min(32, len(prompts)),
+        use_tqdm=False,
+    )
     llm.engine.timings.update(dict.fromkeys(llm.engine.timings, 0.0))
     profiler = _attach_profiler(llm) if args.torch_profile else None
     device_before = llm.worker.runner.device_seconds

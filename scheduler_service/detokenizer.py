@@ -80,6 +80,7 @@ class IncrementalDetokenizer:
 
     def _add_bytes(self, token_id: int) -> str:
         table = self._byte_table
+        assert table is not None  # only called on the byte-level path
         entry = table[token_id] if 0 <= token_id < len(table) else None
         if entry is None:
             return ""

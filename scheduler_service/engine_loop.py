@@ -297,7 +297,7 @@ class EngineLoop:
     def _wait_for_commands(self, timeout: float) -> bool:
         """Block until a command arrives (True) or ``timeout`` passes (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._commands or self._stopping, timeout)
+            return self._cond.wait_for(lambda: bool(self._commands) or self._stopping, timeout)
 
     def _sleep(self, seconds: float) -> None:
         with self._cond:

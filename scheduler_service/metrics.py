@@ -38,15 +38,24 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 class StatsLike(Protocol):
     """What the collector reads (scheduler_service.engine_loop.ServerStats has these fields)."""
 
-    ready: bool
-    num_waiting: int
-    num_running: int
-    total_blocks: int
-    free_blocks: int
-    num_preemptions: int
-    num_generated_tokens: int
-    num_cache_hit_tokens: int
-    num_cache_query_tokens: int
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def total_blocks(self) -> int: ...
+    @property
+    def free_blocks(self) -> int: ...
+    @property
+    def num_preemptions(self) -> int: ...
+    @property
+    def num_generated_tokens(self) -> int: ...
+    @property
+    def num_cache_hit_tokens(self) -> int: ...
+    @property
+    def num_cache_query_tokens(self) -> int: ...
 
 
 class RequestTimer:

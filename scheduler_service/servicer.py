@@ -13,7 +13,7 @@ import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 
@@ -36,7 +36,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 async def abort_with_status(context: Context, error: Exception) -> NoReturn:
@@ -91,7 +91,7 @@ class _Outputs:
         if self.pending_error is not None:
             raise self.pending_error
         item = await self.queue.get()
-        batch = []
+        batch: list[RequestOutput] = []
         while True:
             if isinstance(item, Exception):
                 if not batch:
