@@ -287,8 +287,13 @@ class EngineLoop:
     def _step(self, engine: EngineCore) -> None:
         num_before = engine.num_generated_tokens
         t0 = time.perf_counter()
+        timing_before = getattr(self.worker, "timing", None)
         outputs = engine.step()
-        self.metrics.observe_step(time.perf_counter() - t0)
+        timing = getattr(self.worker, "timing", None)
+        worker_s = None  # the worker's own report, when this step called it
+        if timing is not None and timing is not timing_before and timing.compute_ns:
+            worker_s = timing.compute_ns / 1e9
+        self.metrics.observe_step(time.perf_counter() - t0, worker_s)
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
         self._token_rate.add(engine.num_generated_tokens - num_before)

@@ -129,14 +129,21 @@ class Metrics:
             f"{PREFIX}_step_time_seconds", "Wall time of one engine step (plan, RPC, outputs)",
             buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
+        self.worker_step_time = Histogram(
+            f"{PREFIX}_worker_step_time_seconds",
+            "Time the worker (rank 0) spent executing one step: forward pass and sampling",
+            buckets=STEP_BUCKETS, registry=r,
+        )  # fmt: skip
         self._stats_collector = _StatsCollector()
         r.register(self._stats_collector)
 
     def track_request(self) -> RequestTimer:
         return RequestTimer(self)
 
-    def observe_step(self, seconds: float) -> None:
+    def observe_step(self, seconds: float, worker_seconds: float | None = None) -> None:
         self.step_time.observe(seconds)
+        if worker_seconds is not None:
+            self.worker_step_time.observe(worker_seconds)
 
     def track_stats(self, get_stats: Callable[[], StatsLike]) -> None:
         """Read server state from ``get_stats()`` at every scrape."""
