@@ -290,10 +290,10 @@ class EngineLoop:
         timing_before = getattr(self.worker, "timing", None)
         outputs = engine.step()
         timing = getattr(self.worker, "timing", None)
-        worker_s = None  # the worker's own report, when this step called it
+        worker_s, worker_memory = None, 0  # the worker's own report, when this step called it
         if timing is not None and timing is not timing_before and timing.compute_ns:
-            worker_s = timing.compute_ns / 1e9
-        self.metrics.observe_step(time.perf_counter() - t0, worker_s)
+            worker_s, worker_memory = timing.compute_ns / 1e9, timing.worker_memory_bytes
+        self.metrics.observe_step(time.perf_counter() - t0, worker_s, worker_memory)
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
         self._token_rate.add(engine.num_generated_tokens - num_before)

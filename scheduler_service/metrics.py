@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -134,16 +134,25 @@ class Metrics:
             "Time the worker (rank 0) spent executing one step: forward pass and sampling",
             buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
+        self.worker_memory = Gauge(
+            f"{PREFIX}_worker_memory_bytes",
+            "Memory the worker (rank 0) holds: device memory allocated on a GPU, resident set on CPU",
+            registry=r,
+        )
         self._stats_collector = _StatsCollector()
         r.register(self._stats_collector)
 
     def track_request(self) -> RequestTimer:
         return RequestTimer(self)
 
-    def observe_step(self, seconds: float, worker_seconds: float | None = None) -> None:
+    def observe_step(
+        self, seconds: float, worker_seconds: float | None = None, worker_memory: int = 0
+    ) -> None:
         self.step_time.observe(seconds)
         if worker_seconds is not None:
             self.worker_step_time.observe(worker_seconds)
+        if worker_memory:
+            self.worker_memory.set(worker_memory)
 
     def track_stats(self, get_stats: Callable[[], StatsLike]) -> None:
         """Read server state from ``get_stats()`` at every scrape."""

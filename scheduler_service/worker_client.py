@@ -59,6 +59,7 @@ class StepTiming:
     parse_ns: int = 0  # bytes -> StepResult
     compute_ns: int = 0  # what rank 0 reports for Worker.step itself
     worker_wire_ns: int = 0  # what rank 0 reports for decoding the plan and encoding its reply
+    worker_memory_bytes: int = 0  # what rank 0 reports holding after the step
     end_ns: int = 0  # step() returns
 
 
@@ -161,6 +162,7 @@ class GrpcWorkerClient:
             parse_ns=end - received,
             compute_ns=reply.compute_ns,
             worker_wire_ns=reply.wire_ns,
+            worker_memory_bytes=reply.memory_bytes,
             end_ns=end,
         )
         return result

@@ -191,6 +191,7 @@ def test_metrics_move_by_the_traffic_sent(live: tuple[Services, int]) -> None:
     assert delta("nanoserve_generation_tokens_total") >= num_tokens
     assert delta("nanoserve_prefix_cache_hit_tokens_total") >= cached.usage.cached_tokens > 0
     assert delta("nanoserve_step_time_seconds_count") > 0
+    assert value(after, "nanoserve_worker_memory_bytes") > 10 * 2**20  # a CPU worker's RSS
     assert (
         0
         < delta("nanoserve_worker_step_time_seconds_count")

@@ -87,6 +87,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             computed = time.perf_counter_ns()
             reply = wire_worker.result_to_pb(result, computed - decoded)
             reply.wire_ns = decoded - start + time.perf_counter_ns() - computed
+            reply.memory_bytes = getattr(self.worker, "memory_bytes", lambda: 0)()
         return reply
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:

@@ -7,6 +7,7 @@ by its servicer). It never decides scheduling or allocation.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -203,6 +204,13 @@ class Worker:
             rank=self.config.rank,
             world_size=self.config.world_size,
         )
+
+    def memory_bytes(self) -> int:
+        """Memory this rank holds: device memory allocated on a GPU, resident set on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def start_session(self) -> None:
         """A new scheduler session: forget every sequence (cache contents are never trusted)."""
