@@ -39,10 +39,6 @@ class SamplingParams:
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids or ())
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first field outside its allowed range."""
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
