@@ -94,44 +94,34 @@ def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint) -> Non
         assert gap <= TIE_TOLERANCE * logits.abs().max().item()
 
 
+def generate_once(model_dir, prompts, params, **options):
+    """Generate with a fresh engine (the GPU tests' common settings plus ``options``), then free
+    its GPU memory for the next one. Returns the engine's outputs and its CUDA graphs (or None)."""
+    llm = LLM(
+        str(model_dir), device="cuda", block_size=16, max_num_seqs=16, num_kv_blocks=512, **options
+    )
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    graphs = llm.worker.runner.graphs
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return outputs, graphs
+
+
 def test_async_scheduling_output_equals_synchronous_output(checkpoint) -> None:
     model_dir, prompts = checkpoint
     params = [
         SamplingParams(temperature=0.7, seed=i, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
         for i in range(len(prompts))
     ]
-    results = []
-    for async_scheduling in (True, False):
-        llm = LLM(
-            str(model_dir),
-            device="cuda",
-            block_size=16,
-            max_num_seqs=16,
-            num_kv_blocks=512,
-            async_scheduling=async_scheduling,
-        )
-        results.append(llm.generate(prompts, params, use_tqdm=False))
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
-    assert results[0] == results[1]
+    with_async, _ = generate_once(model_dir, prompts, params, async_scheduling=True)
+    without, _ = generate_once(model_dir, prompts, params, async_scheduling=False)
+    assert with_async == without
 
 
 def test_cuda_graph_output_equals_eager_output(checkpoint) -> None:
     model_dir, prompts = checkpoint
-    results = []
-    for eager in (False, True):
-        llm = LLM(
-            str(model_dir),
-            device="cuda",
-            block_size=16,
-            max_num_seqs=16,
-            num_kv_blocks=512,
-            enforce_eager=eager,
-        )
-        assert (llm.worker.runner.graphs is None) == eager
-        results.append([o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)])
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
-    assert results[0] == results[1]
+    graphed, graphs = generate_once(model_dir, prompts, GREEDY, enforce_eager=False)
+    eager, no_graphs = generate_once(model_dir, prompts, GREEDY, enforce_eager=True)
+    assert graphs is not None and no_graphs is None
+    assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
