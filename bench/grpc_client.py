@@ -75,7 +75,9 @@ def request(prompt: list[int], max_tokens: int, sampling: dict) -> pb.GenerateRe
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=params, stream=False)
 
 
-async def send_all(addr: str, requests: list[pb.GenerateRequest]) -> tuple[float, int]:
+async def send_all(
+    addr: str, requests: list[pb.GenerateRequest]
+) -> tuple[float, int, float]:  # seconds, output tokens, wall-clock start
     async with grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.GenerationStub(channel)
 
@@ -92,9 +94,10 @@ async def send_all(addr: str, requests: list[pb.GenerateRequest]) -> tuple[float
             for r in requests[:32]
         ]
         await asyncio.gather(*(one(r) for r in warm))
+        started_at = time.time()
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(r) for r in requests))
-        return time.perf_counter() - start, sum(counts)
+        return time.perf_counter() - start, sum(counts), started_at
 
 
 def run_grpc(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
@@ -105,7 +108,7 @@ def run_grpc(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     try:
         sampling = dict(sampling, detokenize=False)
         requests = [request(p, m, sampling) for p, m in zip(prompts, max_tokens)]
-        seconds, num_tokens = asyncio.run(send_all(addr, requests))
+        seconds, num_tokens, started_at = asyncio.run(send_all(addr, requests))
     finally:
-        launcher.stop_all(services)
-    return {"seconds": seconds, "output_tokens": num_tokens}
+        launcher.stop_all(services)  # workers write their step traces as they exit
+    return {"seconds": seconds, "output_tokens": num_tokens, "started_at": started_at}

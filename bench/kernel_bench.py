@@ -25,7 +25,11 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from kernels.paged_decode_attention import DecodeConfig, paged_decode_attention  # noqa: E402
+from kernels.paged_decode_attention import (  # noqa: E402
+    DecodeConfig,
+    default_num_splits,
+    paged_decode_attention,
+)
 from kernels.paged_prefill_attention import (  # noqa: E402
     PrefillConfig,
     default_prefill_config,
@@ -67,13 +71,15 @@ def paged_kv(
 
 def bench_decode(
     num_seqs: int,
-    context: int,
+    context: int | list[int],
     block_size: int,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
 ) -> tuple[float, float]:
-    """Returns (microseconds, K/V GB/s) for one decode step over ``num_seqs`` full contexts."""
-    k_cache, v_cache, lens, tables = paged_kv([context] * num_seqs, block_size)
+    """Returns (microseconds, K/V GB/s) for one decode step over ``num_seqs`` contexts of
+    ``context`` tokens each (or of the given lengths)."""
+    seq_lens = [context] * num_seqs if isinstance(context, int) else context
+    k_cache, v_cache, lens, tables = paged_kv(seq_lens, block_size)
     q = torch.randn(num_seqs, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     scale = HEAD_DIM**-0.5
     ms = time_ms(
@@ -81,7 +87,7 @@ def bench_decode(
             q, k_cache, v_cache, lens, tables, scale, num_splits, config=config
         )
     )
-    kv_bytes = 2 * num_seqs * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    kv_bytes = 2 * sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
     return ms * 1e3, kv_bytes / (ms * 1e-3) / 1e9
 
 
@@ -131,6 +137,20 @@ def sweep_decode(copy_gbs: float) -> None:
             print(f"  block_size {block_size:3d} {config}: {gbs:7.0f} GB/s")
 
 
+def sweep_splits(copy_gbs: float) -> None:
+    """Decode attention over mixed context lengths U(100, 2048), by batch size and split count:
+    the data behind ``default_num_splits``."""
+    print("\nsplit sweep, contexts U(100, 2048), block_size 256: % of copy bandwidth")
+    counts = (1, 2, 3, 4, 6, 8, 12, 16)
+    print(f"{'seqs':>6}{'auto':>6}" + "".join(f"{c:>6}" for c in counts))
+    gen = torch.Generator().manual_seed(1)
+    for num_seqs in (4, 8, 16, 32, 64, 96, 128, 192, 256):
+        lens = torch.randint(100, 2049, (num_seqs,), generator=gen).tolist()
+        auto = default_num_splits(num_seqs, NUM_KV_HEADS, 4096, torch.device("cuda"))
+        row = [bench_decode(num_seqs, lens, 256, c)[1] / copy_gbs for c in counts]
+        print(f"{num_seqs:>6}{auto:>6}" + "".join(f"{r:>6.0%}" for r in row))
+
+
 def sweep_prefill() -> None:
     cached_and_new, num_q_heads = PREFILL_SHAPES["4 x 2048 plain"]
     results = []
@@ -151,6 +171,9 @@ def sweep_prefill() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
+    parser.add_argument(
+        "--sweep-splits", action="store_true", help="also sweep decode split counts by batch size"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench needs a CUDA GPU")
@@ -161,10 +184,17 @@ def main() -> None:
     if args.sweep:
         sweep_decode(copy_gbs)
         sweep_prefill()
+    if args.sweep_splits:
+        sweep_splits(copy_gbs)
 
     print(f"\n{'decode (H_q 16, H_kv 8, D 128, bf16)':40s} {'us':>8s} {'GB/s':>7s} {'% copy':>7s}")
+    mixed = torch.randint(100, 2049, (256,), generator=torch.Generator().manual_seed(0)).tolist()
     decode_cases = [
         ("256 seqs x 1024, block 256", 256, 1024, 256, None),
+        ("256 seqs x U(100, 2048), auto split", 256, mixed, 256, None),
+        ("256 seqs x U(100, 2048), 2 splits", 256, mixed, 256, 2),
+        ("256 seqs x U(100, 2048), 4 splits", 256, mixed, 256, 4),
+        ("64 seqs x U(100, 2048), auto split", 64, mixed[:64], 256, None),
         ("256 seqs x 1024, block 16", 256, 1024, 16, None),
         ("8 seqs x 8192, block 256, no split", 8, 8192, 256, 1),
         ("8 seqs x 8192, block 256, auto split", 8, 8192, 256, None),

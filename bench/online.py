@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--rates", default="4,16,64", help="requests per second, comma-separated")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument(
+        "--max-model-len", type=int, help="default: 4096, or the model's limit when lower"
+    )
     parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -89,7 +91,9 @@ def main() -> None:
     model_dir = args.model or str(
         write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
     )
-    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    args.max_model_len = args.max_model_len or min(4096, cfg["max_position_embeddings"])
     prompts, max_tokens, sampling = load_workload(args.workload, args.num_requests)
     sampling = dict(sampling, detokenize=False)
     requests = [

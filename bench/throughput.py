@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -54,9 +55,14 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     llm.engine.timings.update(dict.fromkeys(llm.engine.timings, 0.0))
     profiler = _attach_profiler(llm) if args.torch_profile else None
     device_before = llm.worker.runner.device_seconds
+    if llm.worker.runner.trace is not None:
+        llm.worker.runner.trace.flush()
+    started_at = time.time()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    if llm.worker.runner.trace is not None:
+        llm.worker.runner.trace.flush()
     if profiler is not None:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30))
@@ -71,6 +77,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
         "preemptions": llm.engine.scheduler.num_preemptions,
         "host_seconds": dict(llm.engine.timings),
         "device_busy_seconds": llm.worker.runner.device_seconds - device_before,
+        "started_at": started_at,
     }
 
 
@@ -145,12 +152,17 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument(
+        "--max-model-len", type=int, help="default: 4096, or the model's limit when lower"
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-async", action="store_true", help="synchronous scheduling")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (grpc engine)")
     parser.add_argument("--torch-profile", action="store_true", help="print a kernel profile")
+    parser.add_argument(
+        "--step-trace", metavar="DIR", help="trace every step; print device time by batch size"
+    )
     parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()
@@ -159,6 +171,7 @@ def main() -> None:
         write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
     )
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    args.max_model_len = args.max_model_len or min(4096, cfg["max_position_embeddings"])
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     prompts = [[t % cfg["vocab_size"] for t in p] for p in prompts]  # small models: fold ids
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,6 +189,7 @@ def main() -> None:
     # Separate processes first: an in-process engine holds its GPU memory until this one exits.
     engines = sorted(args.engines.split(","), key=lambda e: e != "grpc")
     for engine in engines:
+        trace = _start_trace(args.step_trace, engine)
         if engine == "inprocess":
             res = run_inprocess(model_dir, prompts, max_tokens, sampling, args)
         elif engine == "grpc":
@@ -188,11 +202,37 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown engine {engine!r}")
         res["tokens_per_s"] = res["output_tokens"] / res["seconds"]
+        if trace is not None:
+            res["steps"] = _report_trace(trace, res, cfg, bandwidth)
         results["engines"][engine] = res
         print(json.dumps({engine: res}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
+
+
+def _start_trace(trace_dir: str | None, engine: str) -> Path | None:
+    """Workers started from here on (in this process or spawned) trace their steps to a file."""
+    os.environ.pop("NANOSERVE_STEP_TRACE", None)
+    if not trace_dir or engine == "transformers":
+        return None
+    path = Path(trace_dir) / f"steps_{engine}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    os.environ["NANOSERVE_STEP_TRACE"] = str(path)
+    return path
+
+
+def _report_trace(path: Path, res: dict, cfg: dict, bandwidth: float) -> list[dict]:
+    """The timed run's steps only: those collected after its clock started."""
+    from bench.step_report import print_summary, read_trace, summarize
+
+    if not path.exists():
+        return []
+    groups = summarize(read_trace(path, since=res["started_at"]), cfg, bandwidth)
+    print(f"where the device time went ({path.stem}):")
+    print_summary(groups)
+    return groups
 
 
 def print_table(results: dict) -> None:

@@ -100,7 +100,7 @@ def run_one(model_dir: str, tp: int, args, prompts, max_tokens, sampling, greedy
         greedy = asyncio.run(greedy_outputs(addr, greedy_prompts, args.greedy_tokens))
         bench_sampling = dict(sampling, detokenize=False)
         requests = [request(p, m, bench_sampling) for p, m in zip(prompts, max_tokens)]
-        seconds, num_tokens = asyncio.run(send_all(addr, requests))
+        seconds, num_tokens, _ = asyncio.run(send_all(addr, requests))
     finally:
         launcher.stop_all(services)
         log_dir = services[0].log_path.parent if services and services[0].log_path else None

@@ -2,8 +2,11 @@
 
 ``argmax(logits / T + G)`` with ``G = -log(-log(U))``, U uniform, draws exactly from
 ``softmax(logits / T)``; temperature 0 rows take the plain argmax. Each row's noise comes from
-its own seed (counter-based random numbers), so a row's token never depends on its neighbours.
-Filters (top_k, top_p, min_p) need a sort and stay in the torch sampler.
+its own seed and the token index (counter-based random numbers), so a row's token never depends
+on its neighbours or on how the vocabulary is split. One program scores one chunk of one row's
+vocabulary and keeps its best (score, index); a small reduction over the chunks picks each row's
+winner, lowest index on ties like ``torch.argmax``. Splitting the vocabulary keeps the whole GPU
+busy at any batch size. Filters (top_k, top_p, min_p) need a sort and stay in the torch sampler.
 """
 
 from __future__ import annotations
@@ -12,28 +15,36 @@ import torch
 import triton
 import triton.language as tl
 
+CHUNK_SIZE = 4096  # vocabulary entries per program
+
 
 @triton.jit
-def _sample_tokens_kernel(
+def _sample_chunk_kernel(
     logits_ptr,
     stride_row,
     temperatures_ptr,
     seeds_ptr,
-    out_ptr,
+    part_score_ptr,  # [B, num_chunks] float32
+    part_index_ptr,  # [B, num_chunks] int32
     vocab_size,
+    num_chunks,
+    CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     temperature = tl.load(temperatures_ptr + row)
     seed = tl.load(seeds_ptr + row)
     greedy = temperature == 0.0
     inv_t = 1.0 / tl.where(greedy, 1.0, temperature)
     best_score = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab_size, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
+    for start in range(0, CHUNK, BLOCK):
+        offsets = chunk * CHUNK + start + tl.arange(0, BLOCK)
         mask = offsets < vocab_size
-        logit = tl.load(logits_ptr + row * stride_row + offsets, mask=mask, other=float("-inf"))
+        logit = tl.load(
+            logits_ptr + row.to(tl.int64) * stride_row + offsets, mask=mask, other=float("-inf")
+        )
         score = logit.to(tl.float32) * inv_t
         if not greedy:
             uniform = tl.rand(seed, offsets)
@@ -44,27 +55,44 @@ def _sample_tokens_kernel(
     top = tl.max(best_score, axis=0)
     # Lowest index among the maxima, like torch.argmax.
     winner = tl.min(tl.where(best_score == top, best_index, vocab_size), axis=0)
-    tl.store(out_ptr + row, winner.to(tl.int64))
+    tl.store(part_score_ptr + row * num_chunks + chunk, top)
+    tl.store(part_index_ptr + row * num_chunks + chunk, winner)
 
 
 def sample_tokens(
     logits: torch.Tensor,  # [B, V] float32 / bfloat16 / float16
     temperatures: torch.Tensor,  # [B] float32, 0 = greedy
     seeds: torch.Tensor,  # [B] int64, one noise stream per row
+    chunk_size: int = CHUNK_SIZE,
 ) -> torch.Tensor:  # [B] int64
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [B, V] with unit stride on V, got {tuple(logits.shape)}")
-    num_rows = logits.shape[0]
+    num_rows, vocab_size = logits.shape
     if temperatures.shape != (num_rows,) or temperatures.dtype != torch.float32:
         raise ValueError("temperatures must be float32 of shape [B]")
     if seeds.shape != (num_rows,) or seeds.dtype != torch.int64:
         raise ValueError("seeds must be int64 of shape [B]")
-    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    if num_rows:
-        _sample_tokens_kernel[(num_rows,)](
-            logits, logits.stride(0), temperatures, seeds, out, logits.shape[1], BLOCK=1024
-        )
-    return out
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size} is invalid: must be a power of two")
+    if num_rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    num_chunks = triton.cdiv(vocab_size, chunk_size)
+    part_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
+    part_index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    _sample_chunk_kernel[(num_rows, num_chunks)](
+        logits,
+        logits.stride(0),
+        temperatures,
+        seeds,
+        part_score,
+        part_index,
+        vocab_size,
+        num_chunks,
+        CHUNK=chunk_size,
+        BLOCK=min(1024, chunk_size),
+    )
+    best_chunk = part_score.argmax(dim=1, keepdim=True)  # first maximum: the lowest index
+    return part_index.gather(1, best_chunk)[:, 0].to(torch.int64)
 
 
 def sample_tokens_ref(

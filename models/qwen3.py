@@ -181,7 +181,7 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``hidden: [B, hidden]`` -> float32 ``[B, vocab]`` on rank 0, None on other ranks."""
+        """``hidden: [B, hidden]`` -> ``[B, vocab]`` (model dtype) on rank 0, None elsewhere."""
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:

@@ -30,6 +30,9 @@ class SchedulerServiceConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    # Step plans sent ahead of their answers: 2 keeps the next step queued on the GPU even when
+    # a round trip to the workers takes longer than a step (stop checks act a step later).
+    pipeline_depth: int = 2
     max_num_waiting: int = 4096  # past this many waiting requests, Generate is RESOURCE_EXHAUSTED
     step_timeout_s: float = 60.0  # deadline of one Step RPC; a worker past it counts as lost
     rpc_timeout_s: float = 5.0  # deadline of Describe, StartSession and Ping
@@ -78,6 +81,7 @@ class SchedulerServiceConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
+            pipeline_depth=self.pipeline_depth,
         )
 
     @classmethod
@@ -93,6 +97,7 @@ class SchedulerServiceConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
             enable_prefix_caching=not args.no_prefix_caching,
+            pipeline_depth=args.pipeline_depth,
             max_num_waiting=args.max_num_waiting,
             step_timeout_s=args.step_timeout,
             drain_timeout_s=args.drain_timeout,
@@ -112,6 +117,7 @@ class SchedulerServiceConfig:
 
 
 _POSITIVE_LIMITS = (
+    "pipeline_depth",
     "max_prompt_tokens",
     "max_output_tokens",
     "max_num_streams",
@@ -138,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=d.pipeline_depth,
+        help="step plans sent to the workers before waiting for an answer",
+    )
     p.add_argument("--max-num-waiting", type=int, default=d.max_num_waiting)
     p.add_argument("--step-timeout", type=float, default=d.step_timeout_s, help="seconds")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, help="seconds")

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from scheduler_service.detokenizer import IncrementalDetokenizer
 from scheduler_service.sampling_params import SamplingParams
-from scheduler_service.scheduler import Scheduler, SchedulerConfig
+from scheduler_service.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from scheduler_service.sequence import Sequence
 from scheduler_service.step_plan import PlanBuilder, StepPlan, StepResult, WorkerInfo
 from scheduler_service.stop_checker import FinishReason, check_stop
@@ -23,11 +23,16 @@ from scheduler_service.tokenizer import Tokenizer
 
 
 class WorkerClient(Protocol):
+    """A worker (or a tensor-parallel group) seen from the engine. Plans are answered in order:
+    ``receive`` returns the answer to the oldest ``submit``ted plan not yet answered."""
+
     def describe(self) -> WorkerInfo: ...
 
     def start_session(self) -> None: ...
 
-    def step(self, plan: StepPlan) -> StepResult: ...
+    def submit(self, plan: StepPlan) -> None: ...
+
+    def receive(self) -> StepResult: ...
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,18 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks on token-id workloads)
     async_scheduling: bool = True  # plan step N+1 while the worker runs step N
+    # Async scheduling: plans sent before waiting for an answer. 2 keeps the next step queued on
+    # the device even when a round trip to a remote worker takes longer than a step.
+    pipeline_depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth={self.pipeline_depth} is invalid: must be >= 1")
+        if self.pipeline_depth > 1 and not self.async_scheduling:
+            raise ValueError(
+                f"pipeline_depth={self.pipeline_depth} is invalid without async scheduling: "
+                "must be 1"
+            )
 
 
 @dataclass
@@ -87,7 +104,8 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self.num_generated_tokens = 0
         self.num_prefill_tokens = 0
-        self._num_in_flight = 0  # deferred steps the worker has not answered yet
+        self._num_in_flight = 0  # launched steps whose tokens have not come back yet
+        self._num_unanswered = 0  # plans sent whose answers have not been received
         self.timings: dict[str, float] = dict.fromkeys(("plan", "worker", "outputs", "steps"), 0.0)
         worker.start_session()
 
@@ -150,23 +168,23 @@ class EngineCore:
         """Run one step: schedule, execute on the worker, and report what changed.
 
         With async scheduling the worker answers with the previous step's tokens, so stop checks
-        act one step late: a finished sequence may have one wasted token computed, never shown.
+        act one step late: a finished sequence may have one wasted token computed, never shown
+        (``pipeline_depth`` steps late: as many wasted tokens). With ``pipeline_depth`` > 1 a step
+        that sends a plan may return without waiting for an answer (no outputs).
         """
         started = time.perf_counter()
         batch = self.scheduler.schedule()
-        if not batch and not self._num_in_flight:
+        # An empty plan is sent only to flush a launched step whose answer is not on its way.
+        if batch or self._num_in_flight > self._num_unanswered:
+            self._submit(batch)
+        if not self._num_unanswered:
             return []
-        plan = self.plans.build(batch)
-        plan.defer_result = self.config.async_scheduling
-        self.num_prefill_tokens += sum(
-            n
-            for seq, n in zip(batch.seqs, batch.num_new_tokens)
-            if seq.num_computed_tokens < seq.num_prompt_tokens
-        )
-        self.scheduler.on_step_launched(batch)
-        self._num_in_flight += bool(batch)
+        if batch and self._num_unanswered < self.config.pipeline_depth:
+            self.timings["plan"] += time.perf_counter() - started
+            return []  # room for one more plan before waiting
         planned = time.perf_counter()
-        result = self.worker.step(plan)
+        result = self.worker.receive()
+        self._num_unanswered -= 1
         answered = time.perf_counter()
         self.timings["plan"] += planned - started
         self.timings["worker"] += answered - planned
@@ -183,6 +201,19 @@ class EngineCore:
             outputs.append(self._append_token(request, token_id, logprobs))
         self.timings["outputs"] += time.perf_counter() - answered
         return outputs
+
+    def _submit(self, batch: ScheduledBatch) -> None:
+        plan = self.plans.build(batch)
+        plan.defer_result = self.config.async_scheduling
+        self.num_prefill_tokens += sum(
+            n
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)
+            if seq.num_computed_tokens < seq.num_prompt_tokens
+        )
+        self.scheduler.on_step_launched(batch)
+        self._num_in_flight += bool(batch)
+        self.worker.submit(plan)
+        self._num_unanswered += 1
 
     def _append_token(
         self, request: _Request, token_id: int, logprobs: list[list[tuple[int, float]]] | None

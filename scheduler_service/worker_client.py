@@ -15,6 +15,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -53,14 +54,14 @@ class WorkerUnavailable(Exception):
 class StepTiming:
     """Where the last step's time went on the client side (nanoseconds, monotonic clock)."""
 
-    start_ns: int = 0  # step() entered
-    serialize_ns: int = 0  # plan -> bytes
-    call_ns: int = 0  # send, wait for every rank, receive
+    start_ns: int = 0  # receive() entered
+    serialize_ns: int = 0  # plan -> bytes (in submit())
+    call_ns: int = 0  # from receive() entered until every rank has answered
     parse_ns: int = 0  # bytes -> StepResult
     compute_ns: int = 0  # what rank 0 reports for Worker.step itself
     worker_wire_ns: int = 0  # what rank 0 reports for decoding the plan and encoding its reply
     worker_memory_bytes: int = 0  # what rank 0 reports holding after the step
-    end_ns: int = 0  # step() returns
+    end_ns: int = 0  # receive() returns
 
 
 class GrpcWorkerClient:
@@ -81,6 +82,7 @@ class GrpcWorkerClient:
         self._interceptors = [MetadataInterceptor(bearer(secret))] if secret else []
         self._channels: list[grpc.Channel] = []
         self._streams: list[StepStream] = []
+        self._serialize_ns: deque[int] = deque()  # per plan sent and not yet answered
         self._open()
 
     def _open(self) -> None:
@@ -137,6 +139,7 @@ class GrpcWorkerClient:
         for stream in self._streams:
             stream.close()
         self._streams = [StepStream(c, self.step_timeout_s) for c in self._channels]
+        self._serialize_ns.clear()
         self.session_id = session_id
 
     def ping(self) -> None:
@@ -147,18 +150,34 @@ class GrpcWorkerClient:
                 raise WorkerUnavailable(f"worker {self.addrs[i]} lost the session (restarted?)")
 
     def step(self, plan: StepPlan) -> StepResult:
+        """Send a plan and wait for its answer."""
+        self.submit(plan)
+        return self.receive()
+
+    def submit(self, plan: StepPlan) -> None:
+        """Send a plan to every rank (the same bytes) without waiting for an answer."""
+        if not self._streams:
+            raise WorkerUnavailable("no session: call start_session first")
         start = time.perf_counter_ns()
         data = wire_worker.plan_to_pb(plan, self.session_id).SerializeToString()
-        serialized = time.perf_counter_ns()
-        raw = self._send_step(data)
+        self._serialize_ns.append(time.perf_counter_ns() - start)
+        for stream in self._streams:
+            stream.send(data)
+
+    def receive(self) -> StepResult:
+        """The answer to the oldest plan not yet answered: rank 0's (every rank must answer)."""
+        if not self._streams:
+            raise WorkerUnavailable("no session: call start_session first")
+        start = time.perf_counter_ns()
+        replies = [self._call(i, stream.receive) for i, stream in enumerate(self._streams)]
         received = time.perf_counter_ns()
-        reply = pb.StepResponse.FromString(raw)
+        reply = pb.StepResponse.FromString(replies[0])
         result = wire_worker.result_from_pb(reply)
         end = time.perf_counter_ns()
         self.timing = StepTiming(
             start_ns=start,
-            serialize_ns=serialized - start,
-            call_ns=received - serialized,
+            serialize_ns=self._serialize_ns.popleft() if self._serialize_ns else 0,
+            call_ns=received - start,
             parse_ns=end - received,
             compute_ns=reply.compute_ns,
             worker_wire_ns=reply.wire_ns,
@@ -166,15 +185,6 @@ class GrpcWorkerClient:
             end_ns=end,
         )
         return result
-
-    def _send_step(self, data: bytes) -> bytes:
-        """Every rank gets the same bytes at once; rank 0's answer is the result."""
-        if not self._streams:
-            raise WorkerUnavailable("no session: call start_session first")
-        for stream in self._streams:
-            stream.send(data)
-        replies = [self._call(i, stream.receive) for i, stream in enumerate(self._streams)]
-        return replies[0]
 
     def _call(self, rank: int, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``call(*args, **kwargs)`` on ``rank``; a gRPC failure becomes WorkerUnavailable."""
@@ -189,8 +199,8 @@ class GrpcWorkerClient:
 class StepStream:
     """One rank's long-lived StepStream call: plan bytes in, result bytes out, in order.
 
-    gRPC streams have no per-message deadline, so a watchdog thread cancels the call when a
-    step takes longer than ``step_timeout_s``; the blocked ``receive`` then fails.
+    gRPC streams have no per-message deadline, so a watchdog thread cancels the call when the
+    oldest unanswered plan has waited longer than ``step_timeout_s``; ``receive`` then fails.
     """
 
     def __init__(self, channel: grpc.Channel, step_timeout_s: float) -> None:
@@ -198,13 +208,13 @@ class StepStream:
         call = channel.stream_stream(STEP_STREAM_METHOD)  # raw bytes: serialized once for all
         self._responses = call(iter(self._requests.get, None))
         self._timeout_ns = int(step_timeout_s * 1e9)
-        self._sent_ns = 0  # when the step now awaited was sent; 0: none
+        self._sent_ns: deque[int] = deque()  # when each unanswered plan was sent, oldest first
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
         self._watchdog.start()
 
     def send(self, data: bytes) -> None:
-        self._sent_ns = time.monotonic_ns()
+        self._sent_ns.append(time.monotonic_ns())
         self._requests.put(data)
 
     def receive(self) -> bytes:
@@ -213,7 +223,8 @@ class StepStream:
         except StopIteration:
             raise WorkerUnavailable("the worker ended the step stream") from None
         finally:
-            self._sent_ns = 0
+            if self._sent_ns:
+                self._sent_ns.popleft()
 
     def close(self) -> None:
         self._closed.set()
@@ -223,7 +234,10 @@ class StepStream:
     def _watch(self) -> None:
         period = min(1.0, self._timeout_ns / 4e9)
         while not self._closed.wait(period):
-            sent = self._sent_ns
-            if sent and time.monotonic_ns() - sent > self._timeout_ns:
+            try:
+                sent = self._sent_ns[0]
+            except IndexError:  # nothing awaited (or receive() just took it)
+                continue
+            if time.monotonic_ns() - sent > self._timeout_ns:
                 self._responses.cancel()  # receive() raises CANCELLED
                 return

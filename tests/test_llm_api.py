@@ -108,13 +108,16 @@ def test_async_and_sync_scheduling_sample_the_same_tokens(tiny_model_dir) -> Non
         for i in range(9)
     ]
     results = []
-    for async_scheduling in (True, False):
+    for async_scheduling, depth in ((True, 1), (True, 2), (False, 1)):
         llm = LLM(
             str(tiny_model_dir),
             device="cpu",
             block_size=16,
             num_kv_blocks=64,
             async_scheduling=async_scheduling,
+            pipeline_depth=depth,
         )
         results.append(llm.generate(prompts, params, use_tqdm=False))
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
+    # At least one request stopped early (EOS): tokens computed past a stop are never shown.
+    assert any(len(r["token_ids"]) < p.max_tokens for r, p in zip(results[0], params))

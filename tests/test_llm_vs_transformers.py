@@ -155,3 +155,12 @@ def test_synchronous_scheduling_gives_the_same_output(case) -> None:
     llm = LLM(str(model_dir), device="cpu", block_size=16, num_kv_blocks=24, async_scheduling=False)
     assert generate_ids(llm, prompts) == expected
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_two_plans_in_flight_give_the_same_output_under_preemption(case) -> None:
+    model_dir, prompts, expected = case
+    llm = LLM(str(model_dir), device="cpu", block_size=16, num_kv_blocks=24, pipeline_depth=2)
+    assert generate_ids(llm, prompts) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    manager = llm.engine.scheduler.block_manager
+    assert manager.num_free_blocks == manager.num_blocks

@@ -41,6 +41,17 @@ def test_a_row_depends_only_on_its_own_seed() -> None:
     assert together[2] == alone[0]
 
 
+def test_splitting_the_vocabulary_changes_nothing() -> None:
+    logits = torch.randn(4, 700, device=DEVICE)
+    logits[0, [100, 650]] = 50.0  # a tie across chunks: the lowest index wins, like argmax
+    temps = torch.tensor([0.0, 0.0, 1.0, 0.5], device=DEVICE)
+    seeds = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    whole = sample_tokens(logits, temps, seeds, chunk_size=1024)
+    split = sample_tokens(logits, temps, seeds, chunk_size=64)
+    assert torch.equal(whole, split)
+    assert whole[0] == 100 and whole[1] == logits[1].argmax()
+
+
 def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="seeds"):
         sample_tokens(

@@ -19,6 +19,7 @@ from worker_service.batch_inputs import PENDING, build_inputs, to_device
 from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.sampler import SamplingBatch, compute_logprobs, sample
 from worker_service.sequence_table import WorkerSequence
+from worker_service.step_trace import StepTrace
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LaunchedStep:
     done: torch.cuda.Event | None
     started: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    shape: tuple[int, int, int] = (0, 0, 0)  # sequences, tokens, context tokens (for the trace)
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,7 @@ class ModelRunner:
         self._last_tokens_gpu = torch.empty(0, dtype=torch.int64, device=device)
         self._last_done: torch.cuda.Event | None = None
         self.device_seconds = 0.0  # device busy time of collected steps (CUDA only)
+        self.trace = StepTrace.from_env() if device.type == "cuda" else None
 
     @torch.inference_mode()
     def launch(
@@ -86,10 +89,14 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, meta)  # [T, hidden]
         for seq, num_tokens in zip(seqs, num_new_tokens):
             seq.num_computed_tokens += num_tokens
+        shape = (0, 0, 0)
+        if self.trace is not None:
+            context = sum(seq.num_computed_tokens for seq in seqs)
+            shape = (len(seqs), len(inputs.positions), context)
         sampling_seqs = [seqs[row] for row in inputs.sample_rows]
         if not sampling_seqs:
             empty = torch.empty(0, dtype=torch.int64)
-            return self._copy_out(step_id, [], [], empty.to(self.device), None, started)
+            return self._copy_out(step_id, [], [], empty.to(self.device), None, started, shape)
         rows = to_device(inputs.sample_rows, torch.int64, self.device)
         last_token_indices = meta.cu_seqlens_q[1:][rows].long() - 1
         logits = self.model.compute_logits(hidden[last_token_indices])  # [B_s, V] on rank 0
@@ -108,9 +115,9 @@ class ModelRunner:
             seq.token_ids.append(PENDING)
         self._last_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
         self._last_tokens_gpu = tokens
-        return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started)
+        return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started, shape)
 
-    def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started) -> LaunchedStep:
+    def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started, shape) -> LaunchedStep:
         if self.device.type != "cuda":
             return LaunchedStep(step_id, seqs, positions, tokens, tokens, None, None, logprobs)
         tokens_cpu = _pinned_copy(tokens)
@@ -118,7 +125,9 @@ class ModelRunner:
             logprobs = tuple(_pinned_copy(t) for t in logprobs)
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return LaunchedStep(step_id, seqs, positions, tokens, tokens_cpu, done, started, logprobs)
+        return LaunchedStep(
+            step_id, seqs, positions, tokens, tokens_cpu, done, started, logprobs, shape
+        )
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step and write its tokens into the sequences."""
@@ -137,10 +146,14 @@ class ModelRunner:
         """Add the time the device spent on this step (not the time it sat queued behind the
         previous one) to ``device_seconds``."""
         busy_ms = step.started.elapsed_time(step.done)
+        idle_ms = 0.0
         if self._last_done is not None:
             busy_ms = min(busy_ms, self._last_done.elapsed_time(step.done))
+            idle_ms = max(0.0, self._last_done.elapsed_time(step.started))
         self._last_done = step.done
         self.device_seconds += busy_ms / 1e3
+        if self.trace is not None:
+            self.trace.add(*step.shape, busy_ms, idle_ms)
 
     def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[WorkerSequence]) -> torch.Tensor:
         """Until min_tokens are out, EOS and stop token ids cannot be sampled."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -118,6 +119,7 @@ class Worker:
         )
         self.seqs = SequenceTable()
         self._in_flight: LaunchedStep | None = None  # a deferred step not yet answered
+        self._answers: deque[StepResult] = deque()  # submit()ted plans' answers, for receive()
         log.info(
             "worker ready: %s on %s (%s), attention=%s, %d KV blocks of %d tokens",
             config.model_dir,
@@ -219,6 +221,7 @@ class Worker:
             self.runner.collect(self._in_flight)
             self._in_flight = None
         self.seqs.clear()
+        self._answers.clear()
 
     def step(self, plan: StepPlan) -> StepResult:
         """Run a plan. With ``defer_result`` return the previous deferred plan's result instead."""
@@ -232,3 +235,10 @@ class Worker:
         if launched is None:
             return StepResult(-1, [], [])
         return self.runner.collect(launched)
+
+    # The engine's in-process WorkerClient: each plan runs as it is submitted.
+    def submit(self, plan: StepPlan) -> None:
+        self._answers.append(self.step(plan))
+
+    def receive(self) -> StepResult:
+        return self._answers.popleft()

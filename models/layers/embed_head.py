@@ -56,9 +56,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary range, gathered to rank 0."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        # hidden: [B, hidden] -> local: [B, V / world] -> rank 0: [B, V]
+        # hidden: [B, hidden] -> local: [B, V / world] -> rank 0: [B, V], in the model's dtype
+        # (the samplers read half-precision logits directly: no float32 copy of [B, V])
         local = F.linear(hidden, self.weight)
         logits = gather_to_rank0(local, self.parallel, dim=-1)
         if logits is None:
             return None
-        return logits[:, : self.vocab_size].float()
+        return logits[:, : self.vocab_size]

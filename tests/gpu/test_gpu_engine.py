@@ -115,8 +115,9 @@ def test_async_scheduling_output_equals_synchronous_output(checkpoint) -> None:
         for i in range(len(prompts))
     ]
     with_async, _ = generate_once(model_dir, prompts, params, async_scheduling=True)
+    two_ahead, _ = generate_once(model_dir, prompts, params, pipeline_depth=2)
     without, _ = generate_once(model_dir, prompts, params, async_scheduling=False)
-    assert with_async == without
+    assert with_async == two_ahead == without
 
 
 def test_cuda_graph_output_equals_eager_output(checkpoint) -> None:
