@@ -8,6 +8,9 @@ Each TP size starts its own N worker ranks and scheduler (bench.grpc_client.star
 a few greedy prompts (temperature 0, ignore_eos), then the workload; the profiled step window is
 part of the timed run, so it costs that run a little. Agreement is the common prefix of each
 greedy output with TP=1's (bf16 all-reduces sum in a different order, so long outputs may drift).
+``--check-ties`` then loads transformers' model on one GPU and, at every point where a TP size's
+greedy output leaves TP=1's, measures the gap between the two chosen tokens' single-GPU logits
+(a near tie is a gap within bf16 noise), and how far transformers' own greedy output agrees.
 """
 
 from __future__ import annotations
@@ -118,6 +121,86 @@ def run_one(model_dir: str, tp: int, args, prompts, max_tokens, sampling, greedy
     }
 
 
+def divergence_gaps(model_dir: str, prompts, reference, outputs) -> list[dict]:
+    """Where each output first differs from the reference: transformers' bf16 logits there (one
+    GPU, the reference's prefix as context), the gap between the two tokens chosen and the
+    largest logit. A near tie is a gap that is a small fraction of the largest logit."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    gaps = []
+    for prompt, ref, out in zip(prompts, reference, outputs):
+        n = common_prefix(ref, out)
+        if n >= min(len(ref), len(out)):
+            gaps.append({"diverges_at": None})
+            continue
+        with torch.no_grad():
+            ids = torch.tensor([prompt + ref[:n]], device=device)
+            logits = model(ids).logits[0, -1].float()
+        gaps.append(
+            {
+                "diverges_at": n,
+                "gap": (logits[ref[n]] - logits[out[n]]).item(),
+                "max_logit": logits.abs().max().item(),
+                "top2_gap": (lambda t: (t[0] - t[1]).item())(logits.topk(2).values),
+            }
+        )
+    del model
+    return gaps
+
+
+def hf_greedy(model_dir: str, prompts, num_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    outs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=num_tokens,
+                min_new_tokens=num_tokens,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            outs.append(out[0, len(prompt) :].tolist())
+    del model
+    return outs
+
+
+def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int) -> None:
+    runs = {run["tp"]: run for run in results["runs"]}
+    if 1 not in runs:
+        return
+    reference = runs[1]["greedy"]
+    hf = hf_greedy(model_dir, greedy_prompts, num_tokens)
+    results["ties"] = {"transformers_vs_tp1": [common_prefix(a, b) for a, b in zip(hf, reference)]}
+    print(
+        f"\ntransformers' greedy vs TP=1, tokens agreeing: {results['ties']['transformers_vs_tp1']}"
+    )
+    for name, outputs in [("transformers", hf)] + [
+        (f"tp{t}", r["greedy"]) for t, r in runs.items() if t != 1
+    ]:
+        gaps = divergence_gaps(model_dir, greedy_prompts, reference, outputs)
+        results["ties"][name] = gaps
+        for i, g in enumerate(gaps):
+            if g["diverges_at"] is None:
+                print(f"{name} prompt {i}: agrees on all {num_tokens} tokens")
+            else:
+                print(
+                    f"{name} prompt {i}: leaves TP=1 at token {g['diverges_at']}: logit gap "
+                    f"{g['gap']:.4f} ({100 * g['gap'] / g['max_logit']:.2f}% of the largest logit "
+                    f"{g['max_logit']:.2f}; top-2 gap there {g['top2_gap']:.4f})"
+                )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,6 +220,9 @@ def main() -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--out", default="tp_sweep")
+    p.add_argument(
+        "--check-ties", action="store_true", help="measure each greedy divergence's logit gap"
+    )
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
@@ -161,6 +247,9 @@ def main() -> None:
         print(json.dumps(summary), flush=True)
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results, args)
+    if args.check_ties:
+        check_ties(model_dir, results, greedy_prompts, args.greedy_tokens)
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
 
 
 def print_table(results: dict, args) -> None:
