@@ -34,6 +34,7 @@ def start_services(
     ]
     if args.enforce_eager:
         common.append("--enforce-eager")
+    common += getattr(args, "worker_args", "").split()  # e.g. "--dtype float32"
     tp = getattr(args, "tp", 1)
     dist_addr = f"127.0.0.1:{launcher.free_port()}" if tp > 1 else None
     workers = []

@@ -121,15 +121,20 @@ def run_one(model_dir: str, tp: int, args, prompts, max_tokens, sampling, greedy
     }
 
 
-def divergence_gaps(model_dir: str, prompts, reference, outputs) -> list[dict]:
-    """Where each output first differs from the reference: transformers' bf16 logits there (one
-    GPU, the reference's prefix as context), the gap between the two tokens chosen and the
-    largest logit. A near tie is a gap that is a small fraction of the largest logit."""
+def _hf_model(model_dir: str, dtype_name: str):
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    dtype = getattr(torch, dtype_name) if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def divergence_gaps(model_dir: str, prompts, reference, outputs, dtype: str) -> list[dict]:
+    """Where each output first differs from the reference: transformers' bf16 logits there (one
+    GPU, the reference's prefix as context), the gap between the two tokens chosen and the
+    largest logit. A near tie is a gap that is a small fraction of the largest logit."""
+    model = _hf_model(model_dir, dtype)
+    device = model.device
     gaps = []
     for prompt, ref, out in zip(prompts, reference, outputs):
         n = common_prefix(ref, out)
@@ -151,12 +156,9 @@ def divergence_gaps(model_dir: str, prompts, reference, outputs) -> list[dict]:
     return gaps
 
 
-def hf_greedy(model_dir: str, prompts, num_tokens: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+def hf_greedy(model_dir: str, prompts, num_tokens: int, dtype: str) -> list[list[int]]:
+    model = _hf_model(model_dir, dtype)
+    device = model.device
     outs = []
     with torch.no_grad():
         for prompt in prompts:
@@ -175,12 +177,12 @@ def hf_greedy(model_dir: str, prompts, num_tokens: int) -> list[list[int]]:
     return outs
 
 
-def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int) -> None:
+def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int, dtype: str) -> None:
     runs = {run["tp"]: run for run in results["runs"]}
     if 1 not in runs:
         return
     reference = runs[1]["greedy"]
-    hf = hf_greedy(model_dir, greedy_prompts, num_tokens)
+    hf = hf_greedy(model_dir, greedy_prompts, num_tokens, dtype)
     results["ties"] = {"transformers_vs_tp1": [common_prefix(a, b) for a, b in zip(hf, reference)]}
     print(
         f"\ntransformers' greedy vs TP=1, tokens agreeing: {results['ties']['transformers_vs_tp1']}"
@@ -188,7 +190,7 @@ def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int) -
     for name, outputs in [("transformers", hf)] + [
         (f"tp{t}", r["greedy"]) for t, r in runs.items() if t != 1
     ]:
-        gaps = divergence_gaps(model_dir, greedy_prompts, reference, outputs)
+        gaps = divergence_gaps(model_dir, greedy_prompts, reference, outputs, dtype)
         results["ties"][name] = gaps
         for i, g in enumerate(gaps):
             if g["diverges_at"] is None:
@@ -223,6 +225,7 @@ def main() -> None:
     p.add_argument(
         "--check-ties", action="store_true", help="measure each greedy divergence's logit gap"
     )
+    p.add_argument("--worker-args", default="", help='extra worker flags, e.g. "--dtype float32"')
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
@@ -248,7 +251,8 @@ def main() -> None:
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results, args)
     if args.check_ties:
-        check_ties(model_dir, results, greedy_prompts, args.greedy_tokens)
+        dtype = "float32" if "float32" in args.worker_args else "bfloat16"
+        check_ties(model_dir, results, greedy_prompts, args.greedy_tokens, dtype)
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -175,9 +175,12 @@ def _combine_splits_kernel(
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty))
 
 
-def default_decode_config(head_dim: int) -> DecodeConfig:
-    """The swept default at D <= 128; shallower, narrower tiles beyond, to fit shared memory."""
-    return DecodeConfig() if head_dim <= 128 else DecodeConfig(block_n=32, num_stages=2)
+def default_decode_config(head_dim: int, element_size: int = 2) -> DecodeConfig:
+    """The swept default for half precision at D <= 128; shallower, narrower tiles for wider
+    rows (D > 128, or float32), to fit shared memory."""
+    if head_dim * element_size <= 256:
+        return DecodeConfig()
+    return DecodeConfig(block_n=32, num_stages=2)
 
 
 @functools.cache
@@ -236,7 +239,7 @@ def paged_decode_attention(
         num_splits = default_num_splits(
             num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device
         )
-    config = config or default_decode_config(head_dim)
+    config = config or default_decode_config(head_dim, q.element_size())
     group = num_q_heads // num_kv_heads
     part_out = part_lse = out  # placeholders, unused when NUM_SPLITS == 1
     if num_splits > 1:

@@ -172,14 +172,16 @@ def _paged_prefill_kernel(
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-def default_prefill_config(group: int, head_dim: int, device: torch.device) -> PrefillConfig:
-    """Tiles for the GPU (at D = 128 the fastest of a sweep on an H100; smaller K/V tiles above
-    that keep the pipelined buffers within an SM's shared memory), and small ones for the CPU
-    interpreter, where each tile costs Python time."""
+def default_prefill_config(
+    group: int, head_dim: int, device: torch.device, element_size: int = 2
+) -> PrefillConfig:
+    """Tiles for the GPU (at D = 128 in half precision the fastest of a sweep on an H100; smaller
+    K/V tiles for wider rows, D > 128 or float32, keep the pipelined buffers within an SM's shared
+    memory), and small ones for the CPU interpreter, where each tile costs Python time."""
     rows_for_group = max(16, triton.next_power_of_2(group))
     if device.type != "cuda":
         return PrefillConfig(block_m=2 * rows_for_group, block_n=16)
-    if head_dim <= 128:
+    if head_dim * element_size <= 256:
         return PrefillConfig(block_m=max(64, rows_for_group), block_n=64, num_warps=4, num_stages=3)
     return PrefillConfig(block_m=max(64, rows_for_group), block_n=32, num_warps=4, num_stages=2)
 
@@ -214,7 +216,7 @@ def paged_prefill_attention(
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
-    config = config or default_prefill_config(group, head_dim, q.device)
+    config = config or default_prefill_config(group, head_dim, q.device, q.element_size())
     if config.block_m < 16 or config.block_m < group:
         raise ValueError(f"block_m {config.block_m} must be >= 16 and >= the GQA group {group}")
     if q.shape[0] == 0 or num_seqs == 0 or max_seqlen_q == 0:
