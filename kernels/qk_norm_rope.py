@@ -6,6 +6,10 @@ shuffle. ``qk_norm_rope_ref`` is the torch reference, the operations Qwen3's att
 (``q_norm``/``k_norm``, then ``RotaryEmbedding``). The kernel rounds to the input dtype wherever
 the reference does (normalised row, weight product, cos/sin, each rope product and their sum), so
 only the float32 sum of squares and ``rsqrt`` can differ. Not a layer: no parameters.
+
+Given ``kv_store=(v, k_cache, v_cache, slot_mapping)`` the key program also writes the finished k
+row and the v row to the paged cache (what ``kernels.store_kvcache`` does, bit for bit), which
+saves a kernel launch per layer and step.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.store_kvcache import check_store_inputs
+
+KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # v, caches, slots
 
 
 def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,6 +85,7 @@ def _norm_rope_heads(
     out2 = (n2 * cos2).to(dtype).to(tl.float32) + (n1 * sin2).to(dtype).to(tl.float32)
     tl.store(ptrs, out1.to(dtype), mask=mask)
     tl.store(ptrs + HALF, out2.to(dtype), mask=mask)
+    return out1.to(dtype), out2.to(dtype)
 
 
 @triton.jit
@@ -95,6 +104,13 @@ def _qk_norm_rope_kernel(
     stride_cos,
     stride_sin,
     eps,
+    v_ptr,  # the rest: only read when STORE_KV
+    stride_vt,
+    stride_vh,
+    k_cache_ptr,  # [num_blocks, block_size, H_kv, D] contiguous
+    v_cache_ptr,
+    slot_mapping_ptr,
+    STORE_KV: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,  # head_dim / 2
@@ -129,7 +145,7 @@ def _qk_norm_rope_kernel(
             BLOCK_HALF,
         )
     else:
-        _norm_rope_heads(
+        k1, k2 = _norm_rope_heads(
             k_ptr + token * stride_kt,
             stride_kh,
             k_weight_ptr,
@@ -143,6 +159,20 @@ def _qk_norm_rope_kernel(
             BLOCK_KV_HEADS,
             BLOCK_HALF,
         )
+        if STORE_KV:
+            slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+            if slot >= 0:
+                heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
+                mask = (heads < NUM_KV_HEADS) & dim_mask
+                row = slot * (NUM_KV_HEADS * 2 * HALF) + heads * (2 * HALF) + dims
+                cache_ty = k_cache_ptr.dtype.element_ty
+                tl.store(k_cache_ptr + row, k1.to(cache_ty), mask=mask)
+                tl.store(k_cache_ptr + row + HALF, k2.to(cache_ty), mask=mask)
+                v_row = v_ptr + token * stride_vt + heads * stride_vh + dims
+                v1 = tl.load(v_row, mask=mask)
+                v2 = tl.load(v_row + HALF, mask=mask)
+                tl.store(v_cache_ptr + row, v1.to(cache_ty), mask=mask)
+                tl.store(v_cache_ptr + row + HALF, v2.to(cache_ty), mask=mask)
 
 
 def _check_qk_norm_rope_inputs(
@@ -191,11 +221,18 @@ def qk_norm_rope(
     cos_cache: torch.Tensor,  # [P, D], any float dtype (cast to q's dtype, as the reference does)
     sin_cache: torch.Tensor,  # [P, D]
     eps: float,
+    kv_store: KVStore | None = None,  # (v, k_cache, v_cache, slot_mapping): also fill the cache
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrite q and k with ``qk_norm_rope_ref``'s result and return them. No host sync."""
+    """Overwrite q and k with ``qk_norm_rope_ref``'s result and return them. No host sync.
+    With ``kv_store``, also ``store_kvcache(k, v, k_cache, v_cache, slot_mapping)`` (new k)."""
     _check_qk_norm_rope_inputs(positions, q, k, q_weight, k_weight, cos_cache, sin_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    if kv_store is not None:
+        v, k_cache, v_cache, slot_mapping = kv_store
+        check_store_inputs(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        v, k_cache, v_cache, slot_mapping = k, k, k, positions  # placeholders, never read
     if num_tokens == 0:
         return q, k
     block_q_heads = triton.next_power_of_2(num_q_heads)
@@ -215,6 +252,13 @@ def qk_norm_rope(
         cos_cache.stride(0),
         sin_cache.stride(0),
         eps,
+        v,
+        v.stride(0),
+        v.stride(1),
+        k_cache,
+        v_cache,
+        slot_mapping,
+        STORE_KV=kv_store is not None,
         NUM_Q_HEADS=num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=head_dim // 2,

@@ -56,7 +56,7 @@ def _store_kvcache_kernel(
     tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_store_inputs(
+def check_store_inputs(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
@@ -99,7 +99,7 @@ def store_kvcache(
     slot_mapping: torch.Tensor,  # [T] int32 or int64, -1 = skip
 ) -> None:
     """Write ``k[t]``/``v[t]`` to cache slot ``slot_mapping[t]`` (cast to the cache dtype)."""
-    _check_store_inputs(k, v, k_cache, v_cache, slot_mapping)
+    check_store_inputs(k, v, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return

@@ -65,9 +65,12 @@ class Qwen3Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H_q, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
-        # q_norm, k_norm, then RoPE; on CUDA one fused kernel writing into qkv.
-        q, k = self.rotary_emb.forward_with_qk_norm(positions, q, k, self.q_norm, self.k_norm)
-        out = self.attn(q, k, v, meta)  # [T, H_q D]
+        # q_norm, k_norm, then RoPE; on CUDA one fused kernel writing into qkv (and, when the
+        # backend allows it, the new K/V into the paged cache).
+        q, k, stored = self.rotary_emb.forward_with_qk_norm(
+            positions, q, k, self.q_norm, self.k_norm, self.attn.fused_kv_store(v, meta)
+        )
+        out = self.attn(q, k, v, meta, kv_stored=stored)  # [T, H_q D]
         return self.o_proj(out)
 
 

@@ -156,6 +156,32 @@ def test_qk_norm_rope_matches_reference_in_place(
     assert torch.isnan(buffer[:, -7:]).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(4, 2, 64), (2, 1, 32)])
+def test_qk_norm_rope_stores_the_new_kv_like_store_kvcache(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    from kernels.store_kvcache import store_kvcache_ref
+
+    num_tokens, num_blocks, block_size = 5, 4, 4
+    _, q, k, v = fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype)
+    rope = RotaryEmbedding(head_dim, max_position_embeddings=64, base=10000.0).to(DEVICE)
+    positions = torch.randint(0, 64, (num_tokens,), device=DEVICE)
+    weights = random_weight(head_dim, dtype), random_weight(head_dim, dtype)
+    caches = (rope.cos_cache, rope.sin_cache)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    slots = torch.tensor([3, -1, 12, 0, 15], device=DEVICE)  # -1: padding, never stored
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    q_ref, k_ref = q.clone(), k.clone()
+    qk_norm_rope(positions, q_ref, k_ref, *weights, *caches, EPS)  # the unfused path
+    store_kvcache_ref(k_ref, v, expected_k, expected_v, slots)
+    qk_norm_rope(positions, q, k, *weights, *caches, EPS, kv_store=(v, k_cache, v_cache, slots))
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
 def test_qk_norm_rope_rejects_bad_inputs() -> None:
     _, q, k, _ = fused_qkv(2, 4, 2, 64, torch.float32)
     rope = RotaryEmbedding(64, max_position_embeddings=8, base=10000.0).to(DEVICE)
@@ -216,7 +242,8 @@ def test_qk_norm_rope_on_gpu_matches_torch_path(num_tokens: int) -> None:
     k_norm.weight.copy_(random_weight(128, dtype))
     positions = torch.randint(0, 40960, (num_tokens,), device="cuda")
     ref_q, ref_k = rope(positions, q_norm(q), k_norm(k))  # 3-D: the layers' torch path
-    got_q, got_k = rope.forward_with_qk_norm(positions, q, k, q_norm, k_norm)
+    got_q, got_k, stored = rope.forward_with_qk_norm(positions, q, k, q_norm, k_norm)
+    assert not stored
     assert got_q is q and got_k is k
     assert_matches(q, ref_q)
     assert_matches(k, ref_k)

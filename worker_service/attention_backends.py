@@ -44,6 +44,7 @@ class TorchRefBackend:
     """Pure torch: runs on any device, slowly. The reference the kernels are tested against."""
 
     name = "torch"
+    accepts_stored_kv = False  # the reference stores with its own reference function
 
     def forward(
         self,
@@ -54,10 +55,12 @@ class TorchRefBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         if k_cache.numel() == 0:
             return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
-        store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not kv_stored:
+            store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(
             q,
             k_cache,
@@ -76,6 +79,7 @@ class TritonBackend:
     """
 
     name = "triton"
+    accepts_stored_kv = True
 
     def __init__(self, max_context_len: int | None = None, max_num_seqs: int | None = None) -> None:
         """With both limits given, decode splits long contexts by the engine's limits (the
@@ -107,10 +111,12 @@ class TritonBackend:
         v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, H_q, D]
         if k_cache.numel() == 0:
             return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
-        self._store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not kv_stored:
+            self._store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             splits = self._decode_splits(q.shape[0], k_cache.shape[2], q.device)
             return self._decode(

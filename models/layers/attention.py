@@ -40,6 +40,9 @@ class AttentionBackend(Protocol):
     """
 
     name: str
+    # True: the cache may be filled before ``forward`` (by the fused q/k-norm + RoPE kernel),
+    # which is then called with ``kv_stored=True`` and skips its own store.
+    accepts_stored_kv: bool
 
     def forward(
         self,
@@ -50,6 +53,7 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor: ...  # [T, H_q, D]
 
 
@@ -69,12 +73,22 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
+    def fused_kv_store(
+        self, v: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """What a fused kernel needs to store this step's K/V itself, if the backend allows it:
+        ``(v, k_cache, v_cache, slot_mapping)``; None with no cache bound (memory profiling)."""
+        if not self.backend.accepts_stored_kv or self.k_cache.numel() == 0:
+            return None
+        return v, self.k_cache, self.v_cache, meta.slot_mapping
+
     def forward(
         self,
         q: torch.Tensor,  # [T, H_q, D]
         k: torch.Tensor,  # [T, H_kv, D]
         v: torch.Tensor,  # [T, H_kv, D]
         meta: AttentionMetadata,
+        kv_stored: bool = False,  # this step's K/V are already in the cache
     ) -> torch.Tensor:  # [T, H_q * D]
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)
         return out.flatten(1)

@@ -57,12 +57,15 @@ class RotaryEmbedding(nn.Module):
         k: torch.Tensor,  # [T, H_kv, D], overwritten on CUDA
         q_norm: RMSNorm,  # over D
         k_norm: RMSNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``self(positions, q_norm(q), k_norm(k))``; on CUDA one fused kernel, in place."""
+        kv_store: tuple[torch.Tensor, ...] | None = None,  # (v, k_cache, v_cache, slot_mapping)
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``self(positions, q_norm(q), k_norm(k))``; on CUDA one fused kernel, in place, which
+        also stores the new k and v rows into the paged cache when given ``kv_store``. The flag
+        says whether it did (elsewhere the caller stores them)."""
         if q.is_cuda and q_norm.eps == k_norm.eps:
             from kernels.qk_norm_rope import qk_norm_rope  # triton is imported only where it runs
 
-            return qk_norm_rope(
+            q, k = qk_norm_rope(
                 positions,
                 q,
                 k,
@@ -71,5 +74,8 @@ class RotaryEmbedding(nn.Module):
                 self.cos_cache,
                 self.sin_cache,
                 q_norm.eps,
+                kv_store,  # type: ignore[arg-type]
             )
-        return self(positions, q_norm(q), k_norm(k))
+            return q, k, kv_store is not None
+        q, k = self(positions, q_norm(q), k_norm(k))
+        return q, k, False
