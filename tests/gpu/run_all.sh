@@ -21,7 +21,7 @@ step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$n
 
 step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider tests
 step nano_bench $PY -m bench.throughput --arch qwen3-0.6b --engines ${ENGINES:-inprocess,grpc,transformers} \
-    --hf-limit 32 --hf-batch-size 32 --out "$OUT_DIR/nano_bench.json"
+    --hf-limit 32 --hf-batch-size 32 --out "$OUT_DIR/nano_bench.json" --step-trace "$OUT_DIR"
 if [ -z "${QUICK:-}" ]; then
   step prefix_on $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256
   step prefix_off $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 --no-prefix-caching
