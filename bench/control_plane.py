@@ -104,7 +104,7 @@ def time_decode_steps(
 
 def split(t: StepTiming, start: int, end: int) -> dict[str, int]:
     return {
-        "planning": t.start_ns - start,
+        "planning": t.start_ns - start - t.serialize_ns,  # submit() serialized before receive()
         "serialize": t.serialize_ns,
         "grpc": t.call_ns - t.compute_ns - t.worker_wire_ns,
         "worker wire": t.worker_wire_ns,
