@@ -37,3 +37,14 @@ def test_a_bad_value_names_the_variable() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=1)
     with pytest.raises(SystemExit, match="NANOSERVE_MAX_NUM_SEQS"):
         apply_env_defaults(parser, {"NANOSERVE_MAX_NUM_SEQS": "many"})
+
+
+def test_scheduler_pipeline_depth_defaults_to_two_and_refuses_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = ["--model", "m", "--workers", "a:1"]
+    assert SchedulerServiceConfig.from_args(base).engine_config.pipeline_depth == 2
+    monkeypatch.setenv("NANOSERVE_PIPELINE_DEPTH", "3")
+    assert SchedulerServiceConfig.from_args(base).engine_config.pipeline_depth == 3
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        SchedulerServiceConfig.from_args([*base, "--pipeline-depth", "0"])

@@ -121,3 +121,11 @@ def test_async_and_sync_scheduling_sample_the_same_tokens(tiny_model_dir) -> Non
     assert results[0] == results[1] == results[2]
     # At least one request stopped early (EOS): tokens computed past a stop are never shown.
     assert any(len(r["token_ids"]) < p.max_tokens for r, p in zip(results[0], params))
+
+
+@pytest.mark.parametrize(
+    "options", [{"pipeline_depth": 0}, {"pipeline_depth": 2, "async_scheduling": False}]
+)
+def test_bad_pipeline_depth_raises_value_error_naming_it(tiny_model_dir, options) -> None:
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        LLM(str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=64, **options)
