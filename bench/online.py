@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.checkpoint import ARCHITECTURES, default_max_model_len, write_random_checkpoint
 from bench.grpc_client import CHANNEL_OPTIONS, request, start_services
 from bench.throughput import load_workload
 from nanoserve import launcher
@@ -93,7 +93,7 @@ def main() -> None:
     )
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = cfg["vocab_size"]
-    args.max_model_len = args.max_model_len or min(4096, cfg["max_position_embeddings"])
+    args.max_model_len = args.max_model_len or default_max_model_len(cfg)
     prompts, max_tokens, sampling = load_workload(args.workload, args.num_requests)
     sampling = dict(sampling, detokenize=False)
     requests = [

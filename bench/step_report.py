@@ -34,11 +34,13 @@ def summarize(rows: list[list[float]], cfg: dict, bandwidth: float) -> list[dict
         else:
             lo, hi = next(b for b in BANDS if b[0] <= seqs <= b[1])
             name = f"decode {lo}-{hi if hi < 100_000 else 'max'}"
-        g = groups.setdefault(name, {"group": name, "steps": 0, "busy_s": 0.0, "idle_s": 0.0})
+        g = groups.setdefault(
+            name, {"group": name, "steps": 0, "busy_s": 0.0, "idle_s": 0.0, "bound_s": 0.0}
+        )
         g["steps"] += 1
         g["busy_s"] += busy_ms / 1e3
         g["idle_s"] += idle_ms / 1e3
-        g["bound_s"] = g.get("bound_s", 0.0) + (weights + context * per_token) / bandwidth
+        g["bound_s"] += (weights + context * per_token) / bandwidth
     return sorted(groups.values(), key=lambda g: g["group"])
 
 

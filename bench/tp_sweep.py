@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import ARCHITECTURES, _shapes
+from bench.checkpoint import ARCHITECTURES, _shapes, default_max_model_len
 from bench.grpc_client import request, send_all, start_services
+from bench.hf_reference import hf_greedy
 from bench.throughput import load_workload
 from nanoserve import launcher
 
@@ -129,12 +130,10 @@ def _hf_model(model_dir: str, dtype_name: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
 
-def divergence_gaps(model_dir: str, prompts, reference, outputs, dtype: str) -> list[dict]:
-    """Where each output first differs from the reference: transformers' bf16 logits there (one
-    GPU, the reference's prefix as context), the gap between the two tokens chosen and the
-    largest logit. A near tie is a gap that is a small fraction of the largest logit."""
-    model = _hf_model(model_dir, dtype)
-    device = model.device
+def divergence_gaps(model, prompts, reference, outputs) -> list[dict]:
+    """Where each output first differs from the reference: transformers' logits there (one GPU,
+    the reference's prefix as context), the gap between the two tokens chosen and the largest
+    logit. A near tie is a gap that is a small fraction of the largest logit."""
     gaps = []
     for prompt, ref, out in zip(prompts, reference, outputs):
         n = common_prefix(ref, out)
@@ -142,39 +141,18 @@ def divergence_gaps(model_dir: str, prompts, reference, outputs, dtype: str) -> 
             gaps.append({"diverges_at": None})
             continue
         with torch.no_grad():
-            ids = torch.tensor([prompt + ref[:n]], device=device)
+            ids = torch.tensor([prompt + ref[:n]], device=model.device)
             logits = model(ids).logits[0, -1].float()
+        top2 = logits.topk(2).values
         gaps.append(
             {
                 "diverges_at": n,
                 "gap": (logits[ref[n]] - logits[out[n]]).item(),
                 "max_logit": logits.abs().max().item(),
-                "top2_gap": (lambda t: (t[0] - t[1]).item())(logits.topk(2).values),
+                "top2_gap": (top2[0] - top2[1]).item(),
             }
         )
-    del model
     return gaps
-
-
-def hf_greedy(model_dir: str, prompts, num_tokens: int, dtype: str) -> list[list[int]]:
-    model = _hf_model(model_dir, dtype)
-    device = model.device
-    outs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=device)
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=num_tokens,
-                min_new_tokens=num_tokens,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outs.append(out[0, len(prompt) :].tolist())
-    del model
-    return outs
 
 
 def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int, dtype: str) -> None:
@@ -182,7 +160,8 @@ def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int, d
     if 1 not in runs:
         return
     reference = runs[1]["greedy"]
-    hf = hf_greedy(model_dir, greedy_prompts, num_tokens, dtype)
+    model = _hf_model(model_dir, dtype)  # loaded once: an 8B checkpoint takes a while
+    hf = hf_greedy(model, greedy_prompts, num_tokens)
     results["ties"] = {"transformers_vs_tp1": [common_prefix(a, b) for a, b in zip(hf, reference)]}
     print(
         f"\ntransformers' greedy vs TP=1, tokens agreeing: {results['ties']['transformers_vs_tp1']}"
@@ -190,7 +169,7 @@ def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int, d
     for name, outputs in [("transformers", hf)] + [
         (f"tp{t}", r["greedy"]) for t, r in runs.items() if t != 1
     ]:
-        gaps = divergence_gaps(model_dir, greedy_prompts, reference, outputs, dtype)
+        gaps = divergence_gaps(model, greedy_prompts, reference, outputs)
         results["ties"][name] = gaps
         for i, g in enumerate(gaps):
             if g["diverges_at"] is None:
@@ -218,7 +197,9 @@ def main() -> None:
     p.add_argument("--profile-steps", default="150,10", help="START,COUNT of rank 0's steps")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument(
+        "--max-model-len", type=int, help="default: 4096, or the model's limit when lower"
+    )
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--out", default="tp_sweep")
@@ -235,7 +216,9 @@ def main() -> None:
     )
     ensure_tokenizer(Path(model_dir))
     print(f"checkpoint ready in {time.perf_counter() - started:.0f} s: {model_dir}", flush=True)
-    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    args.max_model_len = args.max_model_len or default_max_model_len(cfg)
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     prompts = [[t % vocab for t in prompt] for prompt in prompts]
     greedy_prompts = [

@@ -149,11 +149,6 @@ class GrpcWorkerClient:
             if reply.session_id != self.session_id:
                 raise WorkerUnavailable(f"worker {self.addrs[i]} lost the session (restarted?)")
 
-    def step(self, plan: StepPlan) -> StepResult:
-        """Send a plan and wait for its answer."""
-        self.submit(plan)
-        return self.receive()
-
     def submit(self, plan: StepPlan) -> None:
         """Send a plan to every rank (the same bytes) without waiting for an answer."""
         if not self._streams:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from bench.hf_reference import hf_greedy
 from nanoserve import LLM, SamplingParams
 from tests.conftest import copy_tokenizer
 
@@ -54,22 +55,7 @@ def reference_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int
     model = Qwen3ForCausalLM.from_pretrained(
         model_dir, torch_dtype=torch.float32, attn_implementation="eager"
     )
-    model.eval()
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:  # one at a time: no padding to perturb the numbers
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NUM_NEW_TOKENS,
-                min_new_tokens=NUM_NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    return hf_greedy(model.eval(), prompts, NUM_NEW_TOKENS)
 
 
 def make_prompts(vocab_size: int, seed: int) -> list[list[int]]:

@@ -57,7 +57,8 @@ class RotaryEmbedding(nn.Module):
         k: torch.Tensor,  # [T, H_kv, D], overwritten on CUDA
         q_norm: RMSNorm,  # over D
         k_norm: RMSNorm,
-        kv_store: tuple[torch.Tensor, ...] | None = None,  # (v, k_cache, v_cache, slot_mapping)
+        # (v, k_cache, v_cache, slot_mapping)
+        kv_store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """``self(positions, q_norm(q), k_norm(k))``; on CUDA one fused kernel, in place, which
         also stores the new k and v rows into the paged cache when given ``kv_store``. The flag
@@ -74,7 +75,7 @@ class RotaryEmbedding(nn.Module):
                 self.cos_cache,
                 self.sin_cache,
                 q_norm.eps,
-                kv_store,  # type: ignore[arg-type]
+                kv_store,
             )
             return q, k, kv_store is not None
         q, k = self(positions, q_norm(q), k_norm(k))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from bench.hf_reference import hf_greedy
 from nanoserve import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -50,21 +51,7 @@ def checkpoint(tmp_path_factory):
 
 def hf_greedy_bf16(model_dir, prompts):
     model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-    outs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device="cuda")
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=NUM_NEW_TOKENS,
-                min_new_tokens=NUM_NEW_TOKENS,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outs.append(out[0, len(prompt) :].tolist())
-    return outs
+    return hf_greedy(model, prompts, NUM_NEW_TOKENS)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
