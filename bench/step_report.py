@@ -1,9 +1,11 @@
-"""Where a benchmark's device time went, by step kind and batch size, from a step trace.
+"""Where a benchmark's time went, by step kind and batch size, from a step trace.
 
-The worker writes the trace when ``NANOSERVE_STEP_TRACE=PATH`` is set (worker_service/step_trace.py):
-one line per step with its sequences, tokens, context tokens, device-busy and device-idle time.
+The worker writes the trace when ``NANOSERVE_STEP_TRACE=PATH`` is set (scheduler_service/step_trace.py):
+one line per step with its sequences, tokens, context tokens, device-busy and device-idle time and
+the worker's host phases; the scheduler writes ``PATH.scheduler`` with its engine thread's phases.
 Each decode step's bound is its weight bytes plus the K/V bytes of its context at the copy
-bandwidth; "idle" is time the device waited for the host between steps.
+bandwidth; "idle" is time the device waited for the host between steps. Host phases are printed as
+milliseconds per step (means), so a phase that outlasts the device step is easy to spot.
 
     python -m bench.step_report TRACE --arch qwen3-0.6b --bandwidth-gbps 4200
 """
@@ -15,33 +17,68 @@ import json
 from pathlib import Path
 
 from bench.bound import kv_bytes_per_token, weight_bytes
+from scheduler_service.step_trace import SCHEDULER_PHASES, WORKER_PHASES
 
 BANDS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 100_000)]
 
 
-def read_trace(path: str | Path, since: float = 0.0) -> list[list[float]]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+def read_trace(path: str | Path, since: float = 0.0) -> list[list]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
     return [r for r in rows if r[0] >= since]
 
 
-def summarize(rows: list[list[float]], cfg: dict, bandwidth: float) -> list[dict]:
-    """Rows: [time, seqs, tokens, context tokens, busy ms, idle ms]; one dict per group."""
+def _band(num_seqs: int) -> str:
+    lo, hi = next(b for b in BANDS if b[0] <= num_seqs <= b[1])
+    return f"{lo}-{hi if hi < 100_000 else 'max'}"
+
+
+def _host(row: list) -> dict[str, float]:
+    return row[-1] if isinstance(row[-1], dict) else {}
+
+
+def summarize(rows: list[list], cfg: dict, bandwidth: float) -> list[dict]:
+    """Worker rows: [time, seqs, tokens, context tokens, busy ms, idle ms, {phase: ms}]."""
     weights, per_token = weight_bytes(cfg), kv_bytes_per_token(cfg)
     groups: dict[str, dict] = {}
-    for _, seqs, tokens, context, busy_ms, idle_ms in rows:
-        if tokens > seqs:
-            name = "prefill/mixed"
-        else:
-            lo, hi = next(b for b in BANDS if b[0] <= seqs <= b[1])
-            name = f"decode {lo}-{hi if hi < 100_000 else 'max'}"
+    for row in rows:
+        _, seqs, tokens, context, busy_ms, idle_ms = row[:6]
+        name = "prefill/mixed" if tokens > seqs else f"decode {_band(seqs)}"
         g = groups.setdefault(
-            name, {"group": name, "steps": 0, "busy_s": 0.0, "idle_s": 0.0, "bound_s": 0.0}
+            name,
+            {
+                "group": name,
+                "steps": 0,
+                "busy_s": 0.0,
+                "idle_s": 0.0,
+                "bound_s": 0.0,
+                "host_ms": {},
+            },
         )
         g["steps"] += 1
         g["busy_s"] += busy_ms / 1e3
         g["idle_s"] += idle_ms / 1e3
         g["bound_s"] += (weights + context * per_token) / bandwidth
+        _add_host(g, _host(row))
     return sorted(groups.values(), key=lambda g: g["group"])
+
+
+def summarize_scheduler(rows: list[list]) -> list[dict]:
+    """Scheduler rows: [time, outputs, {phase: ms}], grouped by outputs (the batch size)."""
+    groups: dict[str, dict] = {}
+    for row in rows:
+        name = f"outputs {_band(max(1, row[1]))}"
+        g = groups.setdefault(name, {"group": name, "steps": 0, "host_ms": {}})
+        g["steps"] += 1
+        _add_host(g, _host(row))
+    return sorted(groups.values(), key=lambda g: g["group"])
+
+
+def _add_host(group: dict, host: dict[str, float]) -> None:
+    for phase, ms in host.items():
+        group["host_ms"][phase] = group["host_ms"].get(phase, 0.0) + ms
 
 
 def print_summary(groups: list[dict]) -> None:
@@ -57,6 +94,22 @@ def print_summary(groups: list[dict]) -> None:
         f"{'total':<16}{total['steps']:>7}{total['busy_s']:>9.3f}{total['idle_s']:>9.3f}"
         f"{total['bound_s']:>9.3f}{total['busy_s'] / max(total['bound_s'], 1e-9):>12.2f}"
     )
+    print_host(groups, WORKER_PHASES, "worker host ms / step", device=True)
+
+
+def print_host(groups: list[dict], phases: tuple[str, ...], title: str, device=False) -> None:
+    """Mean milliseconds per step of each host phase (and of the device's busy time)."""
+    present = [p for p in phases if any(p in g["host_ms"] for g in groups)]
+    if not present:
+        return
+    cols = (["device"] if device else []) + present
+    print(f"{title:<22}" + "".join(f"{c:>10}" for c in cols))
+    for g in groups:
+        n = max(1, g["steps"])
+        values = ([g["busy_s"] * 1e3 / n] if device else []) + [
+            g["host_ms"].get(p, 0.0) / n for p in present
+        ]
+        print(f"{g['group']:<22}" + "".join(f"{v:>10.3f}" for v in values))
 
 
 def main() -> None:
@@ -73,6 +126,8 @@ def main() -> None:
 
         cfg = ARCHITECTURES[args.arch]
     print_summary(summarize(read_trace(args.trace), cfg, args.bandwidth_gbps * 1e9))
+    scheduler = summarize_scheduler(read_trace(args.trace + ".scheduler"))
+    print_host(scheduler, SCHEDULER_PHASES, "scheduler host ms")
 
 
 if __name__ == "__main__":

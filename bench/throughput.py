@@ -59,8 +59,8 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    if llm.worker.runner.trace is not None:
-        llm.worker.runner.trace.flush()
+    if llm.worker.trace is not None:
+        llm.worker.trace.flush()
     if profiler is not None:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30))
@@ -217,19 +217,30 @@ def _start_trace(trace_dir: str | None, engine: str) -> Path | None:
     path = Path(trace_dir) / f"steps_{engine}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
+    Path(f"{path}.scheduler").unlink(missing_ok=True)
     os.environ["NANOSERVE_STEP_TRACE"] = str(path)
     return path
 
 
 def _report_trace(path: Path, res: dict, cfg: dict, bandwidth: float) -> list[dict]:
     """The timed run's steps only: those collected after its clock started."""
-    from bench.step_report import print_summary, read_trace, summarize
+    from bench.step_report import (
+        print_host,
+        print_summary,
+        read_trace,
+        summarize,
+        summarize_scheduler,
+    )
+    from scheduler_service.step_trace import SCHEDULER_PHASES
 
     if not path.exists():
         return []
     groups = summarize(read_trace(path, since=res["started_at"]), cfg, bandwidth)
     print(f"where the device time went ({path.stem}):")
     print_summary(groups)
+    scheduler = summarize_scheduler(read_trace(f"{path}.scheduler", since=res["started_at"]))
+    print_host(scheduler, SCHEDULER_PHASES, "scheduler host ms")
+    res["scheduler_steps"] = scheduler
     return groups
 
 

@@ -18,6 +18,7 @@ from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from scheduler_service.sequence import Sequence
 from scheduler_service.step_plan import PlanBuilder, StepPlan, StepResult, WorkerInfo
+from scheduler_service.step_trace import StepTrace
 from scheduler_service.stop_checker import FinishReason, check_stop
 from scheduler_service.tokenizer import Tokenizer
 
@@ -107,6 +108,8 @@ class EngineCore:
         self._num_in_flight = 0  # launched steps whose tokens have not come back yet
         self._num_unanswered = 0  # plans sent whose answers have not been received
         self.timings: dict[str, float] = dict.fromkeys(("plan", "worker", "outputs", "steps"), 0.0)
+        self.trace = StepTrace.from_env(".scheduler")  # benchmarks: where each step's time went
+        self._last_answered_end = 0.0
         worker.start_session()
 
     def _max_model_len(self) -> int:
@@ -199,8 +202,21 @@ class EngineCore:
                 continue  # retired while its step was in flight: a wasted token
             logprobs = [result.logprobs[index]] if result.logprobs else None
             outputs.append(self._append_token(request, token_id, logprobs))
-        self.timings["outputs"] += time.perf_counter() - answered
+        end = time.perf_counter()
+        self.timings["outputs"] += end - answered
+        if self.trace is not None:
+            self._trace_step(self.trace, len(outputs), started, planned, answered, end)
         return outputs
+
+    def _trace_step(self, trace: StepTrace, num_outputs: int, *times: float) -> None:
+        started, planned, answered, end = times
+        if self._last_answered_end:
+            trace.note("loop", (started - self._last_answered_end) * 1e3)
+        trace.note("plan", (planned - started) * 1e3)
+        trace.note("receive", (answered - planned) * 1e3)
+        trace.note("outputs", (end - answered) * 1e3)
+        trace.add(num_outputs)
+        self._last_answered_end = end
 
     def _submit(self, batch: ScheduledBatch) -> None:
         plan = self.plans.build(batch)

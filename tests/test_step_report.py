@@ -8,20 +8,27 @@ import pytest
 
 from bench.bound import kv_bytes_per_token, weight_bytes
 from bench.checkpoint import QWEN3_0_6B
-from bench.step_report import read_trace, summarize
-from worker_service.step_trace import StepTrace
+from bench.step_report import read_trace, summarize, summarize_scheduler
+from nanoserve import LLM, SamplingParams
+from scheduler_service.step_trace import StepTrace
+from tests.service_fixtures import generate, greedy, pb, running_services
 
 
 def test_trace_lines_round_trip_and_the_report_groups_them_by_batch_size(tmp_path) -> None:
     path = tmp_path / "steps.jsonl"
     trace = StepTrace(str(path))
     trace.add(4, 900, 900, 30.0, 5.0)  # prefill: more tokens than sequences
+    trace.note("prep", 1.0)
+    trace.note("prep", 0.5)
     trace.add(200, 200, 100_000, 6.0, 0.5)
+    trace.note("prep", 2.5)
+    trace.note("gap", 4.0)
     trace.add(250, 250, 120_000, 7.0, 0.0)
     trace.add(10, 10, 5_000, 1.5, 0.25)
     trace.flush()
     rows = read_trace(path)
-    assert [r[1:] for r in rows][1] == [200, 200, 100_000, 6.0, 0.5]
+    assert [r[1:] for r in rows][1] == [200, 200, 100_000, 6.0, 0.5, {"prep": 1.5}]
+    assert rows[2][-1] == {"prep": 2.5, "gap": 4.0} and rows[3][-1] == {}  # notes go once
     assert read_trace(path, since=rows[-1][0] + 1) == []
 
     bandwidth = 4e12
@@ -33,6 +40,7 @@ def test_trace_lines_round_trip_and_the_report_groups_them_by_batch_size(tmp_pat
     expected = (2 * weight_bytes(QWEN3_0_6B) + 220_000 * kv_bytes_per_token(QWEN3_0_6B)) / bandwidth
     assert big["bound_s"] == pytest.approx(expected)
     assert groups["decode 1-16"]["idle_s"] == pytest.approx(0.00025)
+    assert big["host_ms"] == {"prep": pytest.approx(4.0), "gap": pytest.approx(4.0)}
 
 
 def test_trace_file_is_appended_in_batches(tmp_path) -> None:
@@ -44,3 +52,43 @@ def test_trace_file_is_appended_in_batches(tmp_path) -> None:
     assert len(lines) == 256 and json.loads(lines[-1])[3] == 255
     trace.flush()
     assert len(path.read_text().splitlines()) == 300
+
+
+def _check_traces(path, num_tokens: int, num_seqs: int, worker_phases: set[str]) -> None:
+    """Every sampled token is in one scheduler line; worker lines carry shapes and host phases."""
+    worker_rows = read_trace(path)
+    scheduler_rows = read_trace(f"{path}.scheduler")
+    assert sum(row[1] for row in scheduler_rows) == num_tokens
+    assert all(set(row[-1]) >= {"plan", "receive", "outputs"} for row in scheduler_rows)
+    assert all(row[-1]["receive"] >= 0 for row in scheduler_rows)
+    decode = [row for row in worker_rows if row[2] == row[1]]  # one token per sequence
+    assert decode and decode[0][1] == num_seqs
+    phases = set().union(*(row[-1] for row in worker_rows[1:]))
+    assert phases >= worker_phases, phases
+    groups = summarize_scheduler(scheduler_rows)
+    assert sum(g["steps"] for g in groups) == len(scheduler_rows)
+
+
+def test_in_process_engine_traces_worker_and_scheduler_steps(
+    tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("NANOSERVE_STEP_TRACE", str(path))
+    llm = LLM(str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate([[1, 2, 3], [4, 5], [6, 7, 8, 9]], params, use_tqdm=False)
+    llm.worker.trace.flush()
+    llm.engine.trace.flush()
+    num_tokens = sum(len(o["token_ids"]) for o in outputs)
+    _check_traces(path, num_tokens, 3, {"gap", "prep", "wait", "collect"})
+
+
+def test_worker_service_traces_its_grpc_phases(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("NANOSERVE_STEP_TRACE", str(path))
+    with running_services(tiny_model_dir, tmp_path / "run", num_kv_blocks=64) as services:
+        sampling = greedy(6, ignore_eos=True)
+        replies = generate(services.stub, token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=sampling)
+    num_tokens = len(replies[-1].complete.output_ids)
+    phases = {"plan_wait", "decode", "encode", "gap", "prep", "wait", "collect"}
+    _check_traces(path, num_tokens, 1, phases)

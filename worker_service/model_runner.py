@@ -8,6 +8,7 @@ That is what lets the scheduler run one step ahead (async scheduling).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,6 @@ from worker_service.batch_inputs import PENDING, build_inputs, to_device
 from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.sampler import SamplingBatch, compute_logprobs, sample
 from worker_service.sequence_table import WorkerSequence
-from worker_service.step_trace import StepTrace
 
 
 @dataclass
@@ -67,21 +67,23 @@ class ModelRunner:
         self._last_tokens_gpu = torch.empty(0, dtype=torch.int64, device=device)
         self._last_done: torch.cuda.Event | None = None
         self.device_seconds = 0.0  # device busy time of collected steps (CUDA only)
-        self.trace = StepTrace.from_env() if device.type == "cuda" else None
+        self.tracing = False  # fill ``last_trace`` (the step trace is on)
+        self.last_trace: tuple[float, ...] = ()  # the collected step's shape, busy and idle ms
+        self.wait_ms = 0.0  # how long the last collect() waited for the device
 
     @torch.inference_mode()
     def launch(
         self, step_id: int, seqs: list[WorkerSequence], num_new_tokens: list[int]
     ) -> LaunchedStep:
-        started = None
-        if self.device.type == "cuda":
-            started = torch.cuda.Event(enable_timing=True)
-            started.record()
         inputs = build_inputs(seqs, num_new_tokens, self.block_size, self.device)
         if inputs.pending_token_indices:
             src = [self._last_rows[seq_id] for seq_id in inputs.pending_seq_ids]
             dst = to_device(inputs.pending_token_indices, torch.int64, self.device)
             inputs.input_ids[dst] = self._last_tokens_gpu[to_device(src, torch.int64, self.device)]
+        started = None  # after the inputs: the host's time preparing them counts as idle
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         meta = inputs.meta
         if self.graphs is not None and self.graphs.can_run(meta, len(seqs)):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)  # [B, hidden]
@@ -90,7 +92,7 @@ class ModelRunner:
         for seq, num_tokens in zip(seqs, num_new_tokens):
             seq.num_computed_tokens += num_tokens
         shape = (0, 0, 0)
-        if self.trace is not None:
+        if self.tracing:
             context = sum(seq.num_computed_tokens for seq in seqs)
             shape = (len(seqs), len(inputs.positions), context)
         sampling_seqs = [seqs[row] for row in inputs.sample_rows]
@@ -119,7 +121,9 @@ class ModelRunner:
 
     def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started, shape) -> LaunchedStep:
         if self.device.type != "cuda":
-            return LaunchedStep(step_id, seqs, positions, tokens, tokens, None, None, logprobs)
+            return LaunchedStep(
+                step_id, seqs, positions, tokens, tokens, None, None, logprobs, shape
+            )
         tokens_cpu = _pinned_copy(tokens)
         if logprobs is not None:
             logprobs = tuple(_pinned_copy(t) for t in logprobs)
@@ -131,9 +135,14 @@ class ModelRunner:
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step and write its tokens into the sequences."""
+        self.wait_ms = 0.0
         if step.done is not None:
+            start = time.perf_counter_ns()
             step.done.synchronize()
+            self.wait_ms = (time.perf_counter_ns() - start) / 1e6
             self._account_device_time(step)
+        elif self.tracing:  # no device events on CPU: the step's shape only
+            self.last_trace = (*step.shape, 0.0, 0.0)
         token_ids = step.tokens_cpu.tolist()
         for seq, position, token_id in zip(step.seqs, step.token_positions, token_ids):
             seq.token_ids[position] = token_id
@@ -152,8 +161,8 @@ class ModelRunner:
             idle_ms = max(0.0, self._last_done.elapsed_time(step.started))
         self._last_done = step.done
         self.device_seconds += busy_ms / 1e3
-        if self.trace is not None:
-            self.trace.add(*step.shape, busy_ms, idle_ms)
+        if self.tracing:
+            self.last_trace = (*step.shape, busy_ms, idle_ms)
 
     def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[WorkerSequence]) -> torch.Tensor:
         """Until min_tokens are out, EOS and stop token ids cannot be sampled."""

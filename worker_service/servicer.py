@@ -20,6 +20,7 @@ from nanoserve.worker.v1 import worker_pb2 as pb
 from nanoserve.worker.v1 import worker_pb2_grpc
 from scheduler_service import wire_worker
 from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
+from scheduler_service.step_trace import ms_since
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def StepStream(
         self, requests: Iterator[pb.StepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.StepResponse]:
-        for request in requests:
+        trace = getattr(self.worker, "trace", None)
+        while True:
+            waiting = time.perf_counter_ns()
+            request = next(requests, None)
+            if request is None:
+                return
+            if trace is not None:
+                trace.note("plan_wait", ms_since(waiting))
             yield self._step(request, context)
 
     def _step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
@@ -88,6 +96,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             reply = wire_worker.result_to_pb(result, computed - decoded)
             reply.wire_ns = decoded - start + time.perf_counter_ns() - computed
             reply.memory_bytes = getattr(self.worker, "memory_bytes", lambda: 0)()
+            trace = getattr(self.worker, "trace", None)
+            if trace is not None:  # lands in the next step's line (this one's is written)
+                trace.note("decode", (decoded - start) / 1e6)
+                trace.note("encode", ms_since(computed))
         return reply
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from models.layers.attention import AttentionMetadata
 from models.loader import load_model
 from models.parallel import ParallelContext
 from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
+from scheduler_service.step_trace import StepTrace, ms_since
 from worker_service.attention_backends import select_backend
 from worker_service.config import WorkerConfig
 from worker_service.cuda_graphs import DecodeGraphs
@@ -118,6 +120,10 @@ class Worker:
             parallel,
         )
         self.seqs = SequenceTable()
+        # Rank 0 traces its steps when $NANOSERVE_STEP_TRACE is set (benchmarks).
+        self.trace = StepTrace.from_env() if config.rank == 0 else None
+        self.runner.tracing = self.trace is not None
+        self._last_return_ns = 0
         self._in_flight: LaunchedStep | None = None  # a deferred step not yet answered
         self._answers: deque[StepResult] = deque()  # submit()ted plans' answers, for receive()
         log.info(
@@ -225,6 +231,7 @@ class Worker:
 
     def step(self, plan: StepPlan) -> StepResult:
         """Run a plan. With ``defer_result`` return the previous deferred plan's result instead."""
+        start = time.perf_counter_ns()
         self._bind_device()
         scheduled = self.seqs.apply(plan)
         launched = None
@@ -232,9 +239,24 @@ class Worker:
             launched = self.runner.launch(plan.step_id, scheduled, plan.num_new_tokens)
         if plan.defer_result:
             launched, self._in_flight = self._in_flight, launched
-        if launched is None:
-            return StepResult(-1, [], [])
-        return self.runner.collect(launched)
+        prepared = time.perf_counter_ns()
+        result = StepResult(-1, [], []) if launched is None else self.runner.collect(launched)
+        if self.trace is not None:
+            self._trace_step(start, prepared, launched is not None)
+        return result
+
+    def _trace_step(self, start_ns: int, prepared_ns: int, collected: bool) -> None:
+        trace, runner = self.trace, self.runner
+        if self._last_return_ns:
+            trace.note("gap", (start_ns - self._last_return_ns) / 1e6)
+        trace.note("prep", (prepared_ns - start_ns) / 1e6)
+        if collected:
+            trace.note("wait", runner.wait_ms)
+            trace.note("collect", ms_since(prepared_ns) - runner.wait_ms)
+        if runner.last_trace:
+            trace.add(*runner.last_trace)
+            runner.last_trace = ()
+        self._last_return_ns = time.perf_counter_ns()
 
     # The engine's in-process WorkerClient: each plan runs as it is submitted.
     def submit(self, plan: StepPlan) -> None:

@@ -1,0 +1,66 @@
+"""Per-step timing for benchmarks: ``NANOSERVE_STEP_TRACE=PATH`` turns it on.
+
+Two writers, one JSON line per step each:
+- the worker (rank 0) appends to PATH: the wall-clock time it collected the step, its sequences,
+  tokens and context tokens (the K/V rows its attention reads), the device time it took, how long
+  the device sat idle before it started (the host was late), and where the worker's host time went
+  (``WORKER_PHASES``, milliseconds);
+- the scheduler service appends to ``PATH.scheduler``: the time, the outputs the step returned and
+  where the engine thread's time went (``SCHEDULER_PHASES``).
+``bench/step_report.py`` turns them into where the time went by batch size. Off (no cost) unless
+the variable is set. Only this module's name is shared: it imports nothing from either side.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time
+from pathlib import Path
+
+ENV = "NANOSERVE_STEP_TRACE"
+# The worker, per step call: plan_wait = blocked for the next plan (gRPC), decode / encode = the
+# plan's protobuf in and the reply's out, gap = since the previous step call returned (in-process:
+# the scheduler's own work), prep = sequence table, inputs and launching the forward and sampler,
+# wait = blocked on the device for the previous step's tokens, collect = the rest of collecting.
+WORKER_PHASES = ("plan_wait", "decode", "gap", "prep", "wait", "collect", "encode")
+# The scheduler's engine thread, per step that got an answer: plan = schedule + build + send,
+# receive = blocked on the worker's answer, outputs = stop checks and request outputs, loop = the
+# rest of the engine loop since the previous step (handing outputs over, stats, new requests).
+SCHEDULER_PHASES = ("plan", "receive", "outputs", "loop")
+
+
+class StepTrace:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._lines: list[str] = []
+        self._host: dict[str, float] = {}  # phases noted since the last line
+        atexit.register(self.flush)
+
+    @classmethod
+    def from_env(cls, suffix: str = "") -> StepTrace | None:
+        path = os.environ.get(ENV)
+        return cls(path + suffix) if path else None
+
+    def note(self, phase: str, ms: float) -> None:
+        """Add host time to ``phase``; it goes out with the next line."""
+        self._host[phase] = self._host.get(phase, 0.0) + ms
+
+    def add(self, *values: float) -> None:
+        """One line: the time, ``values``, then the host phases noted since the last line."""
+        record = [time.time(), *values, {k: round(v, 4) for k, v in self._host.items()}]
+        self._host = {}
+        self._lines.append(json.dumps(record))
+        if len(self._lines) >= 256:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._lines:
+            with self.path.open("a") as f:
+                f.write("\n".join(self._lines) + "\n")
+            self._lines.clear()
+
+
+def ms_since(start_ns: int) -> float:
+    return (time.perf_counter_ns() - start_ns) / 1e6
