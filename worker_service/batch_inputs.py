@@ -2,7 +2,13 @@
 
 Each scheduled sequence computes its tokens ``[num_computed, num_computed + n)``; their cache slots
 follow from its block table. A token sampled by a step still in flight is ``PENDING`` here: its
-value lives on the device and is gathered there (``pending_rows``), never waited for on the host.
+value lives on the device (the runner's ``prev_tokens``, row ``prev_row``) and is gathered there,
+never waited for on the host.
+
+Every array a step needs (tokens, positions, slots, tables, the sampling rows' temperatures and
+seeds) is built with numpy and packed into one buffer (``Layout``), so a step costs one
+host-to-device copy however many arrays it has. A decode step in a CUDA graph packs into the
+graph's own layout and lands straight in its static inputs (worker_service/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -12,25 +18,89 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.layers.attention import AttentionMetadata
-from worker_service.sequence_table import WorkerSequence
+from worker_service.sequence_table import SequenceTable, WorkerSequence
 
 PENDING = -1  # placeholder for a token sampled by a step whose result is not back yet
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+_TORCH_DTYPES[np.dtype(np.float32)] = torch.float32
+
+
+class Layout:
+    """Named arrays at fixed, 8-byte aligned offsets of one byte buffer (host or device)."""
+
+    def __init__(self, fields: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+        self.fields = fields
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name, (dtype, shape) in fields.items():
+            self.offsets[name] = offset
+            offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8
+        self.nbytes = max(offset, 8)
+
+    def host_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            name: buf[self.offsets[name] :].view(dtype)[: int(np.prod(shape))].reshape(shape)
+            for name, (dtype, shape) in self.fields.items()
+        }
+
+    def device_views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        views = {}
+        for name, (dtype, shape) in self.fields.items():
+            start = self.offsets[name]
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            views[name] = buf[start : start + size].view(_TORCH_DTYPES[np.dtype(dtype)]).view(shape)
+        return views
+
+
+def upload(buf: np.ndarray, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy a host byte buffer to ``device`` (into ``out`` if given) without waiting for the
+    device: through pinned memory. A copy from pageable memory would wait for every queued kernel
+    first, serialising the step in flight with the host's preparation of the next one."""
+    host = torch.from_numpy(buf)
+    if device.type != "cuda":
+        return host if out is None else out.copy_(host)
+    pinned = host.pin_memory()
+    if out is None:
+        return pinned.to(device, non_blocking=True)
+    return out.copy_(pinned, non_blocking=True)
+
+
+def pack(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """``arrays`` on ``device``, through one buffer and one copy."""
+    layout = Layout({name: (a.dtype, a.shape) for name, a in arrays.items()})
+    buf = np.empty(layout.nbytes, dtype=np.uint8)
+    for name, view in layout.host_views(buf).items():
+        view[...] = arrays[name]
+    return layout.device_views(upload(buf, device))
 
 
 @dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T] int64 (PENDING where the value is still on the device)
-    positions: torch.Tensor  # [T] int64
-    meta: AttentionMetadata
-    sample_rows: list[int]  # rows (sequences) that reach their end and get a token sampled
-    pending_token_indices: list[int]  # indices into input_ids to fill from the previous step
-    pending_seq_ids: list[int]  # ... with the token that step sampled for these sequences
+class HostStep:
+    """A step's inputs on the host; ``sample_rows`` are the sequences that get a token sampled."""
+
+    arrays: dict[str, np.ndarray]  # input_ids, prev_rows, positions, slot_mapping, seq_lens, ...
+    sample_rows: list[int]
+    num_tokens: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_plain_prefill: bool
+    num_pending: int  # tokens to gather from the previous step's sampled tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_seqlen_q == 1
 
 
-def build_inputs(
-    seqs: list[WorkerSequence], num_new_tokens: list[int], block_size: int, device: torch.device
-) -> StepInputs:
+def build_host_step(
+    seqs: list[WorkerSequence],
+    num_new_tokens: list[int],
+    table: SequenceTable,
+    block_size: int,
+    prev_rows: dict[int, int],
+) -> HostStep:
+    """The numpy arrays of a step: per token ``input_ids`` (PENDING where ``prev_rows`` says which
+    row of the previous step's tokens holds it), ``positions`` and ``slot_mapping``; per sequence
+    ``seq_lens``, ``cu_seqlens_q`` and ``block_tables``; ``last_token_indices`` per sampled row."""
     num_seqs = len(seqs)
     counts = np.asarray(num_new_tokens, dtype=np.int64)
     starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
@@ -38,55 +108,49 @@ def build_inputs(
     cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(counts, out=cu_seqlens[1:])
     total = int(cu_seqlens[-1])
+    decode = bool((counts == 1).all())
 
-    input_ids: list[int] = []
-    sample_rows: list[int] = []
-    pending_indices: list[int] = []
-    pending_seq_ids: list[int] = []
-    width = max(len(s.block_table) for s in seqs)
-    tables = np.full((num_seqs, width), -1, dtype=np.int64)
-    for row, seq in enumerate(seqs):
-        start, end = int(starts[row]), int(ends[row])
-        tokens = seq.token_ids
-        input_ids.extend(tokens[start:end])
-        tables[row, : len(seq.block_table)] = seq.block_table
-        if end == len(tokens):
-            sample_rows.append(row)
-            if tokens[-1] == PENDING:
-                pending_indices.append(int(cu_seqlens[row + 1]) - 1)
-                pending_seq_ids.append(seq.seq_id)
+    if decode:  # one token per sequence
+        input_ids = np.fromiter(
+            (s.token_ids[s.num_computed_tokens] for s in seqs), dtype=np.int64, count=num_seqs
+        )
+    else:
+        ids: list[int] = []
+        for row, seq in enumerate(seqs):
+            ids.extend(seq.token_ids[int(starts[row]) : int(ends[row])])
+        input_ids = np.asarray(ids, dtype=np.int64)
+    lengths = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=num_seqs)
+    sampled = np.flatnonzero(ends == lengths)  # rows that reach their end sample a token
+    last = cu_seqlens[1:] - 1  # each sequence's last token this step
+    prev = np.full(total, -1, dtype=np.int64)
+    pending_rows = sampled[input_ids[last[sampled]] == PENDING]
+    if len(pending_rows):
+        prev[last[pending_rows]] = [prev_rows[seqs[row].seq_id] for row in pending_rows.tolist()]
+        input_ids[last[pending_rows]] = 0
 
+    rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=num_seqs)
+    width = max(1, max(s.num_blocks for s in seqs))
+    tables = table.block_tables[rows, :width]
     token_rows = np.repeat(np.arange(num_seqs), counts)
     positions = starts[token_rows] + np.arange(total) - cu_seqlens[:-1][token_rows]
-    slots = tables[token_rows, positions // block_size] * block_size + positions % block_size
-    max_seqlen_q = int(counts.max())
-    meta = AttentionMetadata(
-        slot_mapping=to_device(slots, torch.int64, device),
-        cu_seqlens_q=to_device(cu_seqlens, torch.int32, device),
-        seq_lens=to_device(ends, torch.int32, device),
-        block_tables=to_device(tables, torch.int32, device),
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=int(ends.max()),
-        is_decode=max_seqlen_q == 1,
-        is_plain_prefill=bool((starts == 0).all()),
+    slots = tables[token_rows, positions // block_size].astype(np.int64) * block_size
+    slots += positions % block_size
+    arrays = {
+        "input_ids": input_ids,
+        "prev_rows": prev,
+        "positions": positions,
+        "slot_mapping": slots,
+        "seq_lens": ends.astype(np.int32),
+        "cu_seqlens_q": cu_seqlens.astype(np.int32),
+        "block_tables": tables,
+        "last_token_indices": last[sampled],
+    }
+    return HostStep(
+        arrays,
+        sampled.tolist(),
+        total,
+        int(counts.max()),
+        int(ends.max()),
+        bool((starts == 0).all()),
+        len(pending_rows),
     )
-    return StepInputs(
-        input_ids=to_device(np.asarray(input_ids, dtype=np.int64), torch.int64, device),
-        positions=to_device(positions, torch.int64, device),
-        meta=meta,
-        sample_rows=sample_rows,
-        pending_token_indices=pending_indices,
-        pending_seq_ids=pending_seq_ids,
-    )
-
-
-def to_device(values: np.ndarray | list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host values to ``device`` without waiting for the device: through pinned memory.
-
-    A copy from pageable memory would wait for every queued kernel first, which would serialise
-    the step in flight with the host's preparation of the next one.
-    """
-    tensor = torch.as_tensor(np.asarray(values)).to(dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor

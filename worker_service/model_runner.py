@@ -11,15 +11,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from models.layers.attention import AttentionMetadata
 from models.parallel import SINGLE_RANK, ParallelContext, broadcast
 from models.qwen3 import Qwen3ForCausalLM
 from scheduler_service.step_plan import StepResult
-from worker_service.batch_inputs import PENDING, build_inputs, to_device
+from worker_service.batch_inputs import PENDING, HostStep, build_host_step, pack
 from worker_service.cuda_graphs import DecodeGraphs
-from worker_service.sampler import SamplingBatch, compute_logprobs, sample
-from worker_service.sequence_table import WorkerSequence
+from worker_service.sampler import HostSampling, SamplingBatch, compute_logprobs, sample
+from worker_service.sequence_table import SequenceTable, WorkerSequence
 
 
 @dataclass
@@ -51,20 +53,22 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: tuple[int, ...],
         vocab_size: int,
-        graphs: DecodeGraphs | None = None,
+        max_rows: int,
         parallel: ParallelContext = SINGLE_RANK,
     ) -> None:
         self.model = model
         self.parallel = parallel
-        self.graphs = graphs
+        self.graphs: DecodeGraphs | None = None  # the worker captures them once this exists
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=device)  # the torch sampler's noise
         self.generator.manual_seed(0)
-        self._last_rows: dict[int, int] = {}  # seq_id -> row in the last launched step's tokens
-        self._last_tokens_gpu = torch.empty(0, dtype=torch.int64, device=device)
+        self.rng = np.random.default_rng(0)  # the sampling kernel's per-row streams
+        # The last step's sampled tokens, where the next step's inputs gather them on the device.
+        self.prev_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self._last_rows: dict[int, int] = {}  # seq_id -> row of its token in prev_tokens
         self._last_done: torch.cuda.Event | None = None
         self.device_seconds = 0.0  # device busy time of collected steps (CUDA only)
         self.tracing = False  # fill ``last_trace`` (the step trace is on)
@@ -73,51 +77,96 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(
-        self, step_id: int, seqs: list[WorkerSequence], num_new_tokens: list[int]
+        self,
+        step_id: int,
+        seqs: list[WorkerSequence],
+        num_new_tokens: list[int],
+        table: SequenceTable,
     ) -> LaunchedStep:
-        inputs = build_inputs(seqs, num_new_tokens, self.block_size, self.device)
-        if inputs.pending_token_indices:
-            src = [self._last_rows[seq_id] for seq_id in inputs.pending_seq_ids]
-            dst = to_device(inputs.pending_token_indices, torch.int64, self.device)
-            inputs.input_ids[dst] = self._last_tokens_gpu[to_device(src, torch.int64, self.device)]
-        started = None  # after the inputs: the host's time preparing them counts as idle
+        host = build_host_step(seqs, num_new_tokens, table, self.block_size, self._last_rows)
+        sampling_seqs = [seqs[row] for row in host.sample_rows]
+        if len(sampling_seqs) > len(self.prev_tokens):
+            raise ValueError(
+                f"{len(sampling_seqs)} sequences sample in one step: more than max_num_seqs "
+                f"and max_num_batched_tokens allow ({len(self.prev_tokens)})"
+            )
+        sampling = HostSampling.of(sampling_seqs, self.rng)
+        started = None  # after the host's work: its time preparing them counts as idle
         if self.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        meta = inputs.meta
-        if self.graphs is not None and self.graphs.can_run(meta, len(seqs)):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)  # [B, hidden]
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and graphs.can_run(host, len(seqs))
+            and host.num_tokens == len(sampling_seqs)
+        ):
+            tokens, logits = graphs.run(host, sampling.temperatures, sampling.seeds)
+            if logits is not None and sampling.needs_torch:  # the kernel's draw is replaced
+                tokens = self._sample(logits, sampling_seqs, sampling)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, meta)  # [T, hidden]
+            tokens, logits = self._run_eager(host, sampling_seqs, sampling)
+        logprobs = None
+        if logits is not None and sampling.num_top:
+            logprobs = compute_logprobs(
+                self._masked(logits, sampling_seqs, sampling), tokens, sampling.num_top
+            )
+        if sampling_seqs:
+            tokens = broadcast(tokens, self.parallel)  # every rank feeds them into its next step
+            if tokens.data_ptr() != self.prev_tokens.data_ptr():  # else the graph put them there
+                self.prev_tokens[: len(tokens)].copy_(tokens)
         for seq, num_tokens in zip(seqs, num_new_tokens):
             seq.num_computed_tokens += num_tokens
         shape = (0, 0, 0)
         if self.tracing:
             context = sum(seq.num_computed_tokens for seq in seqs)
-            shape = (len(seqs), len(inputs.positions), context)
-        sampling_seqs = [seqs[row] for row in inputs.sample_rows]
-        if not sampling_seqs:
-            empty = torch.empty(0, dtype=torch.int64)
-            return self._copy_out(step_id, [], [], empty.to(self.device), None, started, shape)
-        rows = to_device(inputs.sample_rows, torch.int64, self.device)
-        last_token_indices = meta.cu_seqlens_q[1:][rows].long() - 1
-        logits = self.model.compute_logits(hidden[last_token_indices])  # [B_s, V] on rank 0
-        logprobs = None
-        if logits is None:  # another rank samples; this one receives its tokens below
-            tokens = torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device)
-        else:
-            logits = self._mask_stop_tokens(logits, sampling_seqs)
-            batch = SamplingBatch.from_params(sampling_seqs, self.vocab_size, self.device)
-            tokens = sample(logits, batch, self.generator)  # [B_s]
-            num_top = max(s.params.logprobs for s in sampling_seqs)
-            logprobs = compute_logprobs(logits, tokens, num_top) if num_top else None
-        tokens = broadcast(tokens, self.parallel)  # every rank feeds them into its next step
+            shape = (len(seqs), host.num_tokens, context)
         positions = [len(seq.token_ids) for seq in sampling_seqs]
         for seq in sampling_seqs:
             seq.token_ids.append(PENDING)
-        self._last_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
-        self._last_tokens_gpu = tokens
+        if sampling_seqs:
+            self._last_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
         return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started, shape)
+
+    def _run_eager(
+        self, host: HostStep, sampling_seqs: list[WorkerSequence], sampling: HostSampling
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A step outside the graphs: packed inputs, forward, logits of the sampling rows."""
+        arrays = dict(host.arrays, temperatures=sampling.temperatures, seeds=sampling.seeds)
+        x = pack(arrays, self.device)
+        sampling.temperatures_dev, sampling.seeds_dev = x["temperatures"], x["seeds"]
+        input_ids = x["input_ids"]
+        if host.num_pending:
+            prev = x["prev_rows"]
+            input_ids = torch.where(prev >= 0, self.prev_tokens[prev.clamp(min=0)], input_ids)
+        meta = AttentionMetadata(
+            slot_mapping=x["slot_mapping"],
+            cu_seqlens_q=x["cu_seqlens_q"],
+            seq_lens=x["seq_lens"],
+            block_tables=x["block_tables"],
+            max_seqlen_q=host.max_seqlen_q,
+            max_seqlen_k=host.max_seqlen_k,
+            is_decode=host.is_decode,
+            is_plain_prefill=host.is_plain_prefill,
+        )
+        hidden = self.model(input_ids, x["positions"], meta)  # [T, hidden]
+        if not sampling_seqs:
+            return torch.empty(0, dtype=torch.int64, device=self.device), None
+        if host.num_tokens != len(sampling_seqs):
+            hidden = hidden[x["last_token_indices"]]
+        logits = self.model.compute_logits(hidden)  # [B_s, V] on rank 0
+        if logits is None:  # another rank samples; this one receives its tokens
+            return torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device), None
+        return self._sample(logits, sampling_seqs, sampling), logits
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[WorkerSequence], sampling: HostSampling
+    ) -> torch.Tensor:
+        if sampling.temperatures_dev is None:  # a graph step: its inputs never left the graph
+            sampling.temperatures_dev = torch.from_numpy(sampling.temperatures).to(self.device)
+            sampling.seeds_dev = torch.from_numpy(sampling.seeds).to(self.device)
+        batch = SamplingBatch.from_host(seqs, sampling, self.vocab_size, self.device)
+        return sample(self._masked(logits, seqs, sampling), batch, self.generator)
 
     def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started, shape) -> LaunchedStep:
         if self.device.type != "cuda":
@@ -164,13 +213,14 @@ class ModelRunner:
         if self.tracing:
             self.last_trace = (*step.shape, busy_ms, idle_ms)
 
-    def _mask_stop_tokens(self, logits: torch.Tensor, seqs: list[WorkerSequence]) -> torch.Tensor:
+    def _masked(
+        self, logits: torch.Tensor, seqs: list[WorkerSequence], sampling: HostSampling
+    ) -> torch.Tensor:
         """Until min_tokens are out, EOS and stop token ids cannot be sampled."""
-        rows = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
-        if not rows:
+        if not sampling.masked_rows:
             return logits
         logits = logits.clone()
-        for row in rows:
+        for row in sampling.masked_rows:
             params = seqs[row].params
             banned = set(params.stop_token_ids)
             if not params.ignore_eos:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
-from worker_service.batch_inputs import to_device
 
 
 @dataclass
@@ -22,35 +21,78 @@ class SamplingBatch:
     """Per-row sampling settings, already on the logits' device."""
 
     temperatures: torch.Tensor  # [B] float32, 0 = greedy
-    top_ks: torch.Tensor  # [B] int64, vocab size = no limit
-    top_ps: torch.Tensor  # [B] float32
-    min_ps: torch.Tensor  # [B] float32
+    top_ks: torch.Tensor | None  # [B] int64, vocab size = no limit (None: needs_filter is off)
+    top_ps: torch.Tensor | None  # [B] float32
+    min_ps: torch.Tensor | None  # [B] float32
     seeds: list[int | None]  # per row
     output_indices: list[int]  # per row: index of the token being sampled in the output
     all_greedy: bool
     needs_filter: bool
+    row_seeds: torch.Tensor | None = None  # [B] int64: the sampling kernel's noise seed per row
 
     @classmethod
-    def from_params(cls, seqs: list, vocab_size: int, device: torch.device) -> SamplingBatch:
-        """Gather the settings of ``seqs`` (worker sequences about to sample) into tensors."""
+    def from_host(
+        cls, seqs: list, host: HostSampling, vocab_size: int, device: torch.device
+    ) -> SamplingBatch:
+        """Tensors for ``seqs`` (worker sequences about to sample); ``host`` holds their
+        temperatures and kernel seeds, already on ``device``."""
         params = [s.params for s in seqs]
-        top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
-
-        def to(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return to_device(values, dtype, device)
-
+        top_ks = top_ps = min_ps = None
+        if host.needs_filter:  # only the torch path reads the filters
+            top_ks = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
+            top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+            min_ps = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+            top_ks, top_ps, min_ps = (t.to(device) for t in (top_ks, top_ps, min_ps))
+        assert host.temperatures_dev is not None, "upload the host sampling first"
         return cls(
-            temperatures=to([p.temperature for p in params], torch.float32),
-            top_ks=to(top_ks, torch.int64),
-            top_ps=to([p.top_p for p in params], torch.float32),
-            min_ps=to([p.min_p for p in params], torch.float32),
+            temperatures=host.temperatures_dev,
+            top_ks=top_ks,
+            top_ps=top_ps,
+            min_ps=min_ps,
             seeds=[p.seed for p in params],
             output_indices=[s.num_output_tokens for s in seqs],
-            all_greedy=all(p.temperature == 0 for p in params),
-            needs_filter=any(
-                p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if p.temperature > 0
-            ),
+            all_greedy=host.all_greedy,
+            needs_filter=host.needs_filter,
+            row_seeds=host.seeds_dev,
         )
+
+
+@dataclass
+class HostSampling:
+    """What sampling needs from the host for one step, gathered in one pass over its rows."""
+
+    temperatures: np.ndarray  # [B] float32
+    seeds: np.ndarray  # [B] int64: the row's own (seed, output index) stream, or a random one
+    all_greedy: bool
+    needs_filter: bool  # top_k / top_p / min_p on a sampled row: the torch path
+    masked_rows: list[int]  # rows still under min_tokens: stop tokens are banned
+    num_top: int  # top logprobs to return (0: none)
+    temperatures_dev: torch.Tensor | None = None  # the same two, once on the device
+    seeds_dev: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, seqs: list, rng: np.random.Generator) -> HostSampling:
+        n = len(seqs)
+        temperatures = np.empty(n, dtype=np.float32)
+        seeds = rng.integers(0, 2**62, size=n, dtype=np.int64)
+        needs_filter, masked, num_top = False, [], 0
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            temperatures[row] = p.temperature
+            if p.seed is not None:
+                seeds[row] = (p.seed * 1_000_003 + seq.num_output_tokens) % 2**62
+            if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0):
+                needs_filter = True
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+                masked.append(row)
+            num_top = max(num_top, p.logprobs)
+        all_greedy = not temperatures.any()
+        return cls(temperatures, seeds, bool(all_greedy), needs_filter, masked, num_top)
+
+    @property
+    def needs_torch(self) -> bool:
+        """The sampling kernel alone does not do it: filters or banned tokens."""
+        return self.needs_filter or bool(self.masked_rows)
 
 
 def sample(
@@ -76,15 +118,17 @@ def _sample_with_kernel(
     """One pass over the logits (Gumbel-max in Triton): no softmax, no noise tensor."""
     from kernels.sample_tokens import sample_tokens
 
-    fixed = [
-        -1 if seed is None else (seed * 1_000_003 + index) % 2**62
-        for seed, index in zip(batch.seeds, batch.output_indices)
-    ]
-    fixed_seeds = to_device(fixed, torch.int64, logits.device)
-    random_seeds = torch.randint(
-        0, 2**62, fixed_seeds.shape, device=logits.device, generator=generator
-    )
-    row_seeds = torch.where(fixed_seeds >= 0, fixed_seeds, random_seeds)
+    row_seeds = batch.row_seeds
+    if row_seeds is None:  # a batch built by hand: draw the unseeded rows' streams here
+        fixed = [
+            -1 if seed is None else (seed * 1_000_003 + index) % 2**62
+            for seed, index in zip(batch.seeds, batch.output_indices)
+        ]
+        fixed_seeds = torch.tensor(fixed, dtype=torch.int64).to(logits.device)
+        random_seeds = torch.randint(
+            0, 2**62, fixed_seeds.shape, device=logits.device, generator=generator
+        )
+        row_seeds = torch.where(fixed_seeds >= 0, fixed_seeds, random_seeds)
     return sample_tokens(logits, batch.temperatures, row_seeds)
 
 

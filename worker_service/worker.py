@@ -116,10 +116,11 @@ class Worker:
             self.device,
             self.model_config.eos_token_ids,
             self.model_config.vocab_size,
-            self._capture_graphs(),
+            max(config.max_num_seqs, config.max_num_batched_tokens),
             parallel,
         )
-        self.seqs = SequenceTable()
+        self.runner.graphs = self._capture_graphs()
+        self.seqs = SequenceTable(config.max_num_seqs, self._max_blocks_per_seq())
         # Rank 0 traces its steps when $NANOSERVE_STEP_TRACE is set (benchmarks).
         self.trace = StepTrace.from_env() if config.rank == 0 else None
         self.runner.tracing = self.trace is not None
@@ -184,18 +185,19 @@ class Worker:
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.enforce_eager or self.backend.name == "torch":
             return None
-        max_blocks = (self.max_model_len + self.config.block_size - 1) // self.config.block_size
         graphs = DecodeGraphs(
             self.model,
             self.config.max_num_seqs,
-            max_blocks,
-            self.model_config.hidden_size,
-            self.dtype,
+            self._max_blocks_per_seq(),
+            self.runner.prev_tokens,
             self.device,
         )
         graphs.capture()
         log.info("captured decode CUDA graphs for batch sizes %s", graphs.buckets)
         return graphs
+
+    def _max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.config.block_size)
 
     def describe(self) -> WorkerInfo:
         return WorkerInfo(
@@ -236,7 +238,7 @@ class Worker:
         scheduled = self.seqs.apply(plan)
         launched = None
         if scheduled:
-            launched = self.runner.launch(plan.step_id, scheduled, plan.num_new_tokens)
+            launched = self.runner.launch(plan.step_id, scheduled, plan.num_new_tokens, self.seqs)
         if plan.defer_result:
             launched, self._in_flight = self._in_flight, launched
         prepared = time.perf_counter_ns()

@@ -107,9 +107,28 @@ def test_async_scheduling_output_equals_synchronous_output(checkpoint) -> None:
     assert with_async == two_ahead == without
 
 
-def test_cuda_graph_output_equals_eager_output(checkpoint) -> None:
+def _mixed_params(n: int) -> list[SamplingParams]:
+    """Greedy, seeded and unseeded sampling, one row with logprobs, one with top_k (the torch
+    sampler after the graph), one under min_tokens (banned tokens): every sampling path."""
+    params = []
+    for i in range(n):
+        options = {"temperature": 0.0} if i % 3 == 0 else {"temperature": 0.8}
+        if i % 3 == 1:
+            options["seed"] = i
+        params.append(SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True, **options))
+    params[1] = SamplingParams(max_tokens=NUM_NEW_TOKENS, logprobs=2, seed=5, temperature=0.8)
+    params[2] = SamplingParams(max_tokens=NUM_NEW_TOKENS, top_k=5, seed=7, temperature=0.8)
+    params[3] = SamplingParams(
+        max_tokens=NUM_NEW_TOKENS, min_tokens=NUM_NEW_TOKENS, stop_token_ids=[1, 2]
+    )
+    return params
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "mixed"])
+def test_cuda_graph_output_equals_eager_output(checkpoint, sampling) -> None:
     model_dir, prompts = checkpoint
-    graphed, graphs = generate_once(model_dir, prompts, GREEDY, enforce_eager=False)
-    eager, no_graphs = generate_once(model_dir, prompts, GREEDY, enforce_eager=True)
+    params = GREEDY if sampling == "greedy" else _mixed_params(len(prompts))
+    graphed, graphs = generate_once(model_dir, prompts, params, enforce_eager=False)
+    eager, no_graphs = generate_once(model_dir, prompts, params, enforce_eager=True)
     assert graphs is not None and no_graphs is None
     assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
