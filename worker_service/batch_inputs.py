@@ -25,8 +25,11 @@ _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int3
 _TORCH_DTYPES[np.dtype(np.float32)] = torch.float32
 
 
+ALIGN = 64  # bytes; Triton specializes kernels on 16-byte aligned pointers: keep every view so
+
+
 class Layout:
-    """Named arrays at fixed, 8-byte aligned offsets of one byte buffer (host or device)."""
+    """Named arrays at fixed, ``ALIGN``-byte aligned offsets of one byte buffer (host or device)."""
 
     def __init__(self, fields: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
         self.fields = fields
@@ -34,8 +37,8 @@ class Layout:
         offset = 0
         for name, (dtype, shape) in fields.items():
             self.offsets[name] = offset
-            offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8
-        self.nbytes = max(offset, 8)
+            offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+        self.nbytes = max(offset, ALIGN)
 
     def host_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
         return {

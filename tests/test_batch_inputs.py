@@ -1,0 +1,116 @@
+"""The worker's step inputs: packed arrays, block tables in one array, and the arrays of a step
+checked against a per-token loop that says the same thing the slow way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scheduler_service.sampling_params import SamplingParams
+from scheduler_service.step_plan import NewSequence, StepPlan
+from worker_service.batch_inputs import ALIGN, PENDING, Layout, build_host_step, pack
+from worker_service.sequence_table import SequenceTable
+
+BLOCK = 4
+
+
+def test_pack_round_trips_every_array_at_aligned_offsets() -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "a": rng.integers(-5, 5, size=7, dtype=np.int64),
+        "b": rng.integers(0, 9, size=(3, 5), dtype=np.int32),
+        "c": rng.random(3, dtype=np.float32),
+        "d": np.zeros(0, dtype=np.int64),
+        "e": np.arange(1, dtype=np.int32),
+    }
+    out = pack(arrays, torch.device("cpu"))
+    for name, array in arrays.items():
+        assert out[name].dtype == torch.from_numpy(array).dtype
+        assert np.array_equal(out[name].numpy(), array), name
+        assert out[name].data_ptr() % 16 == 0  # Triton's pointer specialization stays the same
+    layout = Layout({n: (a.dtype, a.shape) for n, a in arrays.items()})
+    assert all(offset % ALIGN == 0 for offset in layout.offsets.values())
+
+
+def _plan(step_id: int, new=(), appended=(), finished=(), preempted=(), resumed=(), seq_ids=()):
+    return StepPlan(
+        step_id=step_id,
+        new_seqs=list(new),
+        resumed_seqs=list(resumed),
+        appended_seq_ids=[s for s, _ in appended],
+        appended_block_ids=[b for _, b in appended],
+        finished_seq_ids=list(finished),
+        preempted_seq_ids=list(preempted),
+        seq_ids=list(seq_ids),
+        num_new_tokens=[1] * len(seq_ids),
+    )
+
+
+def _new(seq_id: int, prompt: list[int], blocks: list[int]) -> NewSequence:
+    return NewSequence(seq_id, prompt, SamplingParams(), blocks, 0)
+
+
+def test_sequence_table_grows_and_reuses_rows() -> None:
+    table = SequenceTable(rows=2, blocks_per_seq=2)
+    seqs = table.apply(_plan(0, new=[_new(i, [1, 2], [10 * i, 10 * i + 1]) for i in range(3)]))
+    assert seqs == [] and table.block_tables.shape[0] >= 3  # a third row made room
+    table.apply(_plan(1, appended=[(0, [7, 8, 9])]))  # past the width: columns grow
+    assert table.block_table(table.seqs[0]) == [0, 1, 7, 8, 9]
+    assert table.block_table(table.seqs[2]) == [20, 21]
+    row_of_1 = table.seqs[1].row
+    table.apply(_plan(2, finished=[1], new=[_new(5, [3], [4])]))
+    assert table.seqs[5].row == row_of_1 and table.block_table(table.seqs[5]) == [4]
+    table.apply(_plan(3, preempted=[2]))
+    assert table.block_table(table.seqs[2]) == []
+
+
+def _reference(seqs, counts, table, prev_rows):
+    """Token by token, the obvious way."""
+    ids, prev, positions, slots, last = [], [], [], [], []
+    for seq, n in zip(seqs, counts):
+        blocks = table.block_table(seq)
+        for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+            token = seq.token_ids[pos]
+            pending = token == PENDING
+            ids.append(0 if pending else token)
+            prev.append(prev_rows[seq.seq_id] if pending else -1)
+            positions.append(pos)
+            slots.append(blocks[pos // BLOCK] * BLOCK + pos % BLOCK)
+        if seq.num_computed_tokens + n == len(seq.token_ids):
+            last.append(len(ids) - 1)
+    return ids, prev, positions, slots, last
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_step_arrays_match_a_per_token_loop(decode) -> None:
+    rng = np.random.default_rng(1)
+    table = SequenceTable(rows=4, blocks_per_seq=2)
+    news = []
+    for seq_id in range(6):
+        length = int(rng.integers(1, 15))
+        blocks = rng.permutation(100)[: -(-(length + 1) // BLOCK)].tolist()
+        news.append(_new(seq_id, rng.integers(1, 50, size=length).tolist(), blocks))
+    seqs = table.apply(_plan(0, new=news, seq_ids=range(6)))
+    prev_rows = {}
+    counts = []
+    for i, seq in enumerate(seqs):
+        if i % 2 == 0:  # its prompt is done and its last token is still on the device
+            seq.token_ids.append(PENDING)
+            prev_rows[seq.seq_id] = 5 - i
+            seq.num_computed_tokens = len(seq.token_ids) - 1
+        elif not decode:
+            seq.num_computed_tokens = int(rng.integers(0, len(seq.token_ids)))
+        else:
+            seq.num_computed_tokens = len(seq.token_ids) - 1
+        remaining = len(seq.token_ids) - seq.num_computed_tokens
+        counts.append(1 if decode else int(rng.integers(1, remaining + 1)))
+    step = build_host_step(seqs, counts, table, BLOCK, prev_rows)
+    ids, prev, positions, slots, last = _reference(seqs, counts, table, prev_rows)
+    a = step.arrays
+    assert a["input_ids"].tolist() == ids and a["prev_rows"].tolist() == prev
+    assert a["positions"].tolist() == positions and a["slot_mapping"].tolist() == slots
+    assert a["last_token_indices"].tolist() == last
+    ends = [s.num_computed_tokens + n for s, n in zip(seqs, counts)]
+    assert a["seq_lens"].tolist() == ends and a["cu_seqlens_q"].tolist()[-1] == sum(counts)
+    assert step.is_decode == decode and step.num_pending == sum(p >= 0 for p in prev)
