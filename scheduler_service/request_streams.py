@@ -13,8 +13,9 @@ Not here: commands to the engine (engine_loop.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler_service.engine import RequestOutput
 
@@ -35,10 +36,40 @@ class SlowClient(Overloaded):
 
 
 @dataclass
+class _Held:
+    """A non-streaming request's outputs since its first, merged as they come: a few lists per
+    request instead of an object per token (which the garbage collector would walk, long pauses
+    of the step loop included, for as long as the request lives)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.new_token_ids
+        if out.new_text:
+            self.text.append(out.new_text)
+        if out.new_logprobs:
+            self.logprobs += out.new_logprobs
+        self.last = out
+
+    def merged(self) -> RequestOutput | None:
+        if self.last is None:
+            return None
+        return dataclasses.replace(
+            self.last,
+            new_token_ids=self.token_ids,
+            new_text="".join(self.text),
+            new_logprobs=self.logprobs or None,
+        )
+
+
+@dataclass
 class _Stream:
     queue: OutputQueue
     session: int  # the worker session it was submitted to
-    held: list[RequestOutput] | None = None  # non-streaming: outputs kept until it finishes
+    held: _Held | None = None  # non-streaming: outputs kept until it finishes
     started: bool = False  # an output was delivered already
 
 
@@ -55,7 +86,7 @@ class RequestStreams:
 
     def open(self, request_id: str, session: int, stream: bool = True) -> OutputQueue:
         queue: OutputQueue = asyncio.Queue()
-        self._streams[request_id] = _Stream(queue, session, held=None if stream else [])
+        self._streams[request_id] = _Stream(queue, session, held=None if stream else _Held())
         return queue
 
     def close(self, request_id: str) -> bool:
@@ -70,13 +101,15 @@ class RequestStreams:
             if stream is None:
                 continue
             if stream.held is not None and stream.started and not out.finished:
-                stream.held.append(out)
+                stream.held.add(out)
             elif stream.queue.qsize() >= self.max_buffer and not out.finished:
                 self._drop(out.request_id, stream)
                 dropped.append(out.request_id)
             else:
-                for held in stream.held or ():
+                held = stream.held.merged() if stream.held is not None else None
+                if held is not None:
                     stream.queue.put_nowait(held)
+                    stream.held = _Held()
                 stream.queue.put_nowait(out)
                 stream.started = True
         return dropped

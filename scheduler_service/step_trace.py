@@ -14,6 +14,7 @@ the variable is set. Only this module's name is shared: it imports nothing from 
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import time
@@ -24,11 +25,12 @@ ENV = "NANOSERVE_STEP_TRACE"
 # plan's protobuf in and the reply's out, gap = since the previous step call returned (in-process:
 # the scheduler's own work), prep = sequence table, inputs and launching the forward and sampler,
 # wait = blocked on the device for the previous step's tokens, collect = the rest of collecting.
-WORKER_PHASES = ("plan_wait", "decode", "gap", "prep", "wait", "collect", "encode")
+# gc = the process's garbage collections (inside the other phases, in whichever thread).
+WORKER_PHASES = ("plan_wait", "decode", "gap", "prep", "wait", "collect", "encode", "gc")
 # The scheduler's engine thread, per step that got an answer: plan = schedule + build + send,
 # receive = blocked on the worker's answer, outputs = stop checks and request outputs, loop = the
 # rest of the engine loop since the previous step (handing outputs over, stats, new requests).
-SCHEDULER_PHASES = ("plan", "receive", "outputs", "loop")
+SCHEDULER_PHASES = ("plan", "receive", "outputs", "loop", "gc")
 
 
 class StepTrace:
@@ -36,7 +38,15 @@ class StepTrace:
         self.path = Path(path)
         self._lines: list[str] = []
         self._host: dict[str, float] = {}  # phases noted since the last line
+        self._gc_start = 0
+        gc.callbacks.append(self._on_gc)
         atexit.register(self.flush)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter_ns()
+        elif self._gc_start:
+            self.note("gc", ms_since(self._gc_start))
 
     @classmethod
     def from_env(cls, suffix: str = "") -> StepTrace | None:

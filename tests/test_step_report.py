@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -92,3 +93,11 @@ def test_worker_service_traces_its_grpc_phases(tiny_model_dir, tmp_path, monkeyp
     num_tokens = len(replies[-1].complete.output_ids)
     phases = {"plan_wait", "decode", "encode", "gap", "prep", "wait", "collect"}
     _check_traces(path, num_tokens, 1, phases)
+
+
+def test_garbage_collections_are_noted(tmp_path) -> None:
+    trace = StepTrace(str(tmp_path / "steps.jsonl"))
+    gc.collect()
+    trace.add(1, 1, 1, 1.0, 0.0)
+    trace.flush()
+    assert read_trace(tmp_path / "steps.jsonl")[0][-1]["gc"] > 0
