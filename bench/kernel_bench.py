@@ -35,6 +35,7 @@ from kernels.paged_prefill_attention import (  # noqa: E402
     default_prefill_config,
     paged_prefill_attention,
 )
+from kernels.sample_tokens import sample_tokens  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
 DTYPE = torch.bfloat16
@@ -208,6 +209,23 @@ def main() -> None:
         config = default_prefill_config(num_q_heads // NUM_KV_HEADS, HEAD_DIM, torch.device("cuda"))
         ms, tflops = bench_prefill(cached_and_new, num_q_heads, config=config)
         print(f"{name:40s} {ms:8.3f} {tflops:7.1f}")
+
+    print(f"\n{'sampling (vocab 151,936, bf16 logits)':40s} {'us':>8s} {'GB/s':>7s} {'% copy':>7s}")
+    for rows in (256, 64, 1):
+        for temperature in (0.6, 0.0):
+            us, gbs = bench_sampling(rows, 151_936, temperature)
+            name = f"{rows} rows, temperature {temperature}"
+            print(f"{name:40s} {us:8.1f} {gbs:7.0f} {gbs / copy_gbs:7.0%}")
+
+
+def bench_sampling(rows: int, vocab: int, temperature: float) -> tuple[float, float]:
+    """``sample_tokens`` on [rows, vocab] logits: microseconds and logits read per second."""
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    temps = torch.full((rows,), temperature, device="cuda")
+    seeds = torch.arange(rows, device="cuda", dtype=torch.int64)
+    # Replayed as a CUDA graph, as the worker runs it: a few rows would time the host's launch.
+    ms = triton.testing.do_bench_cudagraph(lambda: sample_tokens(logits, temps, seeds), rep=200)
+    return ms * 1e3, logits.numel() * logits.element_size() / (ms / 1e3) / 1e9
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 ``argmax(logits / T + G)`` with ``G = -log(-log(U))``, U uniform, draws exactly from
 ``softmax(logits / T)``; temperature 0 rows take the plain argmax. Each row's noise comes from
-its own seed and the token index (counter-based random numbers), so a row's token never depends
-on its neighbours or on how the vocabulary is split. One program scores one chunk of one row's
-vocabulary and keeps its best (score, index); a small reduction over the chunks picks each row's
-winner, lowest index on ties like ``torch.argmax``. Splitting the vocabulary keeps the whole GPU
-busy at any batch size. Filters (top_k, top_p, min_p) need a sort and stay in the torch sampler.
+its own seed and the token index (counter-based random numbers, one Philox call for four
+consecutive entries), so a row's token never depends on its neighbours or on how the vocabulary
+is split. One program scores one chunk of one row's vocabulary and keeps its best (score, index);
+a small reduction over the chunks picks each row's winner, lowest index on ties like
+``torch.argmax``. Splitting the vocabulary keeps the whole GPU busy at any batch size. Filters (top_k, top_p, min_p) need a sort and stay in the torch sampler.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def _sample_chunk_kernel(
         )
         score = logit.to(tl.float32) * inv_t
         if not greedy:
-            uniform = tl.rand(seed, offsets)
+            # One Philox call gives four numbers: entry i takes number i % 4 of counter i // 4.
+            counters = (chunk * CHUNK + start) // 4 + tl.arange(0, BLOCK // 4)
+            u0, u1, u2, u3 = tl.rand4x(seed, counters)
+            uniform = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
             score = score - tl.log(-tl.log(uniform))
         better = (score > best_score) & mask
         best_score = tl.where(better, score, best_score)
@@ -72,8 +75,8 @@ def sample_tokens(
         raise ValueError("temperatures must be float32 of shape [B]")
     if seeds.shape != (num_rows,) or seeds.dtype != torch.int64:
         raise ValueError("seeds must be int64 of shape [B]")
-    if chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size={chunk_size} is invalid: must be a power of two")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size} is invalid: must be a power of two >= 16")
     if num_rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     num_chunks = triton.cdiv(vocab_size, chunk_size)

@@ -2,8 +2,10 @@
 
 ``launch`` queues the forward pass and sampling on the device and returns at once; ``collect``
 waits for that step's tokens and writes them into the sequences. Between the two the host is free
-to prepare the next step, whose decode inputs read this step's tokens straight from the device.
-That is what lets the scheduler run one step ahead (async scheduling).
+to prepare the next step, whose inputs read this step's tokens straight from the device
+(``prev_tokens``, where every step leaves its sampled tokens). That is what lets the scheduler run
+one step ahead (async scheduling). A decode step whose batch fits a CUDA graph runs as one replay
+(worker_service/cuda_graphs.py); other steps run eagerly on packed inputs.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ class LaunchedStep:
     step_id: int
     seqs: list[WorkerSequence]  # the sequences that sample, in row order
     token_positions: list[int]  # where each sampled token goes in its sequence
-    tokens_gpu: torch.Tensor  # [B_s] int64, on the device
-    tokens_cpu: torch.Tensor  # [B_s] int64, filled by an async copy
+    tokens_cpu: torch.Tensor  # [B_s] int64: on CPU the tokens; on CUDA filled by an async copy
     done: torch.cuda.Event | None
     started: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
@@ -170,17 +171,13 @@ class ModelRunner:
 
     def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started, shape) -> LaunchedStep:
         if self.device.type != "cuda":
-            return LaunchedStep(
-                step_id, seqs, positions, tokens, tokens, None, None, logprobs, shape
-            )
+            return LaunchedStep(step_id, seqs, positions, tokens, None, None, logprobs, shape)
         tokens_cpu = _pinned_copy(tokens)
         if logprobs is not None:
             logprobs = tuple(_pinned_copy(t) for t in logprobs)
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return LaunchedStep(
-            step_id, seqs, positions, tokens, tokens_cpu, done, started, logprobs, shape
-        )
+        return LaunchedStep(step_id, seqs, positions, tokens_cpu, done, started, logprobs, shape)
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step and write its tokens into the sequences."""
