@@ -84,7 +84,7 @@ class SequenceTable:
 
     def _take_row(self) -> int:
         if not self._free_rows:
-            rows, width = self.block_tables.shape
+            rows = len(self.block_tables)
             self.block_tables = np.concatenate(
                 [self.block_tables, np.zeros_like(self.block_tables)]
             )
