@@ -163,9 +163,9 @@ class ModelRunner:
     def _sample(
         self, logits: torch.Tensor, seqs: list[WorkerSequence], sampling: HostSampling
     ) -> torch.Tensor:
-        if sampling.temperatures_dev is None:  # a graph step: its inputs never left the graph
-            sampling.temperatures_dev = torch.from_numpy(sampling.temperatures).to(self.device)
-            sampling.seeds_dev = torch.from_numpy(sampling.seeds).to(self.device)
+        if sampling.temperatures_dev is None:  # a graph step: its copies went into the graph
+            x = pack({"t": sampling.temperatures, "s": sampling.seeds}, self.device)
+            sampling.temperatures_dev, sampling.seeds_dev = x["t"], x["s"]
         batch = SamplingBatch.from_host(seqs, sampling, self.vocab_size, self.device)
         return sample(self._masked(logits, seqs, sampling), batch, self.generator)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worker_service.batch_inputs import pack
+
 
 @dataclass
 class SamplingBatch:
@@ -39,10 +41,15 @@ class SamplingBatch:
         params = [s.params for s in seqs]
         top_ks = top_ps = min_ps = None
         if host.needs_filter:  # only the torch path reads the filters
-            top_ks = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
-            top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-            min_ps = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-            top_ks, top_ps, min_ps = (t.to(device) for t in (top_ks, top_ps, min_ps))
+            x = pack(
+                {
+                    "top_ks": np.array([p.top_k if p.top_k > 0 else vocab_size for p in params]),
+                    "top_ps": np.array([p.top_p for p in params], dtype=np.float32),
+                    "min_ps": np.array([p.min_p for p in params], dtype=np.float32),
+                },
+                device,
+            )
+            top_ks, top_ps, min_ps = x["top_ks"], x["top_ps"], x["min_ps"]
         assert host.temperatures_dev is not None, "upload the host sampling first"
         return cls(
             temperatures=host.temperatures_dev,
