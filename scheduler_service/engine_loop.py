@@ -14,7 +14,8 @@ waits for a client). On worker loss every in-flight request fails with ``Unavail
 and readiness turns off until a fresh session is up. Whenever the engine falls idle it checks
 that every KV block is free (``kv_cache_violation``) and logs an error if not.
 
-Not here: protobuf (the servicer's edge), tokenization, and scheduling itself (EngineCore).
+Not here: protobuf (the servicer's edge), tokenization, what a command does to the engine
+(engine_commands.py), and scheduling itself (EngineCore).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
+from scheduler_service.engine_commands import AbortRequest, AddRequest, Command, apply_commands
 from scheduler_service.metrics import Metrics
 from scheduler_service.request_streams import (
     OutputQueue,
@@ -47,7 +48,6 @@ from scheduler_service.server_stats import (
     snapshot,
 )
 from scheduler_service.step_plan import WorkerInfo
-from scheduler_service.stop_checker import FinishReason
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.worker_client import WorkerUnavailable
 
@@ -59,18 +59,6 @@ class RemoteWorker(WorkerClient, Protocol):
     def ping(self) -> None: ...
 
     def reconnect(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
 
 
 class EngineLoop:
@@ -94,7 +82,7 @@ class EngineLoop:
         self._streams = RequestStreams(config.max_stream_buffer)  # event loop only
         self._cond = threading.Condition()  # guards the fields below
         self._session = 0  # counts worker sessions
-        self._commands: list[_Add | _Abort] = []
+        self._commands: list[Command] = []
         self._num_pending_adds = 0
         self._stopping = False
         self._draining = False
@@ -149,7 +137,7 @@ class EngineLoop:
                     f"the waiting queue is full ({self.config.max_num_waiting} requests): "
                     "retry later"
                 )
-            self._commands.append(_Add(request_id, prompt_token_ids, params))
+            self._commands.append(AddRequest(request_id, prompt_token_ids, params))
             self._num_pending_adds += 1
             self._cond.notify()
         return self._streams.open(request_id, session, stream)
@@ -162,7 +150,7 @@ class EngineLoop:
 
     def _send_aborts(self, request_ids: list[str]) -> None:
         with self._cond:
-            self._commands.extend(_Abort(r) for r in request_ids)
+            self._commands.extend(AbortRequest(r) for r in request_ids)
             self._cond.notify()
 
     def close(self, request_id: str, finished: bool) -> None:
@@ -265,24 +253,16 @@ class EngineLoop:
     def _apply_commands(self, engine: EngineCore) -> None:
         with self._cond:
             commands, self._commands = self._commands, []
-        aborted = []
-        for cmd in commands:
-            if isinstance(cmd, _Add):
-                try:
-                    engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
-                except ValueError as e:
-                    self._loop.call_soon_threadsafe(self._streams.fail, cmd.request_id, e)
-            elif engine.abort(cmd.request_id):
-                aborted.append(
-                    RequestOutput(cmd.request_id, [], "", True, FinishReason.ABORT, 0, 0, 0)
-                )
-        if aborted:
-            self._loop.call_soon_threadsafe(self._deliver, aborted)
-        if commands:
-            self._publish_stats(engine)
-            num_adds = sum(isinstance(cmd, _Add) for cmd in commands)
-            with self._cond:  # only now: until the stats count them, they count as pending
-                self._num_pending_adds -= num_adds
+        if not commands:
+            return
+        applied = apply_commands(engine, commands)
+        for request_id, error in applied.refused:
+            self._loop.call_soon_threadsafe(self._streams.fail, request_id, error)
+        if applied.aborted:
+            self._loop.call_soon_threadsafe(self._deliver, applied.aborted)
+        self._publish_stats(engine)
+        with self._cond:  # only now: until the stats count them, they count as pending
+            self._num_pending_adds -= applied.num_adds
 
     def _step(self, engine: EngineCore) -> None:
         num_before = engine.num_generated_tokens
