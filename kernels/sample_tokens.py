@@ -6,7 +6,8 @@ its own seed and the token index (counter-based random numbers, one Philox call 
 consecutive entries), so a row's token never depends on its neighbours or on how the vocabulary
 is split. One program scores one chunk of one row's vocabulary and keeps its best (score, index);
 a small reduction over the chunks picks each row's winner, lowest index on ties like
-``torch.argmax``. Splitting the vocabulary keeps the whole GPU busy at any batch size. Filters (top_k, top_p, min_p) need a sort and stay in the torch sampler.
+``torch.argmax``. Splitting the vocabulary keeps the whole GPU busy at any batch size. Filters
+(top_k, top_p, min_p) need a sort and stay in the torch sampler.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import torch
 from models.layers.attention import AttentionMetadata
 from models.qwen3 import Qwen3ForCausalLM
 from worker_service.batch_inputs import HostStep, Layout, upload
+from worker_service.sampler import HostSampling
 
 # Padding for rows past the batch: write no cache slot, read one valid block, take token 0.
 _PADS = {"slot_mapping": -1, "seq_lens": 1, "prev_rows": -1, "temperatures": 0.0}
@@ -112,14 +113,15 @@ class DecodeGraphs:
         )
 
     def run(
-        self, step: HostStep, temperatures: np.ndarray, seeds: np.ndarray
+        self, step: HostStep, sampling: HostSampling
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replay for ``step`` (every row samples); returns its tokens [bs] and logits (rank 0)."""
+        """Replay for ``step`` (every row samples); returns its tokens [bs] and logits (rank 0).
+        ``sampling``'s device temperatures and seeds become the graph's, for a second draw."""
         bs = len(step.arrays["input_ids"])
         bucket = next(b for b in self.buckets if b >= bs)
         buf = np.zeros(self.layout.nbytes, dtype=np.uint8)
         host = self.layout.host_views(buf)
-        values = dict(step.arrays, temperatures=temperatures, seeds=seeds)
+        values = dict(step.arrays, temperatures=sampling.temperatures, seeds=sampling.seeds)
         for name, view in host.items():
             if name == "block_tables":
                 tables = values[name]
@@ -129,6 +131,8 @@ class DecodeGraphs:
             if name in _PADS:
                 view[bs:bucket] = _PADS[name]
         upload(buf, self.static.device, out=self.static)
+        sampling.temperatures_dev = self.inputs["temperatures"][:bs]
+        sampling.seeds_dev = self.inputs["seeds"][:bs]
         self.graphs[bucket].replay()
         logits = self.logits[bucket]
         return self.prev_tokens[:bs], None if logits is None else logits[:bs]

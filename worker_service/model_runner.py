@@ -97,21 +97,27 @@ class ModelRunner:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
         graphs = self.graphs
+        tokens = None
         if (
             graphs is not None
             and graphs.can_run(host, len(seqs))
             and host.num_tokens == len(sampling_seqs)
         ):
-            tokens, logits = graphs.run(host, sampling.temperatures, sampling.seeds)
-            if logits is not None and sampling.needs_torch:  # the kernel's draw is replaced
-                tokens = self._sample(logits, sampling_seqs, sampling)
+            tokens, logits = graphs.run(host, sampling)  # sampled by the kernel in the graph
+            resample = sampling.needs_torch
         else:
-            tokens, logits = self._run_eager(host, sampling_seqs, sampling)
+            logits = self._run_eager(host, len(sampling_seqs), sampling)
+            resample = True
         logprobs = None
-        if logits is not None and sampling.num_top:
-            logprobs = compute_logprobs(
-                self._masked(logits, sampling_seqs, sampling), tokens, sampling.num_top
-            )
+        if logits is not None:  # rank 0, with rows to sample
+            logits = self._masked(logits, sampling_seqs, sampling)
+            if resample:
+                batch = SamplingBatch.from_host(sampling_seqs, sampling, self.vocab_size)
+                tokens = sample(logits, batch, self.generator)  # [B_s]
+            if sampling.num_top:
+                logprobs = compute_logprobs(logits, tokens, sampling.num_top)
+        if tokens is None:  # another rank samples; this one receives its tokens below
+            tokens = torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device)
         if sampling_seqs:
             tokens = broadcast(tokens, self.parallel)  # every rank feeds them into its next step
             if tokens.data_ptr() != self.prev_tokens.data_ptr():  # else the graph put them there
@@ -130,9 +136,10 @@ class ModelRunner:
         return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started, shape)
 
     def _run_eager(
-        self, host: HostStep, sampling_seqs: list[WorkerSequence], sampling: HostSampling
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A step outside the graphs: packed inputs, forward, logits of the sampling rows."""
+        self, host: HostStep, num_sampling: int, sampling: HostSampling
+    ) -> torch.Tensor | None:
+        """A step outside the graphs: packed inputs, forward, and the logits of the sampling rows
+        ([B_s, V] on rank 0; None elsewhere or when no row samples)."""
         arrays = dict(host.arrays, temperatures=sampling.temperatures, seeds=sampling.seeds)
         x = pack(arrays, self.device)
         sampling.temperatures_dev, sampling.seeds_dev = x["temperatures"], x["seeds"]
@@ -151,23 +158,11 @@ class ModelRunner:
             is_plain_prefill=host.is_plain_prefill,
         )
         hidden = self.model(input_ids, x["positions"], meta)  # [T, hidden]
-        if not sampling_seqs:
-            return torch.empty(0, dtype=torch.int64, device=self.device), None
-        if host.num_tokens != len(sampling_seqs):
+        if not num_sampling:
+            return None
+        if host.num_tokens != num_sampling:
             hidden = hidden[x["last_token_indices"]]
-        logits = self.model.compute_logits(hidden)  # [B_s, V] on rank 0
-        if logits is None:  # another rank samples; this one receives its tokens
-            return torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device), None
-        return self._sample(logits, sampling_seqs, sampling), logits
-
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[WorkerSequence], sampling: HostSampling
-    ) -> torch.Tensor:
-        if sampling.temperatures_dev is None:  # a graph step: its copies went into the graph
-            x = pack({"t": sampling.temperatures, "s": sampling.seeds}, self.device)
-            sampling.temperatures_dev, sampling.seeds_dev = x["t"], x["s"]
-        batch = SamplingBatch.from_host(seqs, sampling, self.vocab_size, self.device)
-        return sample(self._masked(logits, seqs, sampling), batch, self.generator)
+        return self.model.compute_logits(hidden)
 
     def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started, shape) -> LaunchedStep:
         if self.device.type != "cuda":

@@ -30,14 +30,14 @@ class SamplingBatch:
     output_indices: list[int]  # per row: index of the token being sampled in the output
     all_greedy: bool
     needs_filter: bool
-    row_seeds: torch.Tensor | None = None  # [B] int64: the sampling kernel's noise seed per row
+    # [B] int64: the sampling kernel's noise seed per row (None: the torch path, even on a GPU)
+    row_seeds: torch.Tensor | None = None
 
     @classmethod
-    def from_host(
-        cls, seqs: list, host: HostSampling, vocab_size: int, device: torch.device
-    ) -> SamplingBatch:
+    def from_host(cls, seqs: list, host: HostSampling, vocab_size: int) -> SamplingBatch:
         """Tensors for ``seqs`` (worker sequences about to sample); ``host`` holds their
         temperatures and kernel seeds, already on ``device``."""
+        assert host.temperatures_dev is not None, "upload the host sampling first"
         params = [s.params for s in seqs]
         top_ks = top_ps = min_ps = None
         if host.needs_filter:  # only the torch path reads the filters
@@ -47,10 +47,9 @@ class SamplingBatch:
                     "top_ps": np.array([p.top_p for p in params], dtype=np.float32),
                     "min_ps": np.array([p.min_p for p in params], dtype=np.float32),
                 },
-                device,
+                host.temperatures_dev.device,
             )
             top_ks, top_ps, min_ps = x["top_ks"], x["top_ps"], x["min_ps"]
-        assert host.temperatures_dev is not None, "upload the host sampling first"
         return cls(
             temperatures=host.temperatures_dev,
             top_ks=top_ks,
@@ -105,8 +104,11 @@ class HostSampling:
 def sample(
     logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None
 ) -> torch.Tensor:  # logits [B, V] -> token ids [B] int64
-    if logits.is_cuda and not batch.all_greedy and not batch.needs_filter:
-        return _sample_with_kernel(logits, batch, generator)
+    kernel = not batch.all_greedy and not batch.needs_filter and batch.row_seeds is not None
+    if logits.is_cuda and kernel:
+        from kernels.sample_tokens import sample_tokens  # one pass: no softmax, no noise tensor
+
+        return sample_tokens(logits, batch.temperatures, batch.row_seeds)
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
@@ -117,26 +119,6 @@ def sample(
     noise = _exponential_noise(probs, batch, generator)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(batch.temperatures == 0, greedy_tokens, sampled)
-
-
-def _sample_with_kernel(
-    logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One pass over the logits (Gumbel-max in Triton): no softmax, no noise tensor."""
-    from kernels.sample_tokens import sample_tokens
-
-    row_seeds = batch.row_seeds
-    if row_seeds is None:  # a batch built by hand: draw the unseeded rows' streams here
-        fixed = [
-            -1 if seed is None else (seed * 1_000_003 + index) % 2**62
-            for seed, index in zip(batch.seeds, batch.output_indices)
-        ]
-        fixed_seeds = torch.tensor(fixed, dtype=torch.int64).to(logits.device)
-        random_seeds = torch.randint(
-            0, 2**62, fixed_seeds.shape, device=logits.device, generator=generator
-        )
-        row_seeds = torch.where(fixed_seeds >= 0, fixed_seeds, random_seeds)
-    return sample_tokens(logits, batch.temperatures, row_seeds)
 
 
 def _filter(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

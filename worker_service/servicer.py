@@ -38,6 +38,7 @@ class StepExecutor(Protocol):
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, worker: StepExecutor) -> None:
         self.worker = worker
+        self.trace = getattr(worker, "trace", None)  # the step trace (benchmarks), if on
         self.session_id = 0
         self._lock = threading.Lock()  # one step (or session change) at a time
 
@@ -65,7 +66,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def StepStream(
         self, requests: Iterator[pb.StepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.StepResponse]:
-        trace = getattr(self.worker, "trace", None)
+        trace = self.trace
         while True:
             waiting = time.perf_counter_ns()
             request = next(requests, None)
@@ -96,10 +97,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             reply = wire_worker.result_to_pb(result, computed - decoded)
             reply.wire_ns = decoded - start + time.perf_counter_ns() - computed
             reply.memory_bytes = getattr(self.worker, "memory_bytes", lambda: 0)()
-            trace = getattr(self.worker, "trace", None)
-            if trace is not None:  # lands in the next step's line (this one's is written)
-                trace.note("decode", (decoded - start) / 1e6)
-                trace.note("encode", ms_since(computed))
+            if self.trace is not None:  # lands in the next step's line (this one's is written)
+                self.trace.note("decode", (decoded - start) / 1e6)
+                self.trace.note("encode", ms_since(computed))
         return reply
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:

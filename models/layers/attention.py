@@ -12,6 +12,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+# What a fused kernel needs to store a step's K/V itself: (v, k_cache, v_cache, slot_mapping).
+KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class AttentionMetadata:
@@ -73,9 +76,7 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def fused_kv_store(
-        self, v: torch.Tensor, meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def fused_kv_store(self, v: torch.Tensor, meta: AttentionMetadata) -> KVStore | None:
         """What a fused kernel needs to store this step's K/V itself, if the backend allows it:
         ``(v, k_cache, v_cache, slot_mapping)``; None with no cache bound (memory profiling)."""
         if not self.backend.accepts_stored_kv or self.k_cache.numel() == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.layers.attention import KVStore
 from models.layers.layernorm import RMSNorm
 
 
@@ -57,8 +58,7 @@ class RotaryEmbedding(nn.Module):
         k: torch.Tensor,  # [T, H_kv, D], overwritten on CUDA
         q_norm: RMSNorm,  # over D
         k_norm: RMSNorm,
-        # (v, k_cache, v_cache, slot_mapping)
-        kv_store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        kv_store: KVStore | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """``self(positions, q_norm(q), k_norm(k))``; on CUDA one fused kernel, in place, which
         also stores the new k and v rows into the paged cache when given ``kv_store``. The flag
