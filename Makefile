@@ -32,7 +32,9 @@ serve: protos
 	$(BIN)/python -m nanoserve serve --model $(MODEL) --port $(PORT) --tp $(TP)
 
 test: protos
-	$(BIN)/python -m pytest -q -m "not gpu"
+	# The fast in-process tests first, then the ones that start real services.
+	$(BIN)/python -m pytest -q -m "not gpu" tests/unit
+	$(BIN)/python -m pytest -q -m "not gpu" tests/service
 
 test-compose: $(BIN)/python
 	NANOSERVE_TEST_COMPOSE=1 $(BIN)/python -m pytest -q -s tests/compose
@@ -54,4 +56,4 @@ lint:
 		$(BIN)/mypy scheduler_service --follow-imports=silent
 
 clean:
-	rm -rf $(VENV) $(TINY_MODEL) nanoserve/v1 nanoserve/worker
+	rm -rf $(VENV) $(TINY_MODEL) protos/nanoserve/v1/*_pb2* protos/nanoserve/worker/v1/*_pb2*

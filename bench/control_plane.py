@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from nanoserve import launcher
+from protos.sampling_params import SamplingParams
 from scheduler_service.engine import EngineConfig, EngineCore
-from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.worker_client import GrpcWorkerClient, StepTiming
 

@@ -6,7 +6,7 @@ figure of merit is bytes read + written per second next to a large device-to-dev
 cases fit in L2 and may beat it. ``exact`` is the share of output elements bit-identical to the
 reference. The last line estimates the time saved per Qwen3-0.6B decode step at batch 256.
 
-Not a correctness test (tests/test_fused_kernels.py is); needs CUDA.
+Not a correctness test (tests/unit/test_fused_kernels.py is); needs CUDA.
 
     python bench/fused_bench.py
 """

@@ -9,8 +9,8 @@ import time
 import grpc
 
 from nanoserve import launcher
-from nanoserve.v1 import generation_pb2 as pb
-from nanoserve.v1 import generation_pb2_grpc as pb_grpc
+from protos.nanoserve.v1 import generation_pb2 as pb
+from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),

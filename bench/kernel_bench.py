@@ -5,7 +5,7 @@ device-to-device copy on the same GPU (bytes read + written per second). Prefill
 compute-bound: its figure is TFLOP/s (causal: only the visible query-key pairs are counted).
 ``--sweep`` also times every launch configuration in a small grid and prints the fastest.
 
-Not a correctness test (tests/test_kernels.py is); needs CUDA.
+Not a correctness test (tests/unit/test_kernels.py is); needs CUDA.
 
     python bench/kernel_bench.py [--sweep]
 """

@@ -21,7 +21,7 @@ from bench.checkpoint import ARCHITECTURES, default_max_model_len, write_random_
 from bench.grpc_client import CHANNEL_OPTIONS, request, start_services
 from bench.throughput import load_workload
 from nanoserve import launcher
-from nanoserve.v1 import generation_pb2_grpc as pb_grpc
+from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
 
 
 def percentile(values: list[float], q: float) -> float:

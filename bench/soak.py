@@ -27,8 +27,8 @@ from pathlib import Path
 import grpc
 
 from nanoserve import launcher
-from nanoserve.v1 import generation_pb2 as pb
-from nanoserve.v1 import generation_pb2_grpc
+from protos.nanoserve.v1 import generation_pb2 as pb
+from protos.nanoserve.v1 import generation_pb2_grpc
 
 INVARIANT_VIOLATION = "KV cache invariant violated"
 SHARED_PREFIXES = 8  # prompts start with one of these, so the prefix cache is hit

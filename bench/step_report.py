@@ -1,6 +1,6 @@
 """Where a benchmark's time went, by step kind and batch size, from a step trace.
 
-The worker writes the trace when ``NANOSERVE_STEP_TRACE=PATH`` is set (scheduler_service/step_trace.py):
+The worker writes the trace when ``NANOSERVE_STEP_TRACE=PATH`` is set (protos/step_trace.py):
 one line per step with its sequences, tokens, context tokens, device-busy and device-idle time and
 the worker's host phases; the scheduler writes ``PATH.scheduler`` with its engine thread's phases.
 Each decode step's bound is its weight bytes plus the K/V bytes of its context at the copy
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from bench.bound import kv_bytes_per_token, weight_bytes
-from scheduler_service.step_trace import SCHEDULER_PHASES, WORKER_PHASES
+from protos.step_trace import SCHEDULER_PHASES, WORKER_PHASES
 
 BANDS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 100_000)]
 

@@ -231,7 +231,7 @@ def _report_trace(path: Path, res: dict, cfg: dict, bandwidth: float) -> list[di
         summarize,
         summarize_scheduler,
     )
-    from scheduler_service.step_trace import SCHEDULER_PHASES
+    from protos.step_trace import SCHEDULER_PHASES
 
     if not path.exists():
         return []

@@ -75,7 +75,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 async def greedy_outputs(addr: str, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
     import grpc
 
-    from nanoserve.v1 import generation_pb2_grpc as pb_grpc
+    from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
 
     params = {"temperature": 0.0, "ignore_eos": True, "detokenize": False}
     async with grpc.aio.insecure_channel(addr) as channel:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from scheduler_service.sampling_params import SamplingParams
+from protos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from nanoserve.llm import LLM

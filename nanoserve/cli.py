@@ -135,8 +135,8 @@ def _devices(device: str, tp: int | None) -> tuple[str, int]:
 def cmd_generate(args: argparse.Namespace) -> None:
     import grpc
 
-    from nanoserve.v1 import generation_pb2 as pb
-    from nanoserve.v1 import generation_pb2_grpc
+    from protos.nanoserve.v1 import generation_pb2 as pb
+    from protos.nanoserve.v1 import generation_pb2_grpc
 
     sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     if args.chat:

@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from protos.sampling_params import SamplingParams
 from scheduler_service.engine import EngineConfig, EngineCore
-from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.tokenizer import Tokenizer
 from worker_service.config import WorkerConfig
 from worker_service.worker import Worker

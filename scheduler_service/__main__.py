@@ -23,8 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nanoserve.v1 import generation_pb2, generation_pb2_grpc
-from scheduler_service.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
+from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
+from protos.nanoserve.v1 import generation_pb2, generation_pb2_grpc
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.metrics import Metrics

@@ -12,7 +12,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from nanoserve.envargs import apply_env_defaults
+from protos.envargs import apply_env_defaults
 from scheduler_service.engine import EngineConfig
 
 AUTH_TOKEN_ENV = "NANOSERVE_AUTH_TOKEN"  # clients send ``authorization: Bearer <token>``

@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from protos.sampling_params import SamplingParams
+from protos.step_plan import StepPlan, StepResult, WorkerInfo
+from protos.step_trace import StepTrace
 from scheduler_service.detokenizer import IncrementalDetokenizer
-from scheduler_service.sampling_params import SamplingParams
+from scheduler_service.plan_builder import PlanBuilder
 from scheduler_service.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from scheduler_service.sequence import Sequence
-from scheduler_service.step_plan import PlanBuilder, StepPlan, StepResult, WorkerInfo
-from scheduler_service.step_trace import StepTrace
 from scheduler_service.stop_checker import FinishReason, check_stop
 from scheduler_service.tokenizer import Tokenizer
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from protos.sampling_params import SamplingParams
 from scheduler_service.engine import EngineCore, RequestOutput
-from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.stop_checker import FinishReason
 
 

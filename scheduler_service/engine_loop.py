@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from protos.sampling_params import SamplingParams
+from protos.step_plan import WorkerInfo
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
 from scheduler_service.engine_commands import AbortRequest, AddRequest, Command, apply_commands
@@ -38,7 +40,6 @@ from scheduler_service.request_streams import (
     SlowClient,
     Unavailable,
 )
-from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.server_stats import (
     ServerStats,
     TokenRate,
@@ -47,7 +48,6 @@ from scheduler_service.server_stats import (
     kv_cache_violation,
     snapshot,
 )
-from scheduler_service.step_plan import WorkerInfo
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.worker_client import WorkerUnavailable
 

@@ -8,8 +8,8 @@ engine's state and live in engine_loop.py (RESOURCE_EXHAUSTED).
 
 from __future__ import annotations
 
+from protos.sampling_params import SamplingParams
 from scheduler_service.config import SchedulerServiceConfig
-from scheduler_service.sampling_params import SamplingParams
 
 
 def check_request_id(request_id: str, config: SchedulerServiceConfig) -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from protos.step_plan import PENDING
 from scheduler_service.block_manager import BlockManager
-from scheduler_service.sequence import PENDING, Sequence, SequenceStatus
+from scheduler_service.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections import deque
 from enum import Enum, auto
 
-from scheduler_service.sampling_params import SamplingParams
-
-PENDING = -1  # a sampled token whose value has not come back from the worker yet
+from protos.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):

@@ -17,8 +17,8 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 
-from nanoserve.v1 import generation_pb2 as pb
-from nanoserve.v1 import generation_pb2_grpc
+from protos.nanoserve.v1 import generation_pb2 as pb
+from protos.nanoserve.v1 import generation_pb2_grpc
 from scheduler_service import limits, wire_public
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput

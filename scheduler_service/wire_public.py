@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nanoserve.v1 import generation_pb2 as pb
+from protos.nanoserve.v1 import generation_pb2 as pb
+from protos.sampling_params import SamplingParams
+from protos.step_plan import WorkerInfo
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import ServerStats
-from scheduler_service.sampling_params import SamplingParams
-from scheduler_service.step_plan import WorkerInfo
 from scheduler_service.stop_checker import FinishReason
 from scheduler_service.tokenizer import Tokenizer
 

@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from nanoserve.worker.v1 import worker_pb2 as pb
-from nanoserve.worker.v1 import worker_pb2_grpc
-from scheduler_service import wire_worker
-from scheduler_service.auth import MetadataInterceptor, bearer
-from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
+from protos import wire_worker
+from protos.auth import MetadataInterceptor, bearer
+from protos.nanoserve.worker.v1 import worker_pb2 as pb
+from protos.nanoserve.worker.v1 import worker_pb2_grpc
+from protos.step_plan import StepPlan, StepResult, WorkerInfo
 
 MAX_MESSAGE_BYTES = 1 << 30  # admitting many long prompts at once makes large plans
 STEP_STREAM_METHOD = "/nanoserve.worker.v1.Worker/StepStream"

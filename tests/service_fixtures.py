@@ -41,8 +41,8 @@ def ensure_stubs() -> None:
 
 ensure_stubs()
 
-from nanoserve.v1 import generation_pb2 as pb  # noqa: E402
-from nanoserve.v1 import generation_pb2_grpc  # noqa: E402
+from protos.nanoserve.v1 import generation_pb2 as pb  # noqa: E402
+from protos.nanoserve.v1 import generation_pb2_grpc  # noqa: E402
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
-from nanoserve.envargs import apply_env_defaults
+from protos.envargs import apply_env_defaults
 from worker_service.config import WorkerConfig
 
 log = logging.getLogger("worker_service")

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from protos.step_plan import PENDING
 from worker_service.sequence_table import SequenceTable, WorkerSequence
 
-PENDING = -1  # placeholder for a token sampled by a step whose result is not back yet
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
 _TORCH_DTYPES[np.dtype(np.float32)] = torch.float32
 

@@ -19,7 +19,7 @@ import torch
 from models.layers.attention import AttentionMetadata
 from models.parallel import SINGLE_RANK, ParallelContext, broadcast
 from models.qwen3 import Qwen3ForCausalLM
-from scheduler_service.step_plan import StepResult
+from protos.step_plan import StepResult
 from worker_service.batch_inputs import PENDING, HostStep, build_host_step, pack
 from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.sampler import HostSampling, SamplingBatch, compute_logprobs, sample

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler_service.sampling_params import SamplingParams
-from scheduler_service.step_plan import StepPlan
+from protos.sampling_params import SamplingParams
+from protos.step_plan import StepPlan
 
 
 @dataclass

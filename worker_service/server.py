@@ -18,8 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nanoserve.worker.v1 import worker_pb2, worker_pb2_grpc
-from scheduler_service.auth import presents, refusal_like
+from protos.auth import presents, refusal_like
+from protos.nanoserve.worker.v1 import worker_pb2, worker_pb2_grpc
 from worker_service.servicer import StepExecutor, WorkerServicer
 
 MAX_MESSAGE_BYTES = 1 << 30

@@ -1,6 +1,6 @@
 """The ``nanoserve.worker.v1.Worker`` servicer: protobuf in, ``Worker`` call, protobuf out.
 
-Thin on purpose: decoding and encoding live in ``scheduler_service.wire_worker``, the work in
+Thin on purpose: decoding and encoding live in ``protos.wire_worker``, the work in
 ``Worker``. The servicer adds the one thing the in-process path does not need: sessions. A step
 must name the session the scheduler started; a scheduler that lost this worker (or a worker that
 was restarted) finds out from a FAILED_PRECONDITION instead of corrupting state.
@@ -16,11 +16,11 @@ from typing import Protocol
 
 import grpc
 
-from nanoserve.worker.v1 import worker_pb2 as pb
-from nanoserve.worker.v1 import worker_pb2_grpc
-from scheduler_service import wire_worker
-from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
-from scheduler_service.step_trace import ms_since
+from protos import wire_worker
+from protos.nanoserve.worker.v1 import worker_pb2 as pb
+from protos.nanoserve.worker.v1 import worker_pb2_grpc
+from protos.step_plan import StepPlan, StepResult, WorkerInfo
+from protos.step_trace import ms_since
 
 log = logging.getLogger(__name__)
 

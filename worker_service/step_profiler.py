@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
+from protos.step_plan import StepPlan, StepResult, WorkerInfo
 from worker_service.worker import Worker
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from models.config import ModelConfig
 from models.layers.attention import AttentionMetadata
 from models.loader import load_model
 from models.parallel import ParallelContext
-from scheduler_service.step_plan import StepPlan, StepResult, WorkerInfo
-from scheduler_service.step_trace import StepTrace, ms_since
+from protos.step_plan import StepPlan, StepResult, WorkerInfo
+from protos.step_trace import StepTrace, ms_since
 from worker_service.attention_backends import select_backend
 from worker_service.config import WorkerConfig
 from worker_service.cuda_graphs import DecodeGraphs

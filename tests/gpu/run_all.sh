@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one go: `bash tests/gpu/run_all.sh OUT_DIR`.
 # Full logs and JSON land in OUT_DIR; a short table is printed last.
-# On the lent GPU machine, carry .whl (grpcio extras) and the generated stubs (nanoserve/v1,
-# nanoserve/worker): its image lacks grpcio-tools and grpcio-health-checking (docs/gpu.md).
+# On the lent GPU machine, carry .whl (grpcio extras) and the generated stubs (protos/nanoserve/v1,
+# protos/nanoserve/worker/v1): its image lacks grpcio-tools and grpcio-health-checking (docs/gpu.md).
 set -uo pipefail
 OUT_DIR=${1:-out/gpu}
 mkdir -p "$OUT_DIR"

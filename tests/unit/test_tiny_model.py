@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from models.tiny import MARKER_NAME, SPECIAL_TOKENS, write_tiny_model
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_FILES = (
     "config.json",
     "generation_config.json",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler_service.sampling_params import SamplingParams
+from protos.sampling_params import SamplingParams
 from scheduler_service.scheduler import Scheduler, SchedulerConfig
 from scheduler_service.sequence import Sequence, SequenceStatus
 

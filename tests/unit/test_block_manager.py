@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protos.sampling_params import SamplingParams
 from scheduler_service.block_manager import BlockManager, chain_hash
-from scheduler_service.sampling_params import SamplingParams
 from scheduler_service.sequence import Sequence
 
 BLOCK_SIZE = 4

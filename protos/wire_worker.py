@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from itertools import accumulate
 
-from nanoserve.worker.v1 import worker_pb2 as pb
-from scheduler_service.sampling_params import SamplingParams
-from scheduler_service.step_plan import (
+from protos.nanoserve.worker.v1 import worker_pb2 as pb
+from protos.sampling_params import SamplingParams
+from protos.step_plan import (
     NewSequence,
     ResumedSequence,
     StepPlan,

@@ -8,7 +8,7 @@ One worker for the module (the faults here never kill it); each test starts its 
   serves the same greedy output, with every KV block free.
 - SIGTERM drains: readiness NOT_SERVING at once, new requests UNAVAILABLE, in-flight ones finish,
   exit status 0; past ``--drain-timeout`` what is left is cancelled and the exit is still 0.
-(Killing the worker with -9 is tests/test_grpc_worker_loss.py.)
+(Killing the worker with -9 is tests/service/test_grpc_worker_loss.py.)
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler_service import wire_worker
-from scheduler_service.sampling_params import SamplingParams
-from scheduler_service.step_plan import NewSequence, ResumedSequence, StepPlan, StepResult
+from protos import wire_worker
+from protos.sampling_params import SamplingParams
+from protos.step_plan import NewSequence, ResumedSequence, StepPlan, StepResult
 from tests.service_fixtures import ensure_stubs
 
 ensure_stubs()
-from nanoserve.worker.v1 import worker_pb2 as pb  # noqa: E402
+from protos.nanoserve.worker.v1 import worker_pb2 as pb  # noqa: E402
 
 ids = st.lists(st.integers(0, 2**31 - 1), max_size=20)
 seq_ids = st.integers(0, 2**40)

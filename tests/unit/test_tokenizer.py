@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scheduler_service.detokenizer import IncrementalDetokenizer
 from scheduler_service.tokenizer import Tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [
     "",
     "Hello, world!",

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from nanoserve.envargs import apply_env_defaults
+from protos.envargs import apply_env_defaults
 from scheduler_service.config import SchedulerServiceConfig
 from worker_service.__main__ import config_from_args, parse_args
 

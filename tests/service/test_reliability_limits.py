@@ -165,7 +165,7 @@ def test_a_client_that_stops_reading_is_aborted_without_stalling_others(
 
 VANISHING_CLIENT = """
 import sys, grpc
-from nanoserve.v1 import generation_pb2 as pb, generation_pb2_grpc
+from protos.nanoserve.v1 import generation_pb2 as pb, generation_pb2_grpc
 stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(sys.argv[1]))
 sampling = pb.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 stream = stub.Generate(pb.GenerateRequest(text="gone", sampling=sampling, stream=True))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler_service.sampling_params import SamplingParams
-from scheduler_service.step_plan import NewSequence, StepPlan
+from protos.sampling_params import SamplingParams
+from protos.step_plan import NewSequence, StepPlan
 from worker_service.batch_inputs import ALIGN, PENDING, Layout, build_host_step, pack
 from worker_service.sequence_table import SequenceTable
 

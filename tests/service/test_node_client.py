@@ -17,7 +17,7 @@ import pytest
 
 from tests.service_fixtures import Services, generate, greedy, running_services
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT_DIR = ROOT / "clients" / "node"
 PROMPTS = ["Hello world", "The quick brown fox", "Once upon a time, in a land far away"]
 

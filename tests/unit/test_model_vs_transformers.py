@@ -190,4 +190,4 @@ def test_unsupported_or_incomplete_config_raises_value_error(
 
 def test_model_config_imports_without_torch() -> None:
     code = "import sys, models, models.config; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

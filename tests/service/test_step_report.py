@@ -11,7 +11,7 @@ from bench.bound import kv_bytes_per_token, weight_bytes
 from bench.checkpoint import QWEN3_0_6B
 from bench.step_report import read_trace, summarize, summarize_scheduler
 from nanoserve import LLM, SamplingParams
-from scheduler_service.step_trace import StepTrace
+from protos.step_trace import StepTrace
 from tests.service_fixtures import generate, greedy, pb, running_services
 
 

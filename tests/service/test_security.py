@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanoserve import launcher
-from nanoserve.worker.v1 import worker_pb2, worker_pb2_grpc
+from protos.nanoserve.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.service_fixtures import (
     AUTH_TOKEN_ENV,
     ROOT,
