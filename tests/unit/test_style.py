@@ -1,4 +1,5 @@
-"""House style holds: ruff is clean everywhere and mypy on the scheduler service."""
+"""House style holds: ruff is clean everywhere, mypy on both services, the models and the contract,
+and no source file outside tests/ grows past 300 lines."""
 
 from __future__ import annotations
 
@@ -31,6 +32,26 @@ def test_ruff_format_is_applied() -> None:
     assert result.returncode == 0, result.stdout[-3000:]
 
 
-def test_scheduler_service_type_checks() -> None:
-    result = run_tool("mypy", "scheduler_service", "--follow-imports=silent")
+TYPED_PACKAGES = ("protos", "scheduler_service", "worker_service", "models")
+MAX_LINES = 300
+
+
+def test_services_models_and_contract_type_check() -> None:
+    result = run_tool("mypy", *TYPED_PACKAGES, "--follow-imports=silent")
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_no_source_file_outside_tests_passes_300_lines() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    long = {}
+    for name in tracked:
+        if name.startswith("tests/") or not (ROOT / name).exists():
+            continue
+        num_lines = len((ROOT / name).read_text().splitlines())
+        if num_lines > MAX_LINES:
+            long[name] = num_lines
+    assert long == {}
