@@ -7,9 +7,9 @@ shuffle. ``qk_norm_rope_ref`` is the torch reference, the operations Qwen3's att
 the reference does (normalised row, weight product, cos/sin, each rope product and their sum), so
 only the float32 sum of squares and ``rsqrt`` can differ. Not a layer: no parameters.
 
-Given ``kv_store=(v, k_cache, v_cache, slot_mapping)`` the key program also writes the finished k
-row and the v row to the paged cache (what ``kernels.store_kvcache`` does, bit for bit), which
-saves a kernel launch per layer and step.
+``qk_norm_rope_store_kv`` is the same kernel whose key program also writes the finished k row and
+the v row to the paged cache: ``qk_norm_rope`` then ``kernels.store_kvcache``, bit for bit, in one
+launch instead of two per layer and step.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import triton
 import triton.language as tl
 
 from kernels.store_kvcache import check_store_inputs
-
-KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # v, caches, slots
 
 
 def _norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -206,8 +204,7 @@ def _check_qk_norm_rope_inputs(
         raise ValueError("cos/sin caches must be contiguous in their last dimension")
     if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be [T={num_tokens}] int32/int64, got {positions.shape}")
-    tensors = (positions, q, k, q_weight, k_weight, cos_cache, sin_cache)
-    devices = {t.device for t in tensors}
+    devices = {t.device for t in (positions, q, k, q_weight, k_weight, cos_cache, sin_cache)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
@@ -221,20 +218,55 @@ def qk_norm_rope(
     cos_cache: torch.Tensor,  # [P, D], any float dtype (cast to q's dtype, as the reference does)
     sin_cache: torch.Tensor,  # [P, D]
     eps: float,
-    kv_store: KVStore | None = None,  # (v, k_cache, v_cache, slot_mapping): also fill the cache
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrite q and k with ``qk_norm_rope_ref``'s result and return them. No host sync.
-    With ``kv_store``, also ``store_kvcache(k, v, k_cache, v_cache, slot_mapping)`` (new k)."""
+    """Overwrite q and k with ``qk_norm_rope_ref``'s result and return them. No host sync."""
     _check_qk_norm_rope_inputs(positions, q, k, q_weight, k_weight, cos_cache, sin_cache)
+    rope = (q_weight, k_weight, cos_cache, sin_cache, eps)
+    _launch(positions, q, k, *rope, k, k, k, positions, store_kv=False)  # k, k, k: never read
+    return q, k
+
+
+def qk_norm_rope_store_kv(
+    positions: torch.Tensor,  # [T] int32/int64
+    q: torch.Tensor,  # [T, H_q, D]
+    k: torch.Tensor,  # [T, H_kv, D]
+    v: torch.Tensor,  # [T, H_kv, D], read only
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    cos_cache: torch.Tensor,  # [P, D]
+    sin_cache: torch.Tensor,  # [P, D]
+    eps: float,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D], contiguous
+    v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D], contiguous
+    slot_mapping: torch.Tensor,  # [T] int32/int64, -1 = skip
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qk_norm_rope``, then ``store_kvcache`` of the new k and ``v``, in one launch. No sync."""
+    _check_qk_norm_rope_inputs(positions, q, k, q_weight, k_weight, cos_cache, sin_cache)
+    check_store_inputs(k, v, k_cache, v_cache, slot_mapping)
+    rope = (q_weight, k_weight, cos_cache, sin_cache, eps)
+    _launch(positions, q, k, *rope, v, k_cache, v_cache, slot_mapping, store_kv=True)
+    return q, k
+
+
+def _launch(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    eps: float,
+    v: torch.Tensor,  # this and the next three: only read when store_kv
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    store_kv: bool,
+) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    if kv_store is not None:
-        v, k_cache, v_cache, slot_mapping = kv_store
-        check_store_inputs(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        v, k_cache, v_cache, slot_mapping = k, k, k, positions  # placeholders, never read
     if num_tokens == 0:
-        return q, k
+        return
     block_q_heads = triton.next_power_of_2(num_q_heads)
     block_half = triton.next_power_of_2(head_dim // 2)
     _qk_norm_rope_kernel[(num_tokens, 2)](
@@ -245,20 +277,17 @@ def qk_norm_rope(
         k_weight,
         cos_cache,
         sin_cache,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
+        *q.stride()[:2],
+        *k.stride()[:2],
         cos_cache.stride(0),
         sin_cache.stride(0),
         eps,
         v,
-        v.stride(0),
-        v.stride(1),
+        *v.stride()[:2],
         k_cache,
         v_cache,
         slot_mapping,
-        STORE_KV=kv_store is not None,
+        STORE_KV=store_kv,
         NUM_Q_HEADS=num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=head_dim // 2,
@@ -268,4 +297,3 @@ def qk_norm_rope(
         num_warps=max(1, min(8, block_q_heads * block_half // 256)),
         enable_fp_fusion=False,  # an FMA would skip a rounding the reference does
     )
-    return q, k

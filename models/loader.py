@@ -10,7 +10,7 @@ parameter left unloaded is a ``ValueError`` naming it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from models.config import ModelConfig
 from models.layers.attention import AttentionBackend
-from models.layers.linear import ShardId, default_weight_loader
+from models.layers.linear import ShardId, weight_loader_of
 from models.parallel import SINGLE_RANK, ParallelContext
 from models.qwen3 import Qwen3ForCausalLM
 
@@ -41,7 +41,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def param_target(name: str, mapping: dict[str, tuple[str, ShardId]]) -> tuple[str, ShardId]:
+def param_target(name: str, mapping: Mapping[str, tuple[str, ShardId]]) -> tuple[str, ShardId]:
     """Checkpoint tensor name -> (model parameter name, shard id or None)."""
     for checkpoint_key, (param_key, shard_id) in mapping.items():
         if f".{checkpoint_key}." in name:
@@ -64,7 +64,7 @@ def expected_checkpoint_names(model: Qwen3ForCausalLM) -> set[str]:
 
 def load_tensor(param: torch.nn.Parameter, name: str, loaded: Any, shard_id: ShardId) -> None:
     """Call the parameter's weight loader, naming the tensor in any shape error."""
-    loader = getattr(param, "weight_loader", default_weight_loader)
+    loader = weight_loader_of(param)
     try:
         if shard_id is None:
             loader(param, loaded)

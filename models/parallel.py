@@ -25,18 +25,13 @@ class ParallelContext:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"invalid rank {self.rank} for world size {self.world_size}")
 
-    @classmethod
-    def single(cls) -> ParallelContext:
-        """No tensor parallelism: one rank holds the whole model."""
-        return SINGLE_RANK
-
     @property
     def is_driver(self) -> bool:
         """Rank 0 receives the gathered logits and samples."""
         return self.rank == 0
 
 
-SINGLE_RANK = ParallelContext(rank=0, world_size=1)  # the default context (immutable)
+SINGLE_RANK = ParallelContext(rank=0, world_size=1)  # no tensor parallelism: the default
 
 
 def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

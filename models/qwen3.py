@@ -16,7 +16,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers.activation import SiluAndMul
-from models.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from models.layers.attention import Attention, AttentionBackend, AttentionMetadata, KVStore
 from models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from models.layers.layernorm import RMSNorm
 from models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -25,7 +25,8 @@ from models.parallel import SINGLE_RANK, ParallelContext
 
 
 class Qwen3Attention(nn.Module):
-    """QKV projection, per-head q/k RMSNorm, RoPE, paged attention, output projection."""
+    """QKV projection, per-head q/k RMSNorm, RoPE, the K/V store, paged attention, output
+    projection."""
 
     def __init__(
         self, config: ModelConfig, backend: AttentionBackend, parallel: ParallelContext
@@ -65,13 +66,39 @@ class Qwen3Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H_q, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
-        # q_norm, k_norm, then RoPE; on CUDA one fused kernel writing into qkv (and, when the
-        # backend allows it, the new K/V into the paged cache).
-        q, k, stored = self.rotary_emb.forward_with_qk_norm(
-            positions, q, k, self.q_norm, self.k_norm, self.attn.fused_kv_store(v, meta)
-        )
-        out = self.attn(q, k, v, meta, kv_stored=stored)  # [T, H_q D]
+        # q_norm, k_norm and RoPE, then this step's K/V into the paged cache (one kernel on CUDA)
+        q, k = self.qk_norm_rope_store_kv(positions, q, k, v, self.attn.kv_store(meta))
+        out = self.attn(q, k, v, meta)  # [T, H_q D], reading this step's K/V from the cache
         return self.o_proj(out)
+
+    def qk_norm_rope_store_kv(
+        self,
+        positions: torch.Tensor,  # [T]
+        q: torch.Tensor,  # [T, H_q, D], overwritten on CUDA
+        k: torch.Tensor,  # [T, H_kv, D], overwritten on CUDA
+        v: torch.Tensor,  # [T, H_kv, D]
+        kv_store: KVStore | None,  # None: no cache bound (memory profiling), nothing stored
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope(q_norm(q)), rope(k_norm(k))``, and that k with ``v`` stored at ``kv_store``.
+
+        On CUDA the norms and RoPE are one Triton kernel writing into qkv, which also does the
+        store when the backend allows it (one launch per layer instead of two); elsewhere the
+        torch modules. Whatever was not fused, the backend then stores.
+        """
+        if q.is_cuda:
+            from kernels import qk_norm_rope as fused  # triton is imported only where it runs
+
+            rope = self.rotary_emb
+            args = (self.q_norm.weight, self.k_norm.weight, rope.cos_cache, rope.sin_cache)
+            eps = self.q_norm.eps  # k_norm's too: both are config.rms_norm_eps
+            if kv_store is not None and self.attn.fuses_kv_store:
+                return fused.qk_norm_rope_store_kv(positions, q, k, v, *args, eps, *kv_store)
+            q, k = fused.qk_norm_rope(positions, q, k, *args, eps)
+        else:
+            q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
+        if kv_store is not None:
+            self.attn.store_kv(k, v, kv_store)
+        return q, k
 
 
 class Qwen3MLP(nn.Module):
@@ -189,4 +216,4 @@ class Qwen3ForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         """One ``Attention`` per decoder layer, in order; the worker binds ``k_cache``/``v_cache``."""
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [module for module in self.modules() if isinstance(module, Attention)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,7 +181,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_json(path: Path, data: dict[str, object]) -> None:
+def _write_json(path: Path, data: Mapping[str, object]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -198,10 +199,17 @@ def is_complete(out_dir: Path, digest: str) -> bool:
     )
 
 
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"the trained tokenizer has no {token!r}")
+    return token_id
+
+
 def _write_files(out_dir: Path) -> list[str]:
     tokenizer = train_tokenizer()
-    eos_token_id = tokenizer.token_to_id(EOS_TOKEN)
-    bos_token_id = tokenizer.token_to_id(PAD_TOKEN)
+    eos_token_id = _token_id(tokenizer, EOS_TOKEN)
+    bos_token_id = _token_id(tokenizer, PAD_TOKEN)
     vocab_size = padded_vocab_size(tokenizer.get_vocab_size(with_added_tokens=True))
     tokenizer.save(str(out_dir / "tokenizer.json"))
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config(tokenizer))

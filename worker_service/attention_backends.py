@@ -1,9 +1,21 @@
-"""Attention backends and the choice between them, made once at worker start.
+"""The two attention backends, and the choice between them, made once at worker start.
 
-Order of preference on CUDA: flash-attn (when importable), then nanoserve's Triton kernels; on CPU
-the pure-torch reference, which is also the ground truth for the other two. The Triton kernel
-modules are imported only when a ``TritonBackend`` is built, so that importing this module never
-compiles (or decides the interpreter mode of) any Triton kernel.
+``TorchRefBackend`` (``torch``): the pure-torch reference on any device; ``store_kvcache_ref``,
+then ``paged_attention_ref`` for every kind of step. The ground truth the kernels are tested
+against. ``TritonBackend`` (``triton``): nanoserve's kernels; ``store_kvcache`` (which the model
+may fuse into its q/k-norm + RoPE kernel on CUDA, ``fuses_kv_store``), then per step
+``paged_decode_attention`` when every sequence has one query token, else
+``paged_prefill_attention`` (plain and chunked prefill, prefix-cache hits, mixed batches). Both
+attend densely over the step's own K/V with ``dense_causal_varlen_ref`` while no cache is bound
+(the memory-profiling forward). There is no flash-attn backend.
+
+``select_backend`` resolves ``auto`` by device only: ``triton`` on CUDA, ``torch`` elsewhere; the
+phase of a step picks the kernel inside the Triton backend, never the backend. The Triton
+attention kernels' modules are imported when a ``TritonBackend`` is built; this module imports
+only ``kernels.store_kvcache`` (for its reference). Nothing compiles at import: Triton compiles a
+kernel at its first launch for each new dtype and specialization, on CUDA mostly at worker start
+(the decode kernel and the fused store while the decode CUDA graphs are captured; the prefill
+kernel, which the profiling forward does not reach, at the first prefill step).
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ import torch.nn.functional as F
 
 from kernels.paged_attention import paged_attention_ref
 from kernels.store_kvcache import store_kvcache_ref
-from models.layers.attention import AttentionBackend, AttentionMetadata
+from models.layers.attention import AttentionBackend, AttentionMetadata, KVStore
 from worker_service.cuda_graphs import batch_buckets
 
 
@@ -44,7 +56,10 @@ class TorchRefBackend:
     """Pure torch: runs on any device, slowly. The reference the kernels are tested against."""
 
     name = "torch"
-    accepts_stored_kv = False  # the reference stores with its own reference function
+    fuses_kv_store = False  # the reference stores with its own reference function
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_store: KVStore) -> None:
+        store_kvcache_ref(k, v, *kv_store)
 
     def forward(
         self,
@@ -55,12 +70,9 @@ class TorchRefBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
-        kv_stored: bool = False,
     ) -> torch.Tensor:
         if k_cache.numel() == 0:
             return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
-        if not kv_stored:
-            store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(
             q,
             k_cache,
@@ -73,13 +85,13 @@ class TorchRefBackend:
 
 
 class TritonBackend:
-    """nanoserve's Triton kernels: KV store, then paged decode or paged prefill attention.
+    """nanoserve's Triton kernels: K/V store, then paged decode or paged prefill attention.
 
     Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (slowly: for tests only).
     """
 
     name = "triton"
-    accepts_stored_kv = True
+    fuses_kv_store = True
 
     def __init__(self, max_context_len: int | None = None, max_num_seqs: int | None = None) -> None:
         """With both limits given, decode splits long contexts by the engine's limits (the
@@ -96,6 +108,9 @@ class TritonBackend:
         self._max_context_len = max_context_len
         self._buckets = batch_buckets(max_num_seqs) if max_num_seqs else None
 
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_store: KVStore) -> None:
+        self._store_kvcache(k, v, *kv_store)
+
     def _decode_splits(self, num_seqs: int, num_kv_heads: int, device: torch.device) -> int | None:
         if self._max_context_len is None or self._buckets is None:
             return None  # the kernel decides from the shapes it is given
@@ -111,12 +126,9 @@ class TritonBackend:
         v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
         meta: AttentionMetadata,
         scale: float,
-        kv_stored: bool = False,
     ) -> torch.Tensor:  # [T, H_q, D]
         if k_cache.numel() == 0:
             return dense_causal_varlen_ref(q, k, v, meta.cu_seqlens_q, scale)
-        if not kv_stored:
-            self._store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             splits = self._decode_splits(q.shape[0], k_cache.shape[2], q.device)
             return self._decode(
@@ -145,9 +157,9 @@ def select_backend(
 ) -> AttentionBackend:
     """Pick the attention backend for ``device``; ``forced`` names one of ``BACKEND_NAMES``.
 
-    Automatic choice: Triton on CUDA, torch elsewhere. (flash-attn would come first on CUDA when
-    importable, but nanoserve has no flash-attn backend yet, so it is never chosen.) "triton" on
-    CPU needs ``TRITON_INTERPRET=1`` set before the kernels are first imported.
+    ``auto`` (or None): Triton on CUDA, torch elsewhere. "flash-attn" is refused with a message
+    of its own: there is no such backend. "triton" on CPU needs ``TRITON_INTERPRET=1`` set before
+    the kernels are first imported.
     """
     if forced not in (None, *BACKEND_NAMES):
         if forced == "flash-attn":

@@ -1,19 +1,18 @@
-"""Paged attention layer: stores this step's K/V into the cache, then attends through block tables.
+"""Paged attention layer: stores this step's K/V into the cache, and attends through block tables.
 
-The layer owns no policy: which kernel runs is the ``AttentionBackend`` the worker chose at start,
+The layer owns no policy: which kernels run is the ``AttentionBackend`` the worker chose at start,
 and where each token's K/V goes is the ``AttentionMetadata`` the worker built from the step plan.
+The model stores before it attends (``store_kv``, or the fused q/k-norm + RoPE + store kernel
+where ``fuses_kv_store``); ``forward`` then reads this step's K/V back from the cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
-
-# What a fused kernel needs to store a step's K/V itself: (v, k_cache, v_cache, slot_mapping).
-KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -35,17 +34,34 @@ class AttentionMetadata:
     is_plain_prefill: bool  # no sequence has cached context: q, k, v of this step are all there is
 
 
-class AttentionBackend(Protocol):
-    """Stores ``k``/``v`` into the cache by ``meta.slot_mapping`` and returns the attention output.
+class KVStore(NamedTuple):
+    """Where one layer's new K/V rows go: token ``t`` to slot ``slot_mapping[t]`` of both caches
+    (a slot is ``block_id * block_size + offset``; -1 = do not store)."""
 
-    An empty cache (``k_cache.numel() == 0``, during memory profiling) means: skip the store and
-    attend over this step's ``k``/``v`` alone (only valid for a plain prefill).
+    k_cache: torch.Tensor  # [num_blocks, block_size, H_kv, D]
+    v_cache: torch.Tensor  # [num_blocks, block_size, H_kv, D]
+    slot_mapping: torch.Tensor  # [T] int64
+
+
+class AttentionBackend(Protocol):
+    """Writes a step's K/V into the paged cache (``store_kv``) and attends over it (``forward``).
+
+    ``forward`` expects the cache to hold this step's K/V already. An empty cache
+    (``k_cache.numel() == 0``, during memory profiling) means nothing was stored: it attends over
+    this step's ``k``/``v`` alone (only valid for a plain prefill).
     """
 
     name: str
-    # True: the cache may be filled before ``forward`` (by the fused q/k-norm + RoPE kernel),
-    # which is then called with ``kv_stored=True`` and skips its own store.
-    accepts_stored_kv: bool
+    # True: on CUDA the store may run inside the fused q/k-norm + RoPE kernel
+    # (``kernels.qk_norm_rope.qk_norm_rope_store_kv``), which writes what ``store_kv`` would.
+    fuses_kv_store: bool
+
+    def store_kv(
+        self,
+        k: torch.Tensor,  # [T, H_kv, D]
+        v: torch.Tensor,  # [T, H_kv, D]
+        kv_store: KVStore,
+    ) -> None: ...
 
     def forward(
         self,
@@ -56,7 +72,6 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
         meta: AttentionMetadata,
         scale: float,
-        kv_stored: bool = False,
     ) -> torch.Tensor: ...  # [T, H_q, D]
 
 
@@ -76,12 +91,21 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def fused_kv_store(self, v: torch.Tensor, meta: AttentionMetadata) -> KVStore | None:
-        """What a fused kernel needs to store this step's K/V itself, if the backend allows it:
-        ``(v, k_cache, v_cache, slot_mapping)``; None with no cache bound (memory profiling)."""
-        if not self.backend.accepts_stored_kv or self.k_cache.numel() == 0:
+    @property
+    def fuses_kv_store(self) -> bool:
+        """Whether the store may run inside the fused q/k-norm + RoPE kernel (on CUDA)."""
+        return self.backend.fuses_kv_store
+
+    def kv_store(self, meta: AttentionMetadata) -> KVStore | None:
+        """Where this step's K/V go in this layer's cache; None with no cache bound yet (memory
+        profiling), when nothing is stored."""
+        if self.k_cache.numel() == 0:
             return None
-        return v, self.k_cache, self.v_cache, meta.slot_mapping
+        return KVStore(self.k_cache, self.v_cache, meta.slot_mapping)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_store: KVStore) -> None:
+        """Write this step's ``k``/``v`` rows (``[T, H_kv, D]``) into the paged cache."""
+        self.backend.store_kv(k, v, kv_store)
 
     def forward(
         self,
@@ -89,7 +113,7 @@ class Attention(nn.Module):
         k: torch.Tensor,  # [T, H_kv, D]
         v: torch.Tensor,  # [T, H_kv, D]
         meta: AttentionMetadata,
-        kv_stored: bool = False,  # this step's K/V are already in the cache
     ) -> torch.Tensor:  # [T, H_q * D]
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)
+        """Attend over the cache, which holds this step's K/V already (see ``kv_store``)."""
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.flatten(1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers.linear import ShardId, check_shape
+from models.layers.linear import ShardId, check_shape, set_weight_loader
 from models.parallel import ParallelContext, all_reduce, gather_to_rank0
 
 
@@ -32,7 +32,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.vocab_size_per_rank, hidden_size), requires_grad=False
         )
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: Any, shard_id: ShardId = None

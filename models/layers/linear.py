@@ -9,7 +9,7 @@ FULL checkpoint tensor (a ``torch.Tensor`` or a lazily-read safetensors slice, w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,25 @@ from torch import nn
 from models.parallel import ParallelContext, all_reduce
 
 ShardId = str | int | None
+WEIGHT_LOADER = "weight_loader"  # the attribute of a parameter that holds its loader
+
+
+class WeightLoader(Protocol):
+    """Copies this rank's part of the full checkpoint tensor ``loaded_weight`` into ``param``."""
+
+    def __call__(
+        self, param: nn.Parameter, loaded_weight: Any, shard_id: ShardId = None
+    ) -> None: ...
+
+
+def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
+    setattr(param, WEIGHT_LOADER, loader)
+
+
+def weight_loader_of(param: nn.Parameter) -> WeightLoader:
+    """The loader the parameter's layer attached; ``default_weight_loader`` when none was."""
+    loader: WeightLoader = getattr(param, WEIGHT_LOADER, default_weight_loader)
+    return loader
 
 
 def full_shape(loaded_weight: Any) -> tuple[int, ...]:
@@ -67,11 +86,11 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.output_size_per_rank, input_size), requires_grad=False
         )
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
         self.bias: nn.Parameter | None = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.output_size_per_rank), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_loader(self.bias, self.weight_loader)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: Any, shard_id: ShardId = None
@@ -178,11 +197,11 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(output_size, self.input_size_per_rank), requires_grad=False
         )
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
         self.bias: nn.Parameter | None = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = default_weight_loader
+            set_weight_loader(self.bias, default_weight_loader)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: Any, shard_id: ShardId = None

@@ -4,17 +4,14 @@
 cos/sin for every position up to ``max_position_embeddings`` are precomputed in float32 (the same
 elementwise operations transformers runs per step) and cast to the query dtype when applied.
 Only the "default" rope type exists here; scaled variants are refused by ``ModelConfig``.
-``forward_with_qk_norm`` also applies Qwen3's per-head q/k RMSNorm first: on CUDA as one Triton
-kernel (``kernels.qk_norm_rope``) that overwrites q and k, on CPU as the plain torch modules.
+On CUDA, Qwen3's attention runs its q/k norms and this RoPE as one Triton kernel
+(``kernels.qk_norm_rope``) that reads ``cos_cache``/``sin_cache`` from here.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from models.layers.attention import KVStore
-from models.layers.layernorm import RMSNorm
 
 
 def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:  # [D / 2] float32, on CPU
@@ -29,6 +26,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to q and k at the given absolute positions."""
+
+    cos_cache: torch.Tensor  # [P, D] float32, a non-persistent buffer
+    sin_cache: torch.Tensor  # [P, D] float32
 
     def __init__(self, head_dim: int, max_position_embeddings: int, base: float) -> None:
         super().__init__()
@@ -50,33 +50,3 @@ class RotaryEmbedding(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return q, k
-
-    def forward_with_qk_norm(
-        self,
-        positions: torch.Tensor,  # [T] int64
-        q: torch.Tensor,  # [T, H_q, D], overwritten on CUDA
-        k: torch.Tensor,  # [T, H_kv, D], overwritten on CUDA
-        q_norm: RMSNorm,  # over D
-        k_norm: RMSNorm,
-        kv_store: KVStore | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``self(positions, q_norm(q), k_norm(k))``; on CUDA one fused kernel, in place, which
-        also stores the new k and v rows into the paged cache when given ``kv_store``. The flag
-        says whether it did (elsewhere the caller stores them)."""
-        if q.is_cuda and q_norm.eps == k_norm.eps:
-            from kernels.qk_norm_rope import qk_norm_rope  # triton is imported only where it runs
-
-            q, k = qk_norm_rope(
-                positions,
-                q,
-                k,
-                q_norm.weight,
-                k_norm.weight,
-                self.cos_cache,
-                self.sin_cache,
-                q_norm.eps,
-                kv_store,
-            )
-            return q, k, kv_store is not None
-        q, k = self(positions, q_norm(q), k_norm(k))
-        return q, k, False

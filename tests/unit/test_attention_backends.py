@@ -1,5 +1,5 @@
-"""Attention backends: the Triton backend agrees with the torch reference on whole steps, and the
-backend choice names what is allowed."""
+"""Attention backends: the Triton backend agrees with the torch reference on whole steps (store,
+then attend), and the backend choice names what is allowed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.layers.attention import AttentionMetadata
+from models.layers.attention import AttentionMetadata, KVStore
 from tests.kernel_helpers import (
     DEVICE,
     NAN,
@@ -74,8 +74,11 @@ def test_triton_backend_matches_torch_backend(cached_and_new: list[tuple[int, in
     k = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
     v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE)
     k_ref, v_ref = k_pool.clone(), v_pool.clone()
-    out = attention_backends.TritonBackend().forward(q, k, v, k_pool, v_pool, meta, 0.25)
-    ref = attention_backends.TorchRefBackend().forward(q, k, v, k_ref, v_ref, meta, 0.25)
+    triton, torch_ref = attention_backends.TritonBackend(), attention_backends.TorchRefBackend()
+    triton.store_kv(k, v, KVStore(k_pool, v_pool, meta.slot_mapping))
+    out = triton.forward(q, k, v, k_pool, v_pool, meta, 0.25)
+    torch_ref.store_kv(k, v, KVStore(k_ref, v_ref, meta.slot_mapping))
+    ref = torch_ref.forward(q, k, v, k_ref, v_ref, meta, 0.25)
     assert_close_rel(out, ref, torch.float32)
     torch.testing.assert_close(k_pool, k_ref, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(v_pool, v_ref, equal_nan=True, rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """The fused elementwise Triton kernels compute what their torch references compute.
 
-Covers ``rms_norm`` (with and without the residual add), ``qk_norm_rope`` and ``silu_and_mul``.
+Covers ``rms_norm`` (with and without the residual add), ``qk_norm_rope`` (and
+``qk_norm_rope_store_kv``, which also stores the new K/V) and ``silu_and_mul``.
 Inputs are strided views into NaN-filled buffers (a read past a row fails) and outputs start as NaN
 (an element never written fails); the in-place ``qk_norm_rope`` must also leave v and the padding
 of the fused qkv buffer alone. On CPU the kernels run in the Triton interpreter at small shapes
@@ -13,12 +14,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, qk_norm_rope_store_kv
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from kernels.store_kvcache import store_kvcache_ref
+from models.config import ModelConfig
 from models.layers.activation import SiluAndMul
+from models.layers.attention import AttentionBackend, AttentionMetadata, KVStore
 from models.layers.layernorm import RMSNorm
 from models.layers.rotary import RotaryEmbedding
+from models.loader import default_dtype
+from models.parallel import SINGLE_RANK
+from models.qwen3 import Qwen3Attention
+from worker_service.attention_backends import TorchRefBackend, TritonBackend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAN = float("nan")
@@ -158,11 +166,9 @@ def test_qk_norm_rope_matches_reference_in_place(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(4, 2, 64), (2, 1, 32)])
-def test_qk_norm_rope_stores_the_new_kv_like_store_kvcache(
+def test_qk_norm_rope_store_kv_stores_the_new_kv_like_store_kvcache(
     num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> None:
-    from kernels.store_kvcache import store_kvcache_ref
-
     num_tokens, num_blocks, block_size = 5, 4, 4
     _, q, k, v = fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype)
     rope = RotaryEmbedding(head_dim, max_position_embeddings=64, base=10000.0).to(DEVICE)
@@ -177,7 +183,10 @@ def test_qk_norm_rope_stores_the_new_kv_like_store_kvcache(
     q_ref, k_ref = q.clone(), k.clone()
     qk_norm_rope(positions, q_ref, k_ref, *weights, *caches, EPS)  # the unfused path
     store_kvcache_ref(k_ref, v, expected_k, expected_v, slots)
-    qk_norm_rope(positions, q, k, *weights, *caches, EPS, kv_store=(v, k_cache, v_cache, slots))
+    got_q, got_k = qk_norm_rope_store_kv(
+        positions, q, k, v, *weights, *caches, EPS, k_cache, v_cache, slots
+    )
+    assert got_q is q and got_k is k
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
@@ -196,6 +205,11 @@ def test_qk_norm_rope_rejects_bad_inputs() -> None:
         qk_norm_rope(positions.float(), q, k, weight, weight, *caches, EPS)
     with pytest.raises(ValueError, match="caches"):
         qk_norm_rope(positions, q, k, weight, weight, caches[0][:, :32], caches[1], EPS)
+    k_cache = torch.zeros(4, 4, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        qk_norm_rope_store_kv(
+            positions, q, k, k, weight, weight, *caches, EPS, k_cache, k_cache, positions[:1]
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -231,19 +245,90 @@ def test_rms_norm_layer_on_gpu_matches_torch_path(num_tokens: int, hidden: int) 
     assert torch.equal(new_residual, ref_residual)
 
 
+def qwen3_attention(
+    num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend, dtype: torch.dtype
+) -> Qwen3Attention:
+    """One rank's attention layer built as ``load_model`` builds it (float32 cos/sin caches),
+    with random q/k norm weights."""
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=num_heads * head_dim,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=EPS,
+        rope_theta=1e6,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype=str(dtype).removeprefix("torch."),
+        eos_token_ids=(0,),
+        bos_token_id=None,
+        attention_bias=False,
+        model_type="qwen3",
+    )
+    with default_dtype(dtype), DEVICE:
+        layer = Qwen3Attention(config, backend, SINGLE_RANK)
+    layer.q_norm.weight.data.copy_(random_weight(head_dim, dtype))
+    layer.k_norm.weight.data.copy_(random_weight(head_dim, dtype))
+    return layer
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_qwen3_attention_norms_ropes_and_stores_the_new_kv(backend_name: str) -> None:
+    """The layer's q/k norm + RoPE gives the torch path's q and k, and the cache then holds that
+    k and v at the step's slots (on CUDA with the Triton backend: one fused kernel, in place)."""
+    dtype = torch.bfloat16
+    backend = TorchRefBackend() if backend_name == "torch" else TritonBackend()
+    layer = qwen3_attention(4, 2, 64, backend, dtype)
+    _, q, k, v = fused_qkv(5, 4, 2, 64, dtype)
+    positions = torch.randint(0, 4096, (5,), device=DEVICE)
+    ref_q, ref_k = layer.rotary_emb(positions, layer.q_norm(q), layer.k_norm(k))
+    k_cache = torch.full((4, 4, 2, 64), 7.0, dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    slots = torch.tensor([3, -1, 12, 0, 15], device=DEVICE)  # -1: padding, never stored
+    got_q, got_k = layer.qk_norm_rope_store_kv(positions, q, k, v, KVStore(k_cache, v_cache, slots))
+    assert (got_q is q) == (DEVICE.type == "cuda")  # the fused kernel writes into qkv
+    assert_matches(got_q, ref_q)
+    assert_matches(got_k, ref_k)
+    expected_k, expected_v = torch.full_like(k_cache, 7.0), torch.full_like(v_cache, 7.0)
+    store_kvcache_ref(got_k, v, expected_k, expected_v, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_attention_layer_stores_nothing_until_a_cache_is_bound() -> None:
+    layer = qwen3_attention(4, 2, 64, TorchRefBackend(), torch.float32)
+    slots = torch.arange(3, device=DEVICE)
+    one = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32, device=DEVICE),
+        seq_lens=3 * one,
+        block_tables=one[None, :] - 1,
+        max_seqlen_q=3,
+        max_seqlen_k=3,
+        is_decode=False,
+        is_plain_prefill=True,
+    )
+    assert layer.attn.kv_store(meta) is None  # the memory-profiling forward
+    layer.attn.k_cache = k_cache = torch.zeros(1, 4, 2, 64, device=DEVICE)
+    layer.attn.v_cache = v_cache = torch.zeros_like(k_cache)
+    kv_store = layer.attn.kv_store(meta)
+    assert kv_store is not None
+    assert kv_store.k_cache is k_cache and kv_store.v_cache is v_cache
+    assert kv_store.slot_mapping is slots
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [256, 8192])
-def test_qk_norm_rope_on_gpu_matches_torch_path(num_tokens: int) -> None:
+def test_qk_norm_rope_layer_on_gpu_matches_torch_path(num_tokens: int) -> None:
     dtype = torch.bfloat16
-    _, q, k, _ = fused_qkv(num_tokens, 16, 8, 128, dtype)  # Qwen3-0.6B
-    rope = RotaryEmbedding(128, max_position_embeddings=40960, base=1e6).to("cuda")
-    q_norm, k_norm = (RMSNorm(128, EPS).to(device="cuda", dtype=dtype) for _ in range(2))
-    q_norm.weight.copy_(random_weight(128, dtype))
-    k_norm.weight.copy_(random_weight(128, dtype))
-    positions = torch.randint(0, 40960, (num_tokens,), device="cuda")
-    ref_q, ref_k = rope(positions, q_norm(q), k_norm(k))  # 3-D: the layers' torch path
-    got_q, got_k, stored = rope.forward_with_qk_norm(positions, q, k, q_norm, k_norm)
-    assert not stored
+    layer = qwen3_attention(16, 8, 128, TritonBackend(), dtype)  # Qwen3-0.6B
+    _, q, k, v = fused_qkv(num_tokens, 16, 8, 128, dtype)
+    positions = torch.randint(0, 4096, (num_tokens,), device="cuda")
+    ref_q, ref_k = layer.rotary_emb(positions, layer.q_norm(q), layer.k_norm(k))
+    got_q, got_k = layer.qk_norm_rope_store_kv(positions, q, k, v, None)
     assert got_q is q and got_k is k
     assert_matches(q, ref_q)
     assert_matches(k, ref_k)
