@@ -59,8 +59,8 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    if llm.worker.trace is not None:
-        llm.worker.trace.flush()
+    for trace in llm.traces:  # the worker's and the engine's, read by _report_trace
+        trace.flush()
     if profiler is not None:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30))

@@ -1,13 +1,17 @@
 """The offline API: ``LLM(model_dir, **engine_options).generate(prompts, sampling_params)``.
 
 Runs the scheduler and one worker in this process, through the same EngineCore and Worker code the
-services use (the worker is called directly instead of over gRPC).
+services use (the worker is called directly instead of over gRPC). With ``step_trace=PATH`` (or
+``$NANOSERVE_STEP_TRACE``, read once here) both write the step trace: the worker's lines to PATH,
+the engine's to PATH.scheduler, until ``close()`` (or the LLM is dropped, or the process exits).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from protos.sampling_params import SamplingParams
+from protos.step_trace import SCHEDULER_SUFFIX, StepTrace
 from scheduler_service.engine import EngineConfig, EngineCore
 from scheduler_service.tokenizer import Tokenizer
 from worker_service.config import WorkerConfig
@@ -30,10 +35,26 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class LLM:
-    """Generate text offline. Engine options are those of EngineConfig and WorkerConfig."""
+STEP_TRACE_ENV = "NANOSERVE_STEP_TRACE"  # the services' --step-trace, as envargs names it
 
-    def __init__(self, model: str, **engine_options: Any) -> None:
+
+def _traces(path: str | None) -> tuple[StepTrace | None, StepTrace | None]:
+    """The worker's and the engine's traces; (None, None) when ``path`` is empty (off)."""
+    if not path:
+        return None, None
+    return StepTrace(path), StepTrace(path + SCHEDULER_SUFFIX)
+
+
+def _close_all(traces: list[StepTrace]) -> None:
+    for trace in traces:
+        trace.close()
+
+
+class LLM:
+    """Generate text offline. Engine options are those of EngineConfig and WorkerConfig;
+    ``step_trace``: PATH to trace every step to (default ``$NANOSERVE_STEP_TRACE``; "": off)."""
+
+    def __init__(self, model: str, *, step_trace: str | None = None, **engine_options: Any) -> None:
         engine_keys = {f.name for f in fields(EngineConfig)}
         worker_keys = {f.name for f in fields(WorkerConfig)} - {"model_dir"}
         unknown = set(engine_options) - engine_keys - worker_keys
@@ -44,8 +65,17 @@ class LLM:
         worker_args.setdefault("device", _default_device())
         has_tokenizer = (Path(model) / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer.from_dir(model) if has_tokenizer else None
-        self.worker = Worker(WorkerConfig(model_dir=model, **worker_args))
-        self.engine = EngineCore(EngineConfig(**engine_args), self.worker, self.tokenizer)
+        trace_path = os.environ.get(STEP_TRACE_ENV) if step_trace is None else step_trace
+        worker_trace, engine_trace = _traces(trace_path)
+        self.worker = Worker(WorkerConfig(model_dir=model, **worker_args), worker_trace)
+        engine_config = EngineConfig(**engine_args)
+        self.engine = EngineCore(engine_config, self.worker, self.tokenizer, engine_trace)
+        self.traces = [t.start() for t in (worker_trace, engine_trace) if t is not None]
+        self._close_traces = weakref.finalize(self, _close_all, self.traces)
+
+    def close(self) -> None:
+        """Write out the step traces (if on) and remove their hooks: for when this LLM is done."""
+        self._close_traces()
 
     def generate(
         self,

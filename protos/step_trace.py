@@ -1,4 +1,4 @@
-"""Per-step timing for benchmarks: ``NANOSERVE_STEP_TRACE=PATH`` turns it on.
+"""Per-step timing for benchmarks: ``--step-trace PATH`` (or ``NANOSERVE_STEP_TRACE=PATH``).
 
 Two writers, one JSON line per step each:
 - the worker (rank 0) appends to PATH: the wall-clock time it collected the step, its sequences,
@@ -7,8 +7,12 @@ Two writers, one JSON line per step each:
   (``WORKER_PHASES``, milliseconds);
 - the scheduler service appends to ``PATH.scheduler``: the time, the outputs the step returned and
   where the engine thread's time went (``SCHEDULER_PHASES``).
-``bench/step_report.py`` turns them into where the time went by batch size. Off (no cost) unless
-the variable is set. Only this module's name is shared: it imports nothing from either side.
+``bench/step_report.py`` turns them into where the time went by batch size.
+
+Ownership: a process's ``main()`` (or the offline ``LLM``) builds one trace, ``start``s it (a
+garbage-collection callback and a flush at exit) and ``close``s it, which removes both; the
+objects that write it get it as an argument, ``StepTrace | None`` (None: off, no cost). Nothing
+here reads the environment. Only this module's name is shared: it imports nothing from either side.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from __future__ import annotations
 import atexit
 import gc
 import json
-import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 
-ENV = "NANOSERVE_STEP_TRACE"
 # The worker, per step call: plan_wait = blocked for the next plan (gRPC), decode / encode = the
 # plan's protobuf in and the reply's out, gap = since the previous step call returned (in-process:
 # the scheduler's own work), prep = sequence table, inputs and launching the forward and sampler,
@@ -31,27 +36,45 @@ WORKER_PHASES = ("plan_wait", "decode", "gap", "prep", "wait", "collect", "encod
 # receive = blocked on the worker's answer, outputs = stop checks and request outputs, loop = the
 # rest of the engine loop since the previous step (handing outputs over, stats, new requests).
 SCHEDULER_PHASES = ("plan", "receive", "outputs", "loop", "gc")
+SCHEDULER_SUFFIX = ".scheduler"  # the scheduler's lines go beside the worker's
 
 
 class StepTrace:
+    """Buffered JSON lines at ``path``. Writing needs no ``start``; noting collections does."""
+
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self._lines: list[str] = []
         self._host: dict[str, float] = {}  # phases noted since the last line
         self._gc_start = 0
-        gc.callbacks.append(self._on_gc)
-        atexit.register(self.flush)
+
+    def start(self) -> StepTrace:
+        """Note garbage collections (a ``gc.callbacks`` entry) and flush at exit, until close()."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+            atexit.register(self.flush)
+        return self
+
+    def close(self) -> None:
+        """Remove what ``start`` registered and write the buffered lines."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+            atexit.unregister(self.flush)
+        self.flush()
+
+    def __enter__(self) -> StepTrace:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._gc_start = time.perf_counter_ns()
         elif self._gc_start:
             self.note("gc", ms_since(self._gc_start))
-
-    @classmethod
-    def from_env(cls, suffix: str = "") -> StepTrace | None:
-        path = os.environ.get(ENV)
-        return cls(path + suffix) if path else None
 
     def note(self, phase: str, ms: float) -> None:
         """Add host time to ``phase``; it goes out with the next line."""
@@ -70,6 +93,17 @@ class StepTrace:
             with self.path.open("a") as f:
                 f.write("\n".join(self._lines) + "\n")
             self._lines.clear()
+
+
+@contextmanager
+def open_trace(path: str | None) -> Iterator[StepTrace | None]:
+    """A started trace at ``path`` for the ``with`` block, closed after it; None when ``path`` is
+    empty (tracing off)."""
+    if not path:
+        yield None
+        return
+    with StepTrace(path) as trace:
+        yield trace
 
 
 def ms_since(start_ns: int) -> float:

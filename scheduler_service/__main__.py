@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from protos.nanoserve.v1 import generation_pb2, generation_pb2_grpc
+from protos.step_trace import SCHEDULER_SUFFIX, StepTrace, open_trace
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.metrics import Metrics
@@ -49,7 +50,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def serve(config: SchedulerServiceConfig) -> None:
+async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) -> None:
     loop = asyncio.get_running_loop()
     tokenizer = Tokenizer.from_dir(config.model_dir)
     worker = GrpcWorkerClient(
@@ -62,7 +63,7 @@ async def serve(config: SchedulerServiceConfig) -> None:
         loop.create_task(health_servicer.set(SERVICE_NAME, status))
 
     metrics = Metrics()
-    engine_loop = EngineLoop(config, worker, tokenizer, loop, on_ready_change, metrics)
+    engine_loop = EngineLoop(config, worker, tokenizer, loop, on_ready_change, metrics, trace)
     metrics.track_stats(lambda: engine_loop.stats)
     if config.metrics_port is not None:
         metrics_port = metrics.start_http_server(config.metrics_port, config.host)
@@ -138,11 +139,13 @@ def _write_port_file(path: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = SchedulerServiceConfig.from_args(argv)
+    config = SchedulerServiceConfig.from_args(argv).with_secrets(os.environ)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    asyncio.run(serve(config))
+    trace_path = config.step_trace and config.step_trace + SCHEDULER_SUFFIX
+    with open_trace(trace_path) as trace:  # one for the process: every session's engine writes it
+        asyncio.run(serve(config, trace))
 
 
 if __name__ == "__main__":

@@ -3,16 +3,19 @@
 The engine's own knobs (batch budgets, max_model_len, prefix caching) are an EngineConfig, derived
 as a property; the rest concern the service: addresses, limits, timeouts, TLS and authentication.
 Secrets (the bearer token, the worker secret) come from environment variables, never from flags,
-so they do not show in ``ps``; ``repr`` hides them, so they never reach a log line.
+so they do not show in ``ps``; ``repr`` hides them, so they never reach a log line. ``main()``
+reads the environment and hands it over (``from_args(argv).with_secrets(os.environ)``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from protos.envargs import apply_env_defaults
+from protos.step_trace import SCHEDULER_SUFFIX
 from scheduler_service.engine import EngineConfig
 
 AUTH_TOKEN_ENV = "NANOSERVE_AUTH_TOKEN"  # clients send ``authorization: Bearer <token>``
@@ -53,6 +56,7 @@ class SchedulerServiceConfig:
     auth_health: bool = False  # True: health and reflection need the token too
     worker_secret: str | None = field(default=None, repr=False)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: OS picks); None: off
+    step_trace: str | None = None  # benchmarks: each step's host phases go to STEP_TRACE.scheduler
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -86,6 +90,7 @@ class SchedulerServiceConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerServiceConfig:
+        """The flags, each defaulting to its NANOSERVE_* variable (envargs); no secrets."""
         args = apply_env_defaults(_parser()).parse_args(argv)
         return cls(
             model_dir=args.model,
@@ -108,11 +113,18 @@ class SchedulerServiceConfig:
             max_stream_buffer=args.max_stream_buffer,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
-            auth_token=os.environ.get(AUTH_TOKEN_ENV) or None,
             auth_health=args.auth_health,
-            worker_secret=os.environ.get(WORKER_SECRET_ENV) or None,
             metrics_port=args.metrics_port,
+            step_trace=args.step_trace,
             log_level=args.log_level,
+        )
+
+    def with_secrets(self, environ: Mapping[str, str]) -> SchedulerServiceConfig:
+        """This config with the bearer token and the worker secret from ``environ``."""
+        return dataclasses.replace(
+            self,
+            auth_token=environ.get(AUTH_TOKEN_ENV) or None,
+            worker_secret=environ.get(WORKER_SECRET_ENV) or None,
         )
 
 
@@ -171,5 +183,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"require the bearer token (${AUTH_TOKEN_ENV}) for health and reflection too",
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (default: off)")
+    p.add_argument(
+        "--step-trace",
+        metavar="PATH",
+        help=f"benchmarks: trace every step to PATH{SCHEDULER_SUFFIX} (the workers' PATH beside it)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p

@@ -85,7 +85,13 @@ class _Request:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, worker: WorkerClient, tokenizer: Tokenizer | None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        worker: WorkerClient,
+        tokenizer: Tokenizer | None,
+        trace: StepTrace | None = None,  # benchmarks: where each step's time went
+    ) -> None:
         self.config = config
         self.worker = worker
         self.tokenizer = tokenizer
@@ -109,7 +115,7 @@ class EngineCore:
         self._num_in_flight = 0  # launched steps whose tokens have not come back yet
         self._num_unanswered = 0  # plans sent whose answers have not been received
         self.timings: dict[str, float] = dict.fromkeys(("plan", "worker", "outputs", "steps"), 0.0)
-        self.trace = StepTrace.from_env(".scheduler")  # benchmarks: where each step's time went
+        self.trace = trace  # owned by whoever built it (one per process, across sessions)
         self._last_answered_end = 0.0
         worker.start_session()
 

@@ -25,12 +25,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
+from protos.step_trace import StepTrace
 from scheduler_service.config import SchedulerServiceConfig
-from scheduler_service.engine import EngineCore, RequestOutput, WorkerClient
+from scheduler_service.engine import EngineCore, RequestOutput
 from scheduler_service.engine_commands import AbortRequest, AddRequest, Command, apply_commands
 from scheduler_service.metrics import Metrics
 from scheduler_service.request_streams import (
@@ -49,16 +49,10 @@ from scheduler_service.server_stats import (
     snapshot,
 )
 from scheduler_service.tokenizer import Tokenizer
-from scheduler_service.worker_client import WorkerUnavailable
+from scheduler_service.worker_client import RemoteWorker, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 __all__ = ["EngineLoop", "Overloaded", "ServerStats", "SlowClient", "Unavailable"]
-
-
-class RemoteWorker(WorkerClient, Protocol):
-    def ping(self) -> None: ...
-
-    def reconnect(self) -> None: ...
 
 
 class EngineLoop:
@@ -70,8 +64,10 @@ class EngineLoop:
         loop: asyncio.AbstractEventLoop,
         on_ready_change: Callable[[bool], None] = lambda ready: None,
         metrics: Metrics | None = None,
+        trace: StepTrace | None = None,  # one for every session's EngineCore
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.trace = trace
         self.config = config
         self.worker = worker
         self.tokenizer = tokenizer
@@ -229,7 +225,7 @@ class EngineLoop:
     def _start_session(self) -> bool:
         try:
             self.worker.reconnect()
-            engine = EngineCore(self.config.engine_config, self.worker, self.tokenizer)
+            engine = EngineCore(self.config.engine_config, self.worker, self.tokenizer, self.trace)
         except Exception as e:
             if self._num_failed_starts % 20 == 0:  # the first failure, then every ~10 s
                 log.warning("workers %s not ready: %s", ",".join(self.config.worker_addrs), e)
@@ -265,14 +261,11 @@ class EngineLoop:
             self._num_pending_adds -= applied.num_adds
 
     def _step(self, engine: EngineCore) -> None:
-        num_before = engine.num_generated_tokens
+        num_before, num_answers = engine.num_generated_tokens, engine.timings["steps"]
         t0 = time.perf_counter()
-        timing_before = getattr(self.worker, "timing", None)
         outputs = engine.step()
-        timing = getattr(self.worker, "timing", None)
-        worker_s, worker_memory = None, 0  # the worker's own report, when this step called it
-        if timing is not None and timing is not timing_before and timing.compute_ns:
-            worker_s, worker_memory = timing.compute_ns / 1e9, timing.worker_memory_bytes
+        received = engine.timings["steps"] > num_answers  # the worker answered in this step
+        worker_s, worker_memory = self.worker.timing.report() if received else (None, 0)
         self.metrics.observe_step(time.perf_counter() - t0, worker_s, worker_memory)
         if outputs:
             self._loop.call_soon_threadsafe(self._deliver, outputs)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -26,6 +26,7 @@ from protos.auth import MetadataInterceptor, bearer
 from protos.nanoserve.worker.v1 import worker_pb2 as pb
 from protos.nanoserve.worker.v1 import worker_pb2_grpc
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
+from scheduler_service.engine import WorkerClient
 
 MAX_MESSAGE_BYTES = 1 << 30  # admitting many long prompts at once makes large plans
 STEP_STREAM_METHOD = "/nanoserve.worker.v1.Worker/StepStream"
@@ -62,6 +63,21 @@ class StepTiming:
     worker_wire_ns: int = 0  # what rank 0 reports for decoding the plan and encoding its reply
     worker_memory_bytes: int = 0  # what rank 0 reports holding after the step
     end_ns: int = 0  # receive() returns
+
+    def report(self) -> tuple[float | None, int]:
+        """Rank 0's own account: seconds in Worker.step (None if it gave none) and memory."""
+        return (self.compute_ns / 1e9 or None), self.worker_memory_bytes
+
+
+class RemoteWorker(WorkerClient, Protocol):
+    """The engine loop's worker: a WorkerClient that can be probed and reconnected, and that
+    says where each step's time went."""
+
+    timing: StepTiming  # the last receive()'s
+
+    def ping(self) -> None: ...
+
+    def reconnect(self) -> None: ...
 
 
 class GrpcWorkerClient:

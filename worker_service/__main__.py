@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from protos.envargs import apply_env_defaults
+from protos.step_trace import StepTrace, open_trace
 from worker_service.config import WorkerConfig
 
 log = logging.getLogger("worker_service")
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--profile-steps", help="START,COUNT: profile these steps (benchmarks only)")
     p.add_argument("--profile-out", help="where --profile-steps writes its JSON summary")
+    p.add_argument(
+        "--step-trace", metavar="PATH", help="benchmarks: rank 0 traces every step to PATH"
+    )
     return apply_env_defaults(p).parse_args(argv)
 
 
@@ -131,21 +135,15 @@ def _write_port_file(path: str, port: int) -> None:
     tmp.replace(path)  # atomic: a reader never sees a partial file
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    config = config_from_args(args)
-    secret = os.environ.get(WORKER_SECRET_ENV) or None
-    if secret is None and not _is_loopback(args.host):
-        raise SystemExit(f"--host {args.host} is not loopback: set ${WORKER_SECRET_ENV} first")
-    _init_distributed(config, args.dist_init_addr)
-
+def serve(
+    args: argparse.Namespace, config: WorkerConfig, secret: str | None, trace: StepTrace | None
+) -> None:
+    """Load the worker, serve it until SIGTERM or Ctrl-C."""
     from worker_service.server import start_server
+    from worker_service.servicer import StepExecutor
     from worker_service.worker import Worker
 
-    worker = Worker(config)
+    worker: StepExecutor = Worker(config, trace)
     if args.profile_steps:
         from worker_service.step_profiler import ProfiledWorker
 
@@ -154,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     # The model, its modules and the compiled kernels live as long as the process: keep them out
     # of the garbage collector's full passes (100 ms pauses of the step loop otherwise).
     gc.freeze()
-    server, port = start_server(worker, args.host, args.port, secret)
+    server, port = start_server(worker, args.host, args.port, secret, trace)
     auth = "shared secret" if secret else "no secret (loopback only)"
     log.info("worker rank %d listening on %s:%d (%s)", config.rank, args.host, port, auth)
     print(f"worker_service listening on {args.host}:{port}", flush=True)
@@ -166,6 +164,20 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop(grace=1.0).wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    config = config_from_args(args)
+    secret = os.environ.get(WORKER_SECRET_ENV) or None
+    if secret is None and not _is_loopback(args.host):
+        raise SystemExit(f"--host {args.host} is not loopback: set ${WORKER_SECRET_ENV} first")
+    _init_distributed(config, args.dist_init_addr)
+    with open_trace(args.step_trace if config.rank == 0 else None) as trace:
+        serve(args, config, secret, trace)
 
 
 if __name__ == "__main__":

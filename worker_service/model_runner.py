@@ -56,6 +56,7 @@ class ModelRunner:
         vocab_size: int,
         max_rows: int,
         parallel: ParallelContext = SINGLE_RANK,
+        tracing: bool = False,  # fill ``last_trace`` (the step trace is on)
     ) -> None:
         self.model = model
         self.parallel = parallel
@@ -72,7 +73,7 @@ class ModelRunner:
         self._last_rows: dict[int, int] = {}  # seq_id -> row of its token in prev_tokens
         self._last_done: torch.cuda.Event | None = None
         self.device_seconds = 0.0  # device busy time of collected steps (CUDA only)
-        self.tracing = False  # fill ``last_trace`` (the step trace is on)
+        self.tracing = tracing
         self.last_trace: tuple[float, ...] = ()  # the collected step's shape, busy and idle ms
         self.wait_ms = 0.0  # how long the last collect() waited for the device
 

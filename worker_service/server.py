@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.auth import presents, refusal_like
 from protos.nanoserve.worker.v1 import worker_pb2, worker_pb2_grpc
+from protos.step_trace import StepTrace
 from worker_service.servicer import StepExecutor, WorkerServicer
 
 MAX_MESSAGE_BYTES = 1 << 30
@@ -57,16 +58,21 @@ class SecretInterceptor(grpc.ServerInterceptor):
 
 
 def start_server(
-    worker: StepExecutor, host: str, port: int, secret: str | None = None
+    worker: StepExecutor,
+    host: str,
+    port: int,
+    secret: str | None = None,
+    trace: StepTrace | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Serve ``worker`` on host:port (0 picks a free port); return the server and its port."""
+    """Serve ``worker`` on host:port (0 picks a free port); return the server and its port.
+    ``trace``: the worker's step trace, where the servicer notes its wire phases."""
     interceptors = [SecretInterceptor(secret)] if secret else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
         options=SERVER_OPTIONS,
         interceptors=interceptors,
     )
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker, trace), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

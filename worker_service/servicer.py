@@ -20,13 +20,13 @@ from protos import wire_worker
 from protos.nanoserve.worker.v1 import worker_pb2 as pb
 from protos.nanoserve.worker.v1 import worker_pb2_grpc
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
-from protos.step_trace import ms_since
+from protos.step_trace import StepTrace, ms_since
 
 log = logging.getLogger(__name__)
 
 
 class StepExecutor(Protocol):
-    """What the servicer needs from a worker (``worker_service.worker.Worker``)."""
+    """What the servicer needs from a worker (``Worker``, ``ProfiledWorker``)."""
 
     def describe(self) -> WorkerInfo: ...
 
@@ -34,11 +34,16 @@ class StepExecutor(Protocol):
 
     def step(self, plan: StepPlan) -> StepResult: ...
 
+    def memory_bytes(self) -> int:
+        """What this rank holds now (reported with every step)."""
+        ...
+
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, worker: StepExecutor) -> None:
+    def __init__(self, worker: StepExecutor, trace: StepTrace | None = None) -> None:
+        """``trace``: the worker's step trace, which also gets the servicer's phases (benchmarks)."""
         self.worker = worker
-        self.trace = getattr(worker, "trace", None)  # the step trace (benchmarks), if on
+        self.trace = trace
         self.session_id = 0
         self._lock = threading.Lock()  # one step (or session change) at a time
 
@@ -96,7 +101,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             computed = time.perf_counter_ns()
             reply = wire_worker.result_to_pb(result, computed - decoded)
             reply.wire_ns = decoded - start + time.perf_counter_ns() - computed
-            reply.memory_bytes = getattr(self.worker, "memory_bytes", lambda: 0)()
+            reply.memory_bytes = self.worker.memory_bytes()
             if self.trace is not None:  # lands in the next step's line (this one's is written)
                 self.trace.note("decode", (decoded - start) / 1e6)
                 self.trace.note("encode", ms_since(computed))

@@ -3,8 +3,9 @@
 ``python -m worker_service ... --profile-steps START,COUNT --profile-out PATH`` wraps the worker so
 that steps START .. START+COUNT-1 (counted from process start) run under ``torch.profiler`` with
 CUDA activity only; kernel times, with the all-reduce and all collective (NCCL) kernels summed apart,
-go to PATH as JSON. NCCL kernel time includes waiting for the slowest rank. A step's GPU work may finish inside the next step's call (async scheduling), so the
-window covers whole steps only approximately. Not for production: the profiler slows those steps.
+go to PATH as JSON. NCCL kernel time includes waiting for the slowest rank. A step's GPU work may
+finish inside the next step's call (async scheduling), so the window covers whole steps only
+approximately. Not for production: the profiler slows those steps.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
-from worker_service.worker import Worker
+from worker_service.servicer import StepExecutor
 
 log = logging.getLogger(__name__)
 COLLECTIVE_MARKERS = ("nccl", "gloo", "allreduce", "all_reduce", "broadcast", "gather")
 
 
 class ProfiledWorker:
-    """A ``Worker`` whose steps in [start, start + count) run under torch.profiler."""
+    """A worker (a ``StepExecutor``) whose steps in [start, start + count) run under
+    torch.profiler; everything else goes straight to the wrapped worker."""
 
-    def __init__(self, worker: Worker, start: int, count: int, out: str) -> None:
+    def __init__(self, worker: StepExecutor, start: int, count: int, out: str) -> None:
         self.worker, self.start, self.count, self.out = worker, start, count, Path(out)
         self.num_steps = 0
-        self._profile = None
+        self._profile: profile | None = None  # open during the window
         self._on_cuda = False
         self._window_start = 0.0
 
@@ -37,37 +42,35 @@ class ProfiledWorker:
     def start_session(self) -> None:
         self.worker.start_session()
 
+    def memory_bytes(self) -> int:
+        return self.worker.memory_bytes()
+
     def step(self, plan: StepPlan) -> StepResult:
         if self.num_steps == self.start:
             self._begin()
         result = self.worker.step(plan)
         self.num_steps += 1
         if self._profile is not None and self.num_steps == self.start + self.count:
+            window, self._profile = self._profile, None
             try:
-                self._finish()
+                self._finish(window)
             except Exception:  # a broken profile must not take the session down
                 log.exception("step profile failed")
         return result
 
     def _begin(self) -> None:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-
         self._on_cuda = torch.cuda.is_available()
         activity = ProfilerActivity.CUDA if self._on_cuda else ProfilerActivity.CPU
         self._profile = profile(activities=[activity])
         self._profile.__enter__()
         self._window_start = time.perf_counter()
 
-    def _finish(self) -> None:
-        import torch
-
+    def _finish(self, window: profile) -> None:
         if self._on_cuda:
             torch.cuda.synchronize()
         wall_s = time.perf_counter() - self._window_start
-        self._profile.__exit__(None, None, None)
-        events = self._profile.key_averages()
-        self._profile = None
+        window.__exit__(None, None, None)
+        events = window.key_averages()
         if self._on_cuda:
             times = {e.key: e.self_device_time_total for e in events}
         else:  # CPU rehearsal: op times on the host

@@ -18,6 +18,7 @@ from models.config import ModelConfig
 from models.layers.attention import AttentionMetadata
 from models.loader import load_model
 from models.parallel import ParallelContext
+from models.qwen3 import Qwen3ForCausalLM
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
 from protos.step_trace import StepTrace, ms_since
 from worker_service.attention_backends import select_backend
@@ -49,7 +50,7 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str) -> tor
 
 @torch.inference_mode()
 def warm_up_forward(
-    model: torch.nn.Module,
+    model: Qwen3ForCausalLM,
     num_tokens: int,
     max_model_len: int,
     max_num_seqs: int,
@@ -83,8 +84,10 @@ def warm_up_forward(
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, trace: StepTrace | None = None) -> None:
+        """``trace``: where each step's timing goes (benchmarks: rank 0's); its owner closes it."""
         self.config = config
+        self.trace = trace
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", config.rank % max(1, torch.cuda.device_count()))
@@ -118,12 +121,10 @@ class Worker:
             self.model_config.vocab_size,
             max(config.max_num_seqs, config.max_num_batched_tokens),
             parallel,
+            tracing=trace is not None,
         )
         self.runner.graphs = self._capture_graphs()
         self.seqs = SequenceTable(config.max_num_seqs, self._max_blocks_per_seq())
-        # Rank 0 traces its steps when $NANOSERVE_STEP_TRACE is set (benchmarks).
-        self.trace = StepTrace.from_env() if config.rank == 0 else None
-        self.runner.tracing = self.trace is not None
         self._last_return_ns = 0
         self._in_flight: LaunchedStep | None = None  # a deferred step not yet answered
         self._answers: deque[StepResult] = deque()  # submit()ted plans' answers, for receive()
@@ -244,11 +245,13 @@ class Worker:
         prepared = time.perf_counter_ns()
         result = StepResult(-1, [], []) if launched is None else self.runner.collect(launched)
         if self.trace is not None:
-            self._trace_step(start, prepared, launched is not None)
+            self._trace_step(self.trace, start, prepared, launched is not None)
         return result
 
-    def _trace_step(self, start_ns: int, prepared_ns: int, collected: bool) -> None:
-        trace, runner = self.trace, self.runner
+    def _trace_step(
+        self, trace: StepTrace, start_ns: int, prepared_ns: int, collected: bool
+    ) -> None:
+        runner = self.runner
         if self._last_return_ns:
             trace.note("gap", (start_ns - self._last_return_ns) / 1e6)
         trace.note("prep", (prepared_ns - start_ns) / 1e6)

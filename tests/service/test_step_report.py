@@ -1,4 +1,6 @@
-"""The benchmark step trace: the worker's per-step lines and the report that groups them."""
+"""The benchmark step trace: the worker's per-step lines and the report that groups them, written
+in-process (``LLM(step_trace=...)`` or ``$NANOSERVE_STEP_TRACE``) and by both services (the
+variable, through their ``--step-trace`` flag)."""
 
 from __future__ import annotations
 
@@ -70,18 +72,32 @@ def _check_traces(path, num_tokens: int, num_seqs: int, worker_phases: set[str])
     assert sum(g["steps"] for g in groups) == len(scheduler_rows)
 
 
+@pytest.mark.parametrize("from_env", [False, True])
 def test_in_process_engine_traces_worker_and_scheduler_steps(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch, from_env: bool
 ) -> None:
     path = tmp_path / "steps.jsonl"
-    monkeypatch.setenv("NANOSERVE_STEP_TRACE", str(path))
-    llm = LLM(str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=64)
+    callbacks = list(gc.callbacks)
+    if from_env:
+        monkeypatch.setenv("NANOSERVE_STEP_TRACE", str(path))
+    options = {} if from_env else {"step_trace": str(path)}
+    llm = LLM(str(tiny_model_dir), device="cpu", block_size=16, num_kv_blocks=64, **options)
+    monkeypatch.delenv("NANOSERVE_STEP_TRACE", raising=False)  # read once, in the constructor
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     outputs = llm.generate([[1, 2, 3], [4, 5], [6, 7, 8, 9]], params, use_tqdm=False)
-    llm.worker.trace.flush()
-    llm.engine.trace.flush()
+    llm.close()
+    assert gc.callbacks == callbacks
     num_tokens = sum(len(o["token_ids"]) for o in outputs)
     _check_traces(path, num_tokens, 3, {"gap", "prep", "wait", "collect"})
+
+
+def test_an_llm_dropped_without_close_removes_its_trace_hooks(tiny_model_dir, tmp_path) -> None:
+    callbacks = list(gc.callbacks)
+    llm = LLM(str(tiny_model_dir), device="cpu", num_kv_blocks=8, step_trace=str(tmp_path / "t"))
+    assert len(gc.callbacks) == len(callbacks) + 2  # the worker's trace and the engine's
+    del llm
+    gc.collect()
+    assert gc.callbacks == callbacks
 
 
 def test_worker_service_traces_its_grpc_phases(tiny_model_dir, tmp_path, monkeypatch) -> None:
@@ -95,9 +111,12 @@ def test_worker_service_traces_its_grpc_phases(tiny_model_dir, tmp_path, monkeyp
     _check_traces(path, num_tokens, 1, phases)
 
 
-def test_garbage_collections_are_noted(tmp_path) -> None:
-    trace = StepTrace(str(tmp_path / "steps.jsonl"))
+def test_garbage_collections_are_noted_while_the_trace_is_started(tmp_path) -> None:
+    with StepTrace(str(tmp_path / "steps.jsonl")) as trace:
+        gc.collect()
+        trace.add(1, 1, 1, 1.0, 0.0)
     gc.collect()
-    trace.add(1, 1, 1, 1.0, 0.0)
+    trace.add(1, 1, 1, 1.0, 0.0)  # closed: collections go unnoted
     trace.flush()
-    assert read_trace(tmp_path / "steps.jsonl")[0][-1]["gc"] > 0
+    first, second = read_trace(tmp_path / "steps.jsonl")
+    assert first[-1]["gc"] > 0 and "gc" not in second[-1]
