@@ -78,7 +78,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
-        if not batch.preempted:
+        if not batch.preempted:  # else the victim could come straight back on prefix-cache hits
             self._schedule_waiting(batch, budget)
         return batch
 

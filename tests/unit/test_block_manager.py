@@ -46,6 +46,11 @@ def test_uncomputed_blocks_are_not_hit() -> None:
     second = make_seq(1, list(range(12)))
     assert manager.allocate(second)
     assert second.num_cached_tokens == 0
+    assert set(second.block_table).isdisjoint(first.block_table)
+    compute_all(manager, first)  # now the same prompt hits
+    third = make_seq(2, list(range(12)))
+    assert manager.allocate(third)
+    assert third.num_cached_tokens == 11 and third.block_table == first.block_table
 
 
 def test_whole_prompt_hit_still_computes_the_last_token() -> None:
@@ -83,11 +88,15 @@ def test_hash_collision_is_not_used_as_a_hit() -> None:
     first = make_seq(0, [1, 2, 3, 4, 5])
     assert manager.allocate(first)
     compute_all(manager, first)
+    control = make_seq(1, [1, 2, 3, 4, 6])
+    assert manager.allocate(control)
+    assert control.num_cached_tokens == 4  # the same lookup hits while the tokens agree
     block = manager.blocks[first.block_table[0]]
     block.token_ids = [9, 9, 9, 9]  # as if another prefix had produced the same hash
-    second = make_seq(1, [1, 2, 3, 4, 6])
+    second = make_seq(2, [1, 2, 3, 4, 6])
     assert manager.allocate(second)
     assert second.num_cached_tokens == 0
+    assert first.block_table[0] not in second.block_table
 
 
 def test_allocation_that_does_not_fit_changes_nothing() -> None:
@@ -95,6 +104,11 @@ def test_allocation_that_does_not_fit_changes_nothing() -> None:
     seq = make_seq(0, list(range(12)))
     assert not manager.allocate(seq)
     assert seq.block_table == [] and manager.num_free_blocks == 2
+    fits = make_seq(1, list(range(8)))  # exactly the 2 blocks there are
+    assert manager.allocate(fits)
+    assert len(fits.block_table) == 2 and manager.num_free_blocks == 0
+    assert not manager.ensure_slots(fits, 9)  # growing past the cache changes nothing either
+    assert len(fits.block_table) == 2
 
 
 operations = st.lists(
