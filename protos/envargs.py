@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 PREFIX = "NANOSERVE_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -45,7 +45,7 @@ def _parse(action: argparse.Action, name: str, raw: str) -> object:
             raise SystemExit(f"{name}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
         value = lowered in _TRUE
         return value if isinstance(action, argparse._StoreTrueAction) else not value
-    convert = action.type or str
+    convert: Callable[[str], object] = action.type if callable(action.type) else str
     try:
         return convert(raw)
     except (TypeError, ValueError) as err:

@@ -15,6 +15,7 @@ share one server call it after each test (see ``kv_cache_clean_after_each_test``
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -35,8 +36,9 @@ BLOCK_SIZE = 16
 
 def ensure_stubs() -> None:
     """Generate the gRPC stubs if a fresh checkout has none yet (``make protos`` does the same)."""
-    if not (ROOT / "nanoserve" / "v1" / "generation_pb2.py").exists():
-        subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh")], check=True, env=None)
+    if not (ROOT / "protos" / "nanoserve" / "v1" / "generation_pb2.py").exists():
+        env = dict(os.environ, PYTHON=sys.executable)
+        subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh")], check=True, env=env)
 
 
 ensure_stubs()
