@@ -6,12 +6,20 @@ its own seed and the token index (counter-based random numbers, one Philox call 
 consecutive entries), so a row's token never depends on its neighbours or on how the vocabulary
 is split. One program scores one chunk of one row's vocabulary and keeps its best (score, index);
 a small reduction over the chunks picks each row's winner, lowest index on ties like
-``torch.argmax``. Splitting the vocabulary keeps the whole GPU busy at any batch size. Filters
-(top_k, top_p, min_p) need a sort and stay in the torch sampler.
+``torch.argmax``. Splitting the vocabulary keeps the whole GPU busy at any batch size.
+
+Filters (top_k, top_p, min_p) and banned tokens are the caller's (worker_service/sampling.py):
+it sets their logits to -inf, which scores -inf whatever the noise (a chunk that is all -inf
+loses to any finite one), so the kernel then draws exactly from the filtered softmax, with the
+same noise per (seed, token id) as without filters. A row that is -inf everywhere gets token 0.
+
+``sample_tokens_ref`` is the same draw in torch, Philox numbers included: token for token the
+kernel's, up to rounding of ``log`` (a near-tie of two scores may break the other way).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -99,10 +107,39 @@ def sample_tokens(
     return part_index.gather(1, best_chunk)[:, 0].to(torch.int64)
 
 
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox_uniform_ref(seeds: torch.Tensor, num: int) -> torch.Tensor:
+    """Triton's ``tl.rand4x(seed, counter)`` as the kernel reads it: [B] int64 seeds -> [B, num]
+    float32 in [0, 1), entry i being number i % 4 of counter i // 4 (Philox4x32, 10 rounds)."""
+    seed = seeds.cpu().numpy().astype(np.uint64)[:, None]
+    c0 = np.broadcast_to(np.arange(-(-num // 4), dtype=np.uint64), (len(seed), -(-num // 4)))
+    c1 = c2 = c3 = np.zeros_like(c0)
+    k0, k1 = seed & _MASK32, seed >> np.uint64(32)
+    for _ in range(10):
+        prod_b, prod_a = np.uint64(_PHILOX_ROUND_B) * c2, np.uint64(_PHILOX_ROUND_A) * c0
+        c0, c2 = (prod_b >> np.uint64(32)) ^ c1 ^ k0, (prod_a >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = prod_b & _MASK32, prod_a & _MASK32
+        k0 = (k0 + np.uint64(_PHILOX_KEY_A)) & _MASK32
+        k1 = (k1 + np.uint64(_PHILOX_KEY_B)) & _MASK32
+    ints = np.stack([c0, c1, c2, c3], axis=-1).reshape(len(seed), -1)[:, :num]
+    signed = ints.astype(np.uint32).view(np.int32)
+    signed = np.where(signed < 0, ~signed, signed)  # Triton's uint_to_uniform_float
+    scale = torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return torch.from_numpy(signed).float() * scale
+
+
 def sample_tokens_ref(
-    logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None = None
+    logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
 ) -> torch.Tensor:
-    """The distribution the kernel draws from: softmax(logits / T), argmax at T = 0."""
-    probs = (logits.float() / temperatures.clamp(min=1e-5)[:, None]).softmax(-1)
-    sampled = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return torch.where(temperatures == 0, logits.argmax(-1), sampled)
+    """The kernel's draw in torch: argmax(logits / T - log(-log U)), U the Philox numbers of
+    (row seed, token id); the plain argmax at T = 0. [B, V], [B], [B] -> [B] int64."""
+    greedy = temperatures == 0
+    inv_t = 1.0 / torch.where(greedy, torch.ones_like(temperatures), temperatures)
+    scores = logits.float() * inv_t[:, None]
+    uniform = philox_uniform_ref(seeds, logits.shape[1]).to(logits.device)
+    noisy = scores - torch.log(-torch.log(uniform))
+    return torch.where(greedy, scores.argmax(dim=-1), noisy.argmax(dim=-1))

@@ -5,27 +5,62 @@ follow from its block table. A token sampled by a step still in flight is ``PEND
 value lives on the device (the runner's ``prev_tokens``, row ``prev_row``) and is gathered there,
 never waited for on the host.
 
-Every array a step needs (tokens, positions, slots, tables, the sampling rows' temperatures and
-seeds) is built with numpy and packed into one buffer (``Layout``), so a step costs one
-host-to-device copy however many arrays it has. A decode step in a CUDA graph packs into the
-graph's own layout and lands straight in its static inputs (worker_service/cuda_graphs.py).
+A step's arrays are named fields of frozen dataclasses: ``StepArrays`` (tokens, positions, slots,
+tables) and the sampling rows' ``SamplingArrays`` (worker_service/sampling.py), numpy arrays on
+the host and views of one device buffer after packing. Packing lays them all out in one buffer
+(``Layout``, 64-byte aligned offsets), so a step costs one host-to-device copy however many arrays
+it has. A decode step in a CUDA graph packs into the graph's own layout and lands straight in its
+static inputs (worker_service/cuda_graphs.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from protos.step_plan import PENDING
+from worker_service.sampling import SamplingArrays
 from worker_service.sequence_table import SequenceTable, WorkerSequence
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+A = TypeVar("A")  # np.ndarray on the host, torch.Tensor on the device
+N = TypeVar("N", bound="DataclassInstance")
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
 _TORCH_DTYPES[np.dtype(np.float32)] = torch.float32
 
 
 ALIGN = 64  # bytes; Triton specializes kernels on 16-byte aligned pointers: keep every view so
+
+
+@dataclass(frozen=True)
+class StepArrays(Generic[A]):
+    """A step's model inputs: T tokens, S sequences, B_s sampling rows, W blocks per table."""
+
+    input_ids: A  # [T] int64, 0 where prev_rows says the token is still on the device
+    prev_rows: A  # [T] int64: the row of prev_tokens holding a pending token, else -1
+    positions: A  # [T] int64
+    slot_mapping: A  # [T] int64: the cache slot each token writes, -1 = none
+    seq_lens: A  # [S] int32: context length after this step
+    cu_seqlens_q: A  # [S + 1] int32
+    block_tables: A  # [S, W] int32
+    last_token_indices: A  # [B_s] int64: the token whose hidden state each sampling row reads
+
+
+def named(arrays: DataclassInstance) -> dict[str, Any]:
+    """A dataclass of arrays as {field name: array}."""
+    return {f.name: getattr(arrays, f.name) for f in fields(arrays)}
+
+
+def unpack(cls: type[N], views: Mapping[str, Any]) -> N:
+    """The ``cls`` whose fields are the same-named entries of ``views``."""
+    return cls(**{f.name: views[f.name] for f in fields(cls)})
 
 
 class Layout:
@@ -39,6 +74,11 @@ class Layout:
             self.offsets[name] = offset
             offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
         self.nbytes = max(offset, ALIGN)
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> Layout:
+        """The layout that holds ``arrays``, with their dtypes and shapes."""
+        return cls({name: (a.dtype, a.shape) for name, a in arrays.items()})
 
     def host_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -68,20 +108,28 @@ def upload(buf: np.ndarray, device: torch.device, out: torch.Tensor | None = Non
     return out.copy_(pinned, non_blocking=True)
 
 
-def pack(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+def pack(arrays: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """``arrays`` on ``device``, through one buffer and one copy."""
-    layout = Layout({name: (a.dtype, a.shape) for name, a in arrays.items()})
+    layout = Layout.of(arrays)
     buf = np.empty(layout.nbytes, dtype=np.uint8)
     for name, view in layout.host_views(buf).items():
         view[...] = arrays[name]
     return layout.device_views(upload(buf, device))
 
 
+def pack_step(
+    step: StepArrays[np.ndarray], sampling: SamplingArrays[np.ndarray], device: torch.device
+) -> tuple[StepArrays[torch.Tensor], SamplingArrays[torch.Tensor]]:
+    """A step's model and sampling arrays on ``device``, in one copy."""
+    views = pack(named(step) | named(sampling), device)
+    return unpack(StepArrays, views), unpack(SamplingArrays, views)
+
+
 @dataclass
 class HostStep:
     """A step's inputs on the host; ``sample_rows`` are the sequences that get a token sampled."""
 
-    arrays: dict[str, np.ndarray]  # input_ids, prev_rows, positions, slot_mapping, seq_lens, ...
+    arrays: StepArrays[np.ndarray]
     sample_rows: list[int]
     num_tokens: int
     max_seqlen_q: int
@@ -101,9 +149,8 @@ def build_host_step(
     block_size: int,
     prev_rows: dict[int, int],
 ) -> HostStep:
-    """The numpy arrays of a step: per token ``input_ids`` (PENDING where ``prev_rows`` says which
-    row of the previous step's tokens holds it), ``positions`` and ``slot_mapping``; per sequence
-    ``seq_lens``, ``cu_seqlens_q`` and ``block_tables``; ``last_token_indices`` per sampled row."""
+    """The numpy arrays of a step (``StepArrays``): a pending token's ``input_ids`` entry is 0
+    and its ``prev_rows`` entry says which row of the previous step's tokens holds it."""
     num_seqs = len(seqs)
     counts = np.asarray(num_new_tokens, dtype=np.int64)
     starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
@@ -138,16 +185,16 @@ def build_host_step(
     positions = starts[token_rows] + np.arange(total) - cu_seqlens[:-1][token_rows]
     slots = tables[token_rows, positions // block_size].astype(np.int64) * block_size
     slots += positions % block_size
-    arrays = {
-        "input_ids": input_ids,
-        "prev_rows": prev,
-        "positions": positions,
-        "slot_mapping": slots,
-        "seq_lens": ends.astype(np.int32),
-        "cu_seqlens_q": cu_seqlens.astype(np.int32),
-        "block_tables": tables,
-        "last_token_indices": last[sampled],
-    }
+    arrays = StepArrays(
+        input_ids=input_ids,
+        prev_rows=prev,
+        positions=positions,
+        slot_mapping=slots,
+        seq_lens=ends.astype(np.int32),
+        cu_seqlens_q=cu_seqlens.astype(np.int32),
+        block_tables=tables,
+        last_token_indices=last[sampled],
+    )
     return HostStep(
         arrays,
         sampled.tolist(),

@@ -3,12 +3,16 @@
 A decode step of a small model is dominated by launch overhead, on the device and on the host; a
 graph removes both. Buckets are 1, 2, 4, 8, then steps of 16 up to max_num_seqs. One graph covers
 the whole step: gathering the tokens sampled by the previous step (``prev_tokens``), the forward,
-the logits and the sampling kernel, whose tokens land in ``prev_tokens`` again for the next step.
+the logits and the sampling kernel on the raw logits, whose tokens land in ``prev_tokens`` again
+for the next step.
 
-Its inputs are views of one static device buffer (``Layout``): the host packs a step into the same
-layout (padded rows write nowhere: slot -1, length 1, block 0) and one copy fills them all. A step
-whose sampling needs more than the kernel (filters, logprobs, min_tokens) reads ``logits`` after
-the replay and samples again outside the graph.
+Its inputs are a ``StepArrays`` and a ``SamplingArrays`` of views into one static device buffer
+(``Layout``): the host packs a step into the same layout (padded rows write nowhere: slot -1,
+length 1, block 0, greedy) and one copy fills them all. A step whose sampling needs more than the
+kernel on the raw logits (filters, min_tokens) is sampled again after the replay, by the same
+``sample`` on the graph's logits and the graph's own sampling views; for a row without filters
+that draw is the graph's draw. A step whose rows ban more than ``MAX_BANNED_IDS`` tokens runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -18,17 +22,46 @@ import torch
 
 from models.layers.attention import AttentionMetadata
 from models.qwen3 import Qwen3ForCausalLM
-from worker_service.batch_inputs import HostStep, Layout, upload
-from worker_service.sampler import HostSampling
+from worker_service.batch_inputs import HostStep, Layout, StepArrays, named, unpack, upload
+from worker_service.sampling import SamplingArrays, SamplingInput
 
-# Padding for rows past the batch: write no cache slot, read one valid block, take token 0.
-_PADS = {"slot_mapping": -1, "seq_lens": 1, "prev_rows": -1, "temperatures": 0.0}
+MAX_BANNED_IDS = 8  # per row under min_tokens (EOS and stop ids) that a graph step has room for
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
     buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
     buckets += list(range(16, max_num_seqs + 16, 16))
     return sorted({min(b, max_num_seqs) for b in buckets} | {max_num_seqs})
+
+
+def _capacity(n: int, max_blocks: int) -> tuple[StepArrays[np.ndarray], SamplingArrays[np.ndarray]]:
+    """Zero arrays of a full decode step of ``n`` rows: the shapes and dtypes of the layout."""
+    i64, i32, f32 = np.int64, np.int32, np.float32
+    step: StepArrays[np.ndarray] = StepArrays(
+        input_ids=np.zeros(n, i64),
+        prev_rows=np.zeros(n, i64),
+        positions=np.zeros(n, i64),
+        slot_mapping=np.zeros(n, i64),
+        seq_lens=np.zeros(n, i32),
+        cu_seqlens_q=np.zeros(n + 1, i32),
+        block_tables=np.zeros((n, max_blocks), i32),
+        last_token_indices=np.zeros(n, i64),
+    )
+    sampling: SamplingArrays[np.ndarray] = SamplingArrays(
+        temperatures=np.zeros(n, f32),
+        seeds=np.zeros(n, i64),
+        top_ks=np.zeros(n, i64),
+        top_ps=np.zeros(n, f32),
+        min_ps=np.zeros(n, f32),
+        banned_ids=np.zeros((n, MAX_BANNED_IDS), i64),
+    )
+    return step, sampling
+
+
+def _put(view: np.ndarray, values: np.ndarray, pad: float) -> None:
+    """``values`` in the first rows of ``view`` (and its first columns), ``pad`` everywhere else."""
+    view[...] = pad
+    view[tuple(slice(0, size) for size in values.shape)] = values
 
 
 class DecodeGraphs:
@@ -44,32 +77,23 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_num_seqs)
         self.max_num_seqs = n = self.buckets[-1]
         self.max_blocks = max_num_blocks_per_seq
-        i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
-        self.layout = Layout(
-            {
-                "input_ids": (i64, (n,)),
-                "prev_rows": (i64, (n,)),
-                "positions": (i64, (n,)),
-                "slot_mapping": (i64, (n,)),
-                "seeds": (i64, (n,)),
-                "seq_lens": (i32, (n,)),
-                "temperatures": (np.dtype(np.float32), (n,)),
-                "block_tables": (i32, (n, max_num_blocks_per_seq)),
-            }
-        )
+        step, sampling = _capacity(n, max_num_blocks_per_seq)
+        self.layout = Layout.of(named(step) | named(sampling))
         self.static = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
-        self.inputs = self.layout.device_views(self.static)
-        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
+        views = self.layout.device_views(self.static)
+        self.inputs: StepArrays[torch.Tensor] = unpack(StepArrays, views)
+        self.sampling: SamplingArrays[torch.Tensor] = unpack(SamplingArrays, views)
         self.prev_tokens = prev_tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor | None] = {}  # per bucket, valid after its replay
 
     def _meta(self, bs: int) -> AttentionMetadata:
+        x = self.inputs
         return AttentionMetadata(
-            slot_mapping=self.inputs["slot_mapping"][:bs],
-            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
-            seq_lens=self.inputs["seq_lens"][:bs],
-            block_tables=self.inputs["block_tables"][:bs],
+            slot_mapping=x.slot_mapping[:bs],
+            cu_seqlens_q=x.cu_seqlens_q[: bs + 1],
+            seq_lens=x.seq_lens[:bs],
+            block_tables=x.block_tables[:bs],
             max_seqlen_q=1,
             max_seqlen_k=self.max_blocks,  # only shapes matter to the kernels
             is_decode=True,
@@ -80,21 +104,23 @@ class DecodeGraphs:
         """The captured work: gather pending tokens, forward, logits, sample into prev_tokens."""
         from kernels.sample_tokens import sample_tokens
 
-        x = self.inputs
-        prev = x["prev_rows"][:bs]
-        ids = torch.where(prev >= 0, self.prev_tokens[prev.clamp(min=0)], x["input_ids"][:bs])
-        hidden = self.model(ids, x["positions"][:bs], self._meta(bs))
+        x, s = self.inputs, self.sampling
+        prev = x.prev_rows[:bs]
+        ids = torch.where(prev >= 0, self.prev_tokens[prev.clamp(min=0)], x.input_ids[:bs])
+        hidden = self.model(ids, x.positions[:bs], self._meta(bs))
         logits = self.model.compute_logits(hidden)  # None on ranks other than 0
         if logits is not None:
-            tokens = sample_tokens(logits, x["temperatures"][:bs], x["seeds"][:bs])
+            tokens = sample_tokens(logits, s.temperatures[:bs], s.seeds[:bs])
             self.prev_tokens[:bs].copy_(tokens)
         return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
-        self.inputs["slot_mapping"].fill_(-1)
-        self.inputs["prev_rows"].fill_(-1)
-        self.inputs["seq_lens"].fill_(1)
+        x = self.inputs
+        x.slot_mapping.fill_(-1)
+        x.prev_rows.fill_(-1)
+        x.seq_lens.fill_(1)
+        x.cu_seqlens_q.copy_(torch.arange(self.max_num_seqs + 1, dtype=torch.int32))
         pool = None
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
             self._step(bs)  # warm-up: Triton compiles and autotunes outside the capture
@@ -105,34 +131,51 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def can_run(self, step: HostStep, num_seqs: int) -> bool:
+    def can_run(self, step: HostStep, sampling: SamplingInput[np.ndarray]) -> bool:
+        """A decode step in which every row samples, and whose arrays fit the layout."""
+        num_seqs = len(step.arrays.seq_lens)
         return (
             step.is_decode
             and num_seqs <= self.max_num_seqs
-            and step.arrays["block_tables"].shape[1] <= self.max_blocks
+            and len(step.sample_rows) == num_seqs
+            and step.arrays.block_tables.shape[1] <= self.max_blocks
+            and sampling.arrays.banned_ids.shape[1] <= MAX_BANNED_IDS
         )
 
     def run(
-        self, step: HostStep, sampling: HostSampling
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replay for ``step`` (every row samples); returns its tokens [bs] and logits (rank 0).
-        ``sampling``'s device temperatures and seeds become the graph's, for a second draw."""
-        bs = len(step.arrays["input_ids"])
+        self, step: HostStep, sampling: SamplingInput[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, SamplingInput[torch.Tensor]]:
+        """Replay for ``step``: its tokens [bs], its logits [bs, V] (rank 0; else None) and its
+        sampling input as views of the graph's own inputs, for a second draw."""
+        bs = len(step.arrays.input_ids)
         bucket = next(b for b in self.buckets if b >= bs)
-        buf = np.zeros(self.layout.nbytes, dtype=np.uint8)
-        host = self.layout.host_views(buf)
-        values = dict(step.arrays, temperatures=sampling.temperatures, seeds=sampling.seeds)
-        for name, view in host.items():
-            if name == "block_tables":
-                tables = values[name]
-                view[:bs, : tables.shape[1]] = tables
-                continue
-            view[:bs] = values[name]
-            if name in _PADS:
-                view[bs:bucket] = _PADS[name]
+        buf = np.empty(self.layout.nbytes, dtype=np.uint8)
+        views = self.layout.host_views(buf)
+        self._fill(unpack(StepArrays, views), step.arrays)
+        self._fill_sampling(unpack(SamplingArrays, views), sampling.arrays)
         upload(buf, self.static.device, out=self.static)
-        sampling.temperatures_dev = self.inputs["temperatures"][:bs]
-        sampling.seeds_dev = self.inputs["seeds"][:bs]
         self.graphs[bucket].replay()
         logits = self.logits[bucket]
-        return self.prev_tokens[:bs], None if logits is None else logits[:bs]
+        rows = unpack(SamplingArrays, {k: v[:bs] for k, v in named(self.sampling).items()})
+        return self.prev_tokens[:bs], None if logits is None else logits[:bs], sampling.on(rows)
+
+    def _fill(self, host: StepArrays[np.ndarray], step: StepArrays[np.ndarray]) -> None:
+        """Padded rows: no cache slot, nothing pending, length 1, block 0, one token each."""
+        _put(host.input_ids, step.input_ids, 0)
+        _put(host.prev_rows, step.prev_rows, -1)
+        _put(host.positions, step.positions, 0)
+        _put(host.slot_mapping, step.slot_mapping, -1)
+        _put(host.seq_lens, step.seq_lens, 1)
+        host.cu_seqlens_q[:] = np.arange(len(host.cu_seqlens_q))
+        _put(host.block_tables, step.block_tables, 0)
+        host.last_token_indices[:] = np.arange(len(host.last_token_indices))
+
+    @staticmethod
+    def _fill_sampling(host: SamplingArrays[np.ndarray], rows: SamplingArrays[np.ndarray]) -> None:
+        """Padded rows are greedy; unused banned slots are -1 (nothing)."""
+        _put(host.temperatures, rows.temperatures, 0.0)
+        _put(host.seeds, rows.seeds, 0)
+        _put(host.top_ks, rows.top_ks, 0)
+        _put(host.top_ps, rows.top_ps, 1.0)
+        _put(host.min_ps, rows.min_ps, 0.0)
+        _put(host.banned_ids, rows.banned_ids, -1)

@@ -19,11 +19,18 @@ import torch
 from models.layers.attention import AttentionMetadata
 from models.parallel import SINGLE_RANK, ParallelContext, broadcast
 from models.qwen3 import Qwen3ForCausalLM
-from protos.step_plan import StepResult
-from worker_service.batch_inputs import PENDING, HostStep, build_host_step, pack
+from protos.step_plan import PENDING, StepResult
+from worker_service.batch_inputs import HostStep, build_host_step, pack_step
 from worker_service.cuda_graphs import DecodeGraphs
-from worker_service.sampler import HostSampling, SamplingBatch, compute_logprobs, sample
+from worker_service.sampling import (
+    SamplingInput,
+    build_sampling_input,
+    compute_logprobs,
+    sample,
+)
 from worker_service.sequence_table import SequenceTable, WorkerSequence
+
+Logprobs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # sampled [B], top ids and lps [B, k]
 
 
 @dataclass
@@ -34,9 +41,8 @@ class LaunchedStep:
     seqs: list[WorkerSequence]  # the sequences that sample, in row order
     token_positions: list[int]  # where each sampled token goes in its sequence
     tokens_cpu: torch.Tensor  # [B_s] int64: on CPU the tokens; on CUDA filled by an async copy
-    done: torch.cuda.Event | None
-    started: torch.cuda.Event | None
-    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None  # CUDA: (started, done)
+    logprobs: Logprobs | None
     shape: tuple[int, int, int] = (0, 0, 0)  # sequences, tokens, context tokens (for the trace)
 
 
@@ -65,9 +71,7 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
-        self.generator = torch.Generator(device=device)  # the torch sampler's noise
-        self.generator.manual_seed(0)
-        self.rng = np.random.default_rng(0)  # the sampling kernel's per-row streams
+        self.rng = np.random.default_rng(0)  # row seeds of unseeded requests
         # The last step's sampled tokens, where the next step's inputs gather them on the device.
         self.prev_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self._last_rows: dict[int, int] = {}  # seq_id -> row of its token in prev_tokens
@@ -92,37 +96,13 @@ class ModelRunner:
                 f"{len(sampling_seqs)} sequences sample in one step: more than max_num_seqs "
                 f"and max_num_batched_tokens allow ({len(self.prev_tokens)})"
             )
-        sampling = HostSampling.of(sampling_seqs, self.rng)
-        started = None  # after the host's work: its time preparing them counts as idle
-        if self.device.type == "cuda":
-            started = torch.cuda.Event(enable_timing=True)
-            started.record()
-        graphs = self.graphs
-        tokens = None
-        if (
-            graphs is not None
-            and graphs.can_run(host, len(seqs))
-            and host.num_tokens == len(sampling_seqs)
-        ):
-            tokens, logits = graphs.run(host, sampling)  # sampled by the kernel in the graph
-            resample = sampling.needs_torch
-        else:
-            logits = self._run_eager(host, len(sampling_seqs), sampling)
-            resample = True
-        logprobs = None
-        if logits is not None:  # rank 0, with rows to sample
-            logits = self._masked(logits, sampling_seqs, sampling)
-            if resample:
-                batch = SamplingBatch.from_host(sampling_seqs, sampling, self.vocab_size)
-                tokens = sample(logits, batch, self.generator)  # [B_s]
-            if sampling.num_top:
-                logprobs = compute_logprobs(logits, tokens, sampling.num_top)
-        if tokens is None:  # another rank samples; this one receives its tokens below
-            tokens = torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device)
+        sampling = build_sampling_input(
+            sampling_seqs, self.vocab_size, self.eos_token_ids, self.rng
+        )
+        started = self._record_start()  # after the host's work: its preparation counts as idle
+        tokens, logprobs = self._forward_and_sample(host, sampling)
         if sampling_seqs:
-            tokens = broadcast(tokens, self.parallel)  # every rank feeds them into its next step
-            if tokens.data_ptr() != self.prev_tokens.data_ptr():  # else the graph put them there
-                self.prev_tokens[: len(tokens)].copy_(tokens)
+            tokens = self._keep_tokens(tokens)
         for seq, num_tokens in zip(seqs, num_new_tokens):
             seq.num_computed_tokens += num_tokens
         shape = (0, 0, 0)
@@ -136,53 +116,99 @@ class ModelRunner:
             self._last_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
         return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started, shape)
 
+    def _record_start(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        started = torch.cuda.Event(enable_timing=True)
+        started.record()
+        return started
+
+    def _keep_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tokens on every rank, and in ``prev_tokens`` for the next step's inputs."""
+        tokens = broadcast(tokens, self.parallel)
+        if tokens.data_ptr() != self.prev_tokens.data_ptr():  # else the graph put them there
+            self.prev_tokens[: len(tokens)].copy_(tokens)
+        return tokens
+
+    def _forward_and_sample(
+        self, host: HostStep, sampling: SamplingInput[np.ndarray]
+    ) -> tuple[torch.Tensor, Logprobs | None]:
+        """Queue the forward and the draw: the tokens [B_s] (on other ranks than 0, a buffer for
+        rank 0's) and, if asked for, their logprobs."""
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(host, sampling):
+            tokens, logits, sampling_gpu = graphs.run(host, sampling)  # drawn in the graph
+            if logits is not None and sampling.needs_more_than_the_kernel:
+                tokens = sample(logits, sampling_gpu)
+        else:
+            logits, sampling_gpu = self._run_eager(host, sampling)
+            if logits is None:
+                tokens = torch.empty(len(host.sample_rows), dtype=torch.int64, device=self.device)
+            else:
+                tokens = sample(logits, sampling_gpu)  # [B_s]
+        logprobs = None
+        if logits is not None and sampling.num_top:
+            logprobs = compute_logprobs(logits, tokens, sampling.num_top)
+        return tokens, logprobs
+
     def _run_eager(
-        self, host: HostStep, num_sampling: int, sampling: HostSampling
-    ) -> torch.Tensor | None:
-        """A step outside the graphs: packed inputs, forward, and the logits of the sampling rows
-        ([B_s, V] on rank 0; None elsewhere or when no row samples)."""
-        arrays = dict(host.arrays, temperatures=sampling.temperatures, seeds=sampling.seeds)
-        x = pack(arrays, self.device)
-        sampling.temperatures_dev, sampling.seeds_dev = x["temperatures"], x["seeds"]
-        input_ids = x["input_ids"]
+        self, host: HostStep, sampling: SamplingInput[np.ndarray]
+    ) -> tuple[torch.Tensor | None, SamplingInput[torch.Tensor]]:
+        """A step outside the graphs, on one packed copy of its arrays: the logits of its sampling
+        rows ([B_s, V] on rank 0; None elsewhere or when no row samples) and its sampling input
+        on the device."""
+        x, sampling_arrays = pack_step(host.arrays, sampling.arrays, self.device)
+        input_ids = x.input_ids
         if host.num_pending:
-            prev = x["prev_rows"]
+            prev = x.prev_rows
             input_ids = torch.where(prev >= 0, self.prev_tokens[prev.clamp(min=0)], input_ids)
         meta = AttentionMetadata(
-            slot_mapping=x["slot_mapping"],
-            cu_seqlens_q=x["cu_seqlens_q"],
-            seq_lens=x["seq_lens"],
-            block_tables=x["block_tables"],
+            slot_mapping=x.slot_mapping,
+            cu_seqlens_q=x.cu_seqlens_q,
+            seq_lens=x.seq_lens,
+            block_tables=x.block_tables,
             max_seqlen_q=host.max_seqlen_q,
             max_seqlen_k=host.max_seqlen_k,
             is_decode=host.is_decode,
             is_plain_prefill=host.is_plain_prefill,
         )
-        hidden = self.model(input_ids, x["positions"], meta)  # [T, hidden]
-        if not num_sampling:
-            return None
-        if host.num_tokens != num_sampling:
-            hidden = hidden[x["last_token_indices"]]
-        return self.model.compute_logits(hidden)
+        hidden = self.model(input_ids, x.positions, meta)  # [T, hidden]
+        logits = None
+        if host.sample_rows:
+            if host.num_tokens != len(host.sample_rows):
+                hidden = hidden[x.last_token_indices]
+            logits = self.model.compute_logits(hidden)
+        return logits, sampling.on(sampling_arrays)
 
-    def _copy_out(self, step_id, seqs, positions, tokens, logprobs, started, shape) -> LaunchedStep:
-        if self.device.type != "cuda":
-            return LaunchedStep(step_id, seqs, positions, tokens, None, None, logprobs, shape)
+    def _copy_out(
+        self,
+        step_id: int,
+        seqs: list[WorkerSequence],
+        positions: list[int],
+        tokens: torch.Tensor,
+        logprobs: Logprobs | None,
+        started: torch.cuda.Event | None,
+        shape: tuple[int, int, int],
+    ) -> LaunchedStep:
+        if started is None:  # on CPU the tokens are already there
+            return LaunchedStep(step_id, seqs, positions, tokens, None, logprobs, shape)
         tokens_cpu = _pinned_copy(tokens)
         if logprobs is not None:
-            logprobs = tuple(_pinned_copy(t) for t in logprobs)
+            sampled, top_ids, top_lps = (_pinned_copy(t) for t in logprobs)
+            logprobs = sampled, top_ids, top_lps
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return LaunchedStep(step_id, seqs, positions, tokens_cpu, done, started, logprobs, shape)
+        events = (started, done)
+        return LaunchedStep(step_id, seqs, positions, tokens_cpu, events, logprobs, shape)
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step and write its tokens into the sequences."""
         self.wait_ms = 0.0
-        if step.done is not None:
+        if step.events is not None:
             start = time.perf_counter_ns()
-            step.done.synchronize()
+            step.events[1].synchronize()
             self.wait_ms = (time.perf_counter_ns() - start) / 1e6
-            self._account_device_time(step)
+            self._account_device_time(step.shape, *step.events)
         elif self.tracing:  # no device events on CPU: the step's shape only
             self.last_trace = (*step.shape, 0.0, 0.0)
         token_ids = step.tokens_cpu.tolist()
@@ -193,37 +219,29 @@ class ModelRunner:
             logprobs = self._logprob_lists(step.seqs, token_ids, *step.logprobs)
         return StepResult(step.step_id, [s.seq_id for s in step.seqs], token_ids, logprobs)
 
-    def _account_device_time(self, step: LaunchedStep) -> None:
+    def _account_device_time(
+        self, shape: tuple[int, int, int], started: torch.cuda.Event, done: torch.cuda.Event
+    ) -> None:
         """Add the time the device spent on this step (not the time it sat queued behind the
         previous one) to ``device_seconds``."""
-        busy_ms = step.started.elapsed_time(step.done)
+        busy_ms = started.elapsed_time(done)
         idle_ms = 0.0
         if self._last_done is not None:
-            busy_ms = min(busy_ms, self._last_done.elapsed_time(step.done))
-            idle_ms = max(0.0, self._last_done.elapsed_time(step.started))
-        self._last_done = step.done
+            busy_ms = min(busy_ms, self._last_done.elapsed_time(done))
+            idle_ms = max(0.0, self._last_done.elapsed_time(started))
+        self._last_done = done
         self.device_seconds += busy_ms / 1e3
         if self.tracing:
-            self.last_trace = (*step.shape, busy_ms, idle_ms)
-
-    def _masked(
-        self, logits: torch.Tensor, seqs: list[WorkerSequence], sampling: HostSampling
-    ) -> torch.Tensor:
-        """Until min_tokens are out, EOS and stop token ids cannot be sampled."""
-        if not sampling.masked_rows:
-            return logits
-        logits = logits.clone()
-        for row in sampling.masked_rows:
-            params = seqs[row].params
-            banned = set(params.stop_token_ids)
-            if not params.ignore_eos:
-                banned |= set(self.eos_token_ids)
-            if banned:
-                logits[row, sorted(banned)] = float("-inf")
-        return logits
+            self.last_trace = (*shape, busy_ms, idle_ms)
 
     @staticmethod
-    def _logprob_lists(seqs, token_ids, sampled, top_ids, top_lps) -> list[list[tuple[int, float]]]:
+    def _logprob_lists(
+        seqs: list[WorkerSequence],
+        token_ids: list[int],
+        sampled: torch.Tensor,
+        top_ids: torch.Tensor,
+        top_lps: torch.Tensor,
+    ) -> list[list[tuple[int, float]]]:
         """Per sampled row: (sampled id, logprob) first, then the top-n (id, logprob) pairs."""
         out = []
         sampled_list, ids_list, lps_list = sampled.tolist(), top_ids.tolist(), top_lps.tolist()

@@ -1,4 +1,5 @@
-"""GPU engine checks: bf16 greedy agrees with transformers; CUDA graphs change nothing.
+"""GPU engine checks: bf16 greedy agrees with transformers; CUDA graphs change nothing; a seeded
+request's tokens do not depend on its batch-mate.
 
 bf16 drifts: two correct bf16 implementations diverge once a near-tie flips a greedy choice, and
 every later token follows the flip. We require the first ``AGREE_TOKENS`` tokens of every prompt
@@ -8,6 +9,7 @@ logits differ by at most ``TIE_TOLERANCE`` of the largest logit's magnitude.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import random
 
@@ -108,8 +110,8 @@ def test_async_scheduling_output_equals_synchronous_output(checkpoint) -> None:
 
 
 def _mixed_params(n: int) -> list[SamplingParams]:
-    """Greedy, seeded and unseeded sampling, one row with logprobs, one with top_k (the torch
-    sampler after the graph), one under min_tokens (banned tokens): every sampling path."""
+    """Greedy, seeded and unseeded sampling, one row with logprobs, one with top_k (drawn again
+    after the graph), one under min_tokens (banned tokens): every sampling path."""
     params = []
     for i in range(n):
         options = {"temperature": 0.0} if i % 3 == 0 else {"temperature": 0.8}
@@ -132,3 +134,48 @@ def test_cuda_graph_output_equals_eager_output(checkpoint, sampling) -> None:
     eager, no_graphs = generate_once(model_dir, prompts, params, enforce_eager=True)
     assert graphs is not None and no_graphs is None
     assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
+
+
+SEEDED_MATES = {
+    "plain": SamplingParams(temperature=0.8),
+    "top_k=20": SamplingParams(temperature=0.8, top_k=20),
+    "top_p=0.9": SamplingParams(temperature=0.8, top_p=0.9),
+    "min_p=0.1": SamplingParams(temperature=0.8, min_p=0.1),
+}
+SEEDED_TOKENS = 48
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_a_seeded_request_generates_the_same_tokens_beside_any_mate(
+    checkpoint, enforce_eager
+) -> None:
+    """[seeded, mate A] against [seeded, mate B]: the batch size is fixed, only the mate's
+    sampling differs (a plain mate takes the graph's kernel draw, a filtered one the redraw)."""
+    model_dir, prompts = checkpoint
+    llm = LLM(
+        str(model_dir),
+        device="cuda",
+        block_size=16,
+        max_num_seqs=16,
+        num_kv_blocks=512,
+        enforce_eager=enforce_eager,
+    )
+    failures = []
+    for temperature in (0.0, 0.8):
+        seeded = SamplingParams(
+            temperature=temperature, seed=1234, max_tokens=SEEDED_TOKENS, ignore_eos=True
+        )
+        runs = {}
+        for name, mate in SEEDED_MATES.items():
+            mate = dataclasses.replace(mate, max_tokens=SEEDED_TOKENS, ignore_eos=True)
+            outputs = llm.generate([prompts[3], prompts[4]], [seeded, mate], use_tqdm=False)
+            runs[name] = outputs[0]["token_ids"]
+        for name, tokens in runs.items():
+            equal = sum(a == b for a, b in zip(tokens, runs["plain"]))
+            print(f"seed=1234 T={temperature} beside {name}: {equal}/{SEEDED_TOKENS} tokens equal")
+            if equal != SEEDED_TOKENS:
+                failures.append((temperature, name, equal))
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert failures == []

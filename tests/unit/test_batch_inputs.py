@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from protos.sampling_params import SamplingParams
-from protos.step_plan import NewSequence, StepPlan
-from worker_service.batch_inputs import ALIGN, PENDING, Layout, build_host_step, pack
+from protos.step_plan import PENDING, NewSequence, StepPlan
+from worker_service.batch_inputs import (
+    ALIGN,
+    Layout,
+    StepArrays,
+    build_host_step,
+    named,
+    pack,
+    pack_step,
+)
+from worker_service.sampling import SamplingArrays
 from worker_service.sequence_table import SequenceTable
 
 BLOCK = 4
@@ -29,8 +38,40 @@ def test_pack_round_trips_every_array_at_aligned_offsets() -> None:
         assert out[name].dtype == torch.from_numpy(array).dtype
         assert np.array_equal(out[name].numpy(), array), name
         assert out[name].data_ptr() % 16 == 0  # Triton's pointer specialization stays the same
-    layout = Layout({n: (a.dtype, a.shape) for n, a in arrays.items()})
+    layout = Layout.of(arrays)
     assert all(offset % ALIGN == 0 for offset in layout.offsets.values())
+
+
+def test_a_step_and_its_sampling_rows_pack_into_one_buffer_by_name() -> None:
+    rng = np.random.default_rng(2)
+    ints = lambda *shape: rng.integers(-9, 9, size=shape, dtype=np.int64)  # noqa: E731
+    step = StepArrays(
+        input_ids=ints(5),
+        prev_rows=ints(5),
+        positions=ints(5),
+        slot_mapping=ints(5),
+        seq_lens=ints(3).astype(np.int32),
+        cu_seqlens_q=ints(4).astype(np.int32),
+        block_tables=ints(3, 2).astype(np.int32),
+        last_token_indices=ints(2),
+    )
+    sampling = SamplingArrays(
+        temperatures=rng.random(2, dtype=np.float32),
+        seeds=ints(2),
+        top_ks=ints(2),
+        top_ps=rng.random(2, dtype=np.float32),
+        min_ps=rng.random(2, dtype=np.float32),
+        banned_ids=ints(2, 3),
+    )
+    step_dev, sampling_dev = pack_step(step, sampling, torch.device("cpu"))
+    base = step_dev.input_ids.untyped_storage().data_ptr()
+    for host, dev in [(step, step_dev), (sampling, sampling_dev)]:
+        for name, array in named(host).items():
+            view = getattr(dev, name)
+            assert view.dtype == torch.from_numpy(array).dtype, name
+            assert np.array_equal(view.numpy(), array), name
+            assert view.untyped_storage().data_ptr() == base, name  # one buffer: one copy
+            assert (view.data_ptr() - base) % ALIGN == 0, name
 
 
 def _plan(step_id: int, new=(), appended=(), finished=(), preempted=(), resumed=(), seq_ids=()):
@@ -108,9 +149,9 @@ def test_step_arrays_match_a_per_token_loop(decode) -> None:
     step = build_host_step(seqs, counts, table, BLOCK, prev_rows)
     ids, prev, positions, slots, last = _reference(seqs, counts, table, prev_rows)
     a = step.arrays
-    assert a["input_ids"].tolist() == ids and a["prev_rows"].tolist() == prev
-    assert a["positions"].tolist() == positions and a["slot_mapping"].tolist() == slots
-    assert a["last_token_indices"].tolist() == last
+    assert a.input_ids.tolist() == ids and a.prev_rows.tolist() == prev
+    assert a.positions.tolist() == positions and a.slot_mapping.tolist() == slots
+    assert a.last_token_indices.tolist() == last
     ends = [s.num_computed_tokens + n for s, n in zip(seqs, counts)]
-    assert a["seq_lens"].tolist() == ends and a["cu_seqlens_q"].tolist()[-1] == sum(counts)
+    assert a.seq_lens.tolist() == ends and a.cu_seqlens_q.tolist()[-1] == sum(counts)
     assert step.is_decode == decode and step.num_pending == sum(p >= 0 for p in prev)

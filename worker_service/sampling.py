@@ -1,0 +1,187 @@
+"""Sampling next tokens from logits, for a whole batch at once: the one place a row's draw is made.
+
+``build_sampling_input`` gathers, once per step, what the step's sampling rows need: temperatures
+(0 = greedy), row seeds, top_k / top_p / min_p, the tokens banned under min_tokens (EOS and stop
+ids) and the logprob count. Its arrays travel to the device in the step's one packed copy
+(worker_service/batch_inputs.py). ``sample`` then bans, filters and draws:
+
+- banned and filtered tokens only become -inf logits; filters read softmax(logits / T) (top_k,
+  top_p keeping the most likely token always, min_p), so a row without filters is left untouched;
+- the draw is Gumbel-max with the Triton kernel on CUDA (kernels/sample_tokens.py: Philox noise
+  keyed by the row seed and the token id) and the exponential race argmax(p / E) on CPU, with E
+  from a torch.Generator seeded by the row seed. Both draw exactly from the softmax of the masked
+  logits.
+
+A row's noise depends only on its row seed: ``row_seed(seed, output index)`` for a seeded request,
+a draw from the runner's generator otherwise. So a row's token depends on its own logits,
+temperature, filters and row seed, never on its batch-mates or on which of them need filters. The
+two devices draw different noise, so CPU and CUDA tokens of the same seed differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+import torch
+
+from worker_service.sequence_table import WorkerSequence
+
+A = TypeVar("A")  # np.ndarray on the host, torch.Tensor on the device
+B = TypeVar("B")
+MAX_ROW_SEED = 2**62  # row seeds lie in [0, MAX_ROW_SEED)
+
+
+def row_seed(seed: int, output_index: int) -> int:
+    """The noise seed of a seeded request's draw of its ``output_index``-th token."""
+    return (seed * 1_000_003 + output_index) % MAX_ROW_SEED
+
+
+@dataclass(frozen=True)
+class SamplingArrays(Generic[A]):
+    """Per sampling row (B rows; K banned ids at most per row)."""
+
+    temperatures: A  # [B] float32, 0 = greedy
+    seeds: A  # [B] int64: the row seed of this step's draw
+    top_ks: A  # [B] int64, vocab size = no limit
+    top_ps: A  # [B] float32, 1 = no limit
+    min_ps: A  # [B] float32, 0 = no limit
+    banned_ids: A  # [B, K] int64: tokens a row under min_tokens may not sample, -1 = none
+
+
+@dataclass(frozen=True)
+class SamplingInput(Generic[A]):
+    """What one step's sampling needs: its arrays (host or device) and what they add up to."""
+
+    arrays: SamplingArrays[A]
+    all_greedy: bool  # every row takes the argmax
+    needs_filter: bool  # a sampled row (temperature > 0) has top_k, top_p or min_p
+    needs_mask: bool  # a row is under min_tokens with something to ban
+    num_top: int  # top logprobs to return (0: none)
+
+    @property
+    def needs_more_than_the_kernel(self) -> bool:
+        """The sampling kernel alone, on the raw logits, does not draw these rows right."""
+        return self.needs_filter or self.needs_mask
+
+    def on(self, arrays: SamplingArrays[B]) -> SamplingInput[B]:
+        """The same input with ``arrays`` (its arrays, moved to the device)."""
+        return SamplingInput(
+            arrays, self.all_greedy, self.needs_filter, self.needs_mask, self.num_top
+        )
+
+
+def build_sampling_input(
+    seqs: list[WorkerSequence],
+    vocab_size: int,
+    eos_token_ids: tuple[int, ...],
+    rng: np.random.Generator,
+) -> SamplingInput[np.ndarray]:
+    """The sampling input of ``seqs`` (the rows about to sample, in order); unseeded rows take
+    their row seeds from ``rng``, one draw per row."""
+    n = len(seqs)
+    temperatures = np.array([s.params.temperature for s in seqs], dtype=np.float32)
+    seeds = rng.integers(0, MAX_ROW_SEED, size=n, dtype=np.int64)
+    top_ks = np.array(
+        [s.params.top_k if s.params.top_k > 0 else vocab_size for s in seqs], dtype=np.int64
+    )
+    top_ps = np.array([s.params.top_p for s in seqs], dtype=np.float32)
+    min_ps = np.array([s.params.min_p for s in seqs], dtype=np.float32)
+    banned = [_banned_ids(s, eos_token_ids) for s in seqs]
+    banned_ids = np.full((n, max(map(len, banned), default=0)), -1, dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        banned_ids[row, : len(banned[row])] = banned[row]
+        if seq.params.seed is not None:
+            seeds[row] = row_seed(seq.params.seed, seq.num_output_tokens)
+    filtered = (top_ks < vocab_size) | (top_ps < 1) | (min_ps > 0)
+    return SamplingInput(
+        SamplingArrays(temperatures, seeds, top_ks, top_ps, min_ps, banned_ids),
+        all_greedy=not temperatures.any(),
+        needs_filter=bool((filtered & (temperatures > 0)).any()),
+        needs_mask=banned_ids.shape[1] > 0,
+        num_top=max((s.params.logprobs for s in seqs), default=0),
+    )
+
+
+def _banned_ids(seq: WorkerSequence, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """Until its min_tokens are out, a sequence may sample neither EOS nor its stop ids."""
+    params = seq.params
+    if seq.num_output_tokens >= params.min_tokens:
+        return []
+    banned = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        banned |= set(eos_token_ids)
+    return sorted(banned)
+
+
+def sample(
+    logits: torch.Tensor, sampling: SamplingInput[torch.Tensor], kernel: bool | None = None
+) -> torch.Tensor:  # logits [B, V] -> token ids [B] int64
+    """Ban, filter and draw one token per row. ``kernel``: draw with the Triton kernel (None: on
+    CUDA only; True runs it wherever Triton runs, on CPU through TRITON_INTERPRET)."""
+    x = sampling.arrays
+    if sampling.needs_mask:
+        logits = _ban(logits, x.banned_ids)
+    if sampling.all_greedy:
+        return logits.argmax(dim=-1)
+    if sampling.needs_filter:
+        logits = _filter(logits, x)
+    if logits.is_cuda if kernel is None else kernel:
+        return _draw_gpu(logits, x)
+    return _draw_cpu(logits, x)
+
+
+def _ban(logits: torch.Tensor, banned_ids: torch.Tensor) -> torch.Tensor:
+    """-inf at each row's banned ids; -1 entries point past the vocabulary, at nothing."""
+    num_rows, vocab_size = logits.shape
+    index = torch.where(banned_ids >= 0, banned_ids, vocab_size)  # [B, K]
+    hit = torch.zeros(num_rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
+    hit.scatter_(1, index, True)  # every write is True: repeated ids are harmless
+    return logits.masked_fill(hit[:, :vocab_size], float("-inf"))
+
+
+def _filter(logits: torch.Tensor, x: SamplingArrays[torch.Tensor]) -> torch.Tensor:
+    """-inf outside each row's top_k, top_p and min_p of softmax(logits / T). The most likely
+    token always survives, and a row whose filters are all off keeps every logit."""
+    probs = (logits.float() / x.temperatures.clamp(min=1e-5)[:, None]).softmax(dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V] each
+    ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    drop = ranks >= x.top_ks[:, None]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= (mass_before >= x.top_ps[:, None]) & (x.top_ps < 1)[:, None]
+    drop |= sorted_probs < x.min_ps[:, None] * sorted_probs[:, :1]
+    drop[:, 0] = False
+    dropped = torch.empty_like(drop).scatter_(1, order, drop)  # back to vocabulary order
+    return logits.masked_fill(dropped, float("-inf"))
+
+
+def _draw_gpu(logits: torch.Tensor, x: SamplingArrays[torch.Tensor]) -> torch.Tensor:
+    """Gumbel-max in one Triton pass: no softmax, no noise tensor, no per-row work on the host."""
+    from kernels.sample_tokens import sample_tokens
+
+    return sample_tokens(logits, x.temperatures, x.seeds)
+
+
+def _draw_cpu(logits: torch.Tensor, x: SamplingArrays[torch.Tensor]) -> torch.Tensor:
+    """The exponential race argmax(p / E), E ~ Exp(1) from a generator per row seeded by its row
+    seed; temperature 0 rows take the argmax."""
+    temperatures = x.temperatures
+    probs = (logits.float() / temperatures.clamp(min=1e-5)[:, None]).softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    for row, seed in enumerate(x.seeds.tolist()):
+        generator = torch.Generator(device=probs.device).manual_seed(seed)
+        noise[row].exponential_(generator=generator)
+    sampled = (probs / noise.clamp_(min=1e-20)).argmax(dim=-1)  # a zero draw: no 0/0
+    return torch.where(temperatures == 0, logits.argmax(dim=-1), sampled)
+
+
+def compute_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the raw model distribution (before bans and filters): sampled [B],
+    top ids [B, k], top logprobs [B, k]."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    sampled = logprobs.gather(-1, tokens[:, None])[:, 0]
+    top_lp, top_ids = logprobs.topk(num_top, dim=-1)
+    return sampled, top_ids, top_lp
