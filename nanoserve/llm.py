@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from protos.sampling_params import SamplingParams
 from protos.step_trace import SCHEDULER_SUFFIX, StepTrace
 from scheduler_service.engine import EngineConfig, EngineCore
+from scheduler_service.request_checks import RequestLimits, validate_request
 from scheduler_service.tokenizer import Tokenizer
 from worker_service.config import WorkerConfig
 from worker_service.worker import Worker
@@ -88,8 +89,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         params = self._params_per_prompt(len(prompts), sampling_params)
         token_lists = [self._encode(p) for p in prompts]
-        for ids, p in zip(token_lists, params):
-            self.engine.validate(ids, p)  # all checked before any is admitted
+        self._validate(token_lists, params, one_params=isinstance(sampling_params, SamplingParams))
         request_ids = [uuid.uuid4().hex for _ in prompts]
         for request_id, ids, p in zip(request_ids, token_lists, params):
             self.engine.add_request(request_id, ids, p)
@@ -109,10 +109,20 @@ class LLM:
             )
         return list(sampling_params)
 
+    def _validate(
+        self, token_lists: list[list[int]], params: list[SamplingParams], one_params: bool
+    ) -> None:
+        """Every request checked (ValueError naming ``prompts[i]`` or ``sampling_params``)
+        before any is admitted."""
+        limits = RequestLimits(self.engine.info.vocab_size, self.engine.max_model_len)
+        for i, (ids, p) in enumerate(zip(token_lists, params)):
+            sampling_field = "sampling_params" if one_params else f"sampling_params[{i}]"
+            validate_request(
+                ids, p, limits, prompt_field=f"prompts[{i}]", sampling_field=sampling_field
+            )
+
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty: at least one token is required")
             if self.tokenizer is None:
                 raise ValueError(
                     "prompt is text but the model has no tokenizer.json: pass token ids"

@@ -24,12 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
-from protos.nanoserve.v1 import generation_pb2, generation_pb2_grpc
+from protos.nanoserve.v1 import generation_pb2
 from protos.step_trace import SCHEDULER_SUFFIX, StepTrace, open_trace
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.metrics import Metrics
-from scheduler_service.servicer import GenerationServicer
+from scheduler_service.servicer import GenerationServicer, add_to_server
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.worker_client import GrpcWorkerClient
 
@@ -69,9 +69,7 @@ async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) 
         metrics_port = metrics.start_http_server(config.metrics_port, config.host)
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     server = _make_server(config)
-    generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(engine_loop, tokenizer, config, metrics), server
-    )
+    add_to_server(GenerationServicer(engine_loop, tokenizer, config, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

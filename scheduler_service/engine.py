@@ -1,9 +1,9 @@
 """EngineCore: the scheduler side's step loop, shared by the offline LLM and the gRPC service.
 
-It validates and admits requests, asks the Scheduler for a batch, sends the delta plan to the
-worker, and turns sampled tokens into per-request outputs (detokenized incrementally, with stop
-checks). It knows the worker only through ``WorkerClient``: an in-process ``Worker`` or a gRPC
-stub behind the same three calls.
+It admits requests (checked at the API edge), asks the Scheduler for a batch, sends the delta
+plan to the worker, and turns sampled tokens into per-request outputs (detokenized
+incrementally, with stop checks). It knows the worker only through ``WorkerClient``: an
+in-process ``Worker`` or a gRPC stub behind the same three calls.
 """
 
 from __future__ import annotations
@@ -135,29 +135,15 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the field if this request cannot be served."""
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty: at least one token is required")
-        vocab = self.info.vocab_size
-        for token_id in prompt_token_ids:
-            if not 0 <= token_id < vocab:
-                raise ValueError(
-                    f"prompt token id {token_id} is outside the vocabulary [0, {vocab})"
-                )
-        params.validate(vocab)
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                f"is beyond max_model_len ({self.max_model_len})"
-            )
-
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
+        """Admit a request checked at the API edge (request_checks.validate_request): only its
+        id's uniqueness is checked here (ValueError); the rest is asserted."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
+        assert prompt_token_ids, "an empty prompt got past validate_request"
+        assert len(prompt_token_ids) + params.max_tokens <= self.max_model_len, "past max_model_len"
         seq = Sequence(next(self._seq_ids), prompt_token_ids, params)
         detok = None
         if self.tokenizer is not None and self.config.detokenize and params.detokenize:

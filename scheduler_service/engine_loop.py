@@ -109,21 +109,15 @@ class EngineLoop:
         params: SamplingParams,
         stream: bool = True,
     ) -> OutputQueue:
-        """Validate and queue a request; its outputs (or an error) arrive on the returned queue
-        (for ``stream=False``: the first output, then the rest at the end)."""
+        """Queue a request checked at the edge (validate_request); its outputs (or an error)
+        arrive on the returned queue (for ``stream=False``: the first output, then the rest at
+        the end). Refused here: a request_id a live request has, and requests past capacity."""
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r} is invalid: a live request has it")
         if len(self._streams) >= self.config.max_num_streams:
             raise Overloaded(
                 f"{len(self._streams)} streams are live (--max-num-streams "
                 f"{self.config.max_num_streams}): retry later"
-            )
-        engine = self._current_engine()
-        engine.validate(prompt_token_ids, params)
-        if len(prompt_token_ids) + params.max_tokens > engine.max_model_len:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} is invalid: prompt ({len(prompt_token_ids)} "
-                f"tokens) + max_tokens must be <= max_model_len ({engine.max_model_len})"
             )
         with self._cond:
             self._check_accepting()

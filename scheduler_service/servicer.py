@@ -1,7 +1,9 @@
 """The public ``nanoserve.v1.Generation`` servicer (grpc.aio): decode, call the engine loop, encode.
 
 Errors are raised as domain exceptions and turned into statuses in one place (``STATUS_OF``): a
-ValueError is INVALID_ARGUMENT, with its message (which names the field) as the details.
+ValueError is INVALID_ARGUMENT, with its message (which names the field) as the details. Each
+Generate request is checked once, here, by ``validate_request``; so is a request whose bytes do not
+decode (``add_to_server`` registers the methods with a deserializer that never raises).
 A Generate stream that ends for any reason other than finishing (cancel, deadline, error) has its
 request aborted, so its KV blocks are freed at once.
 """
@@ -16,14 +18,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 
 from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.nanoserve.v1 import generation_pb2_grpc
-from scheduler_service import limits, wire_public
+from scheduler_service import wire_public
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import EngineLoop, Overloaded, Unavailable
 from scheduler_service.metrics import Metrics
+from scheduler_service.request_checks import RequestLimits, validate_request
+from scheduler_service.request_decoding import Undecodable, lenient_deserializer
 from scheduler_service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,13 +54,20 @@ async def abort_with_status(context: Context, error: Exception) -> NoReturn:
     raise AssertionError("unreachable")
 
 
+def decoded(request: Request | Undecodable) -> Request:
+    """The request, or a ValueError saying why its bytes did not decode (INVALID_ARGUMENT)."""
+    if isinstance(request, Undecodable):
+        raise ValueError(request.reason)
+    return request
+
+
 def unary_errors(
     method: Callable[[Any, Request, Context], Awaitable[Response]],
-) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+) -> Callable[[Any, Request | Undecodable, Context], Awaitable[Response]]:
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Request, context: Context) -> Response:
+    async def wrapper(self: Any, request: Request | Undecodable, context: Context) -> Response:
         try:
-            return await method(self, request, context)
+            return await method(self, decoded(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -66,11 +78,13 @@ def unary_errors(
 
 def stream_errors(
     method: Callable[[Any, Request, Context], AsyncIterator[Response]],
-) -> Callable[[Any, Request, Context], AsyncIterator[Response]]:
+) -> Callable[[Any, Request | Undecodable, Context], AsyncIterator[Response]]:
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Request, context: Context) -> AsyncIterator[Response]:
+    async def wrapper(
+        self: Any, request: Request | Undecodable, context: Context
+    ) -> AsyncIterator[Response]:
         try:
-            async for response in method(self, request, context):
+            async for response in method(self, decoded(request), context):
                 yield response
         except grpc.aio.AbortError:
             raise
@@ -121,14 +135,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
-        vocab_size = self.engine_loop.info.vocab_size
-        limits.check_request_id(request.request_id, self.config)
-        params = wire_public.sampling_from_pb(request.sampling, vocab_size)
-        limits.check_sampling(params, self.config)
-        prompt_ids = wire_public.prompt_from_pb(
-            request.WhichOneof("input"), request, self.tokenizer, vocab_size
+        params = wire_public.sampling_from_pb(request.sampling)
+        prompt_ids, prompt_field = wire_public.prompt_from_pb(request, self.tokenizer)
+        validate_request(
+            prompt_ids,
+            params,
+            self._limits(),
+            request_id=request.request_id,
+            prompt_field=prompt_field,
         )
-        limits.check_prompt(len(prompt_ids), self.config)
         request_id = request.request_id or uuid.uuid4().hex
         timer = self.metrics.track_request()
         outputs = _Outputs(
@@ -176,11 +191,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     @unary_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        field = request.WhichOneof("input")
-        if field == "text":
-            ids = self.tokenizer.encode(request.text)
-        else:
-            ids = wire_public.prompt_from_pb(field, request, self.tokenizer, 0)
+        ids = wire_public.prompt_from_pb(request, self.tokenizer).token_ids
         return pb.TokenizeResponse(token_ids=ids)
 
     @unary_errors
@@ -195,3 +206,40 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     ) -> pb.GetServerStatusResponse:
         loop = self.engine_loop
         return wire_public.status_to_pb(loop.stats, loop.generated_tokens_per_second())
+
+    def _limits(self) -> RequestLimits:
+        """This session's model limits (a reconnect may bring another model) and the flags."""
+        config = self.config
+        return RequestLimits(
+            vocab_size=self.engine_loop.info.vocab_size,
+            max_model_len=self.engine_loop.max_model_len,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_output_tokens=config.max_output_tokens,
+            max_num_stop=config.max_num_stop,
+            max_stop_chars=config.max_stop_chars,
+            max_request_id_chars=config.max_request_id_chars,
+        )
+
+
+def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as ``generation_pb2_grpc.add_GenerationServicer_to_server`` would,
+    with one difference: each request's bytes go through ``lenient_deserializer``, so one that
+    does not decode is answered INVALID_ARGUMENT (by ``decoded``), not UNKNOWN by grpc."""
+    service = pb.DESCRIPTOR.services_by_name["Generation"]
+    handlers = {}
+    for method in service.methods:
+        assert not method.client_streaming, method.full_name
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make_handler(
+            getattr(servicer, method.name),
+            request_deserializer=lenient_deserializer(GetMessageClass(method.input_type)),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

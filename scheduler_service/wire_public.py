@@ -1,12 +1,14 @@
 """Conversion between the public ``nanoserve.v1`` messages and the scheduler's domain objects.
 
-Used only by the Generation servicer. Decoding raises ValueError whose message names the request
-field (``sampling.top_p``, ``token_ids.ids[3]``) so the servicer can answer INVALID_ARGUMENT.
+Used only by the Generation servicer. Decoding checks only what it needs to decode (an input is
+set, a chat renders), raising ValueError naming the field; what the request asks for is checked
+after, once, by request_checks.validate_request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.sampling_params import SamplingParams
@@ -36,47 +38,32 @@ FINISH_REASONS = {
 Logprobs = list[list[tuple[int, float]]]
 
 
-def sampling_from_pb(msg: pb.SamplingParams, vocab_size: int) -> SamplingParams:
-    """Unset fields keep the engine defaults; raises ValueError naming ``sampling.<field>``."""
+def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    """Unset fields keep the engine defaults. Unchecked: validate_request checks the ranges."""
     values = {name: getattr(msg, name) for name in OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)}
-    params = SamplingParams(
-        **values, stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids)
-    )
-    try:
-        params.validate(vocab_size)
-    except ValueError as e:
-        raise ValueError(f"sampling.{e}") from None
-    return params
+    return SamplingParams(**values, stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids))
 
 
-def prompt_from_pb(
-    input_field: str | None,
-    msg: pb.GenerateRequest | pb.TokenizeRequest,
-    tokenizer: Tokenizer,
-    vocab_size: int,
-) -> list[int]:
-    """The prompt's token ids from whichever ``input`` was set; ValueError naming the field."""
+class Prompt(NamedTuple):
+    token_ids: list[int]
+    field: str  # the request field it came from, as error messages name it: text, token_ids.ids
+
+
+def prompt_from_pb(msg: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tokenizer) -> Prompt:
+    """The prompt's token ids from whichever ``input`` was set (unchecked: validate_request checks
+    them); ValueError naming the field when there is none or the chat does not render."""
+    input_field = msg.WhichOneof("input")
     if input_field == "text":
-        if not msg.text:
-            raise ValueError("text is empty: at least one token is required")
-        return tokenizer.encode(msg.text)
+        return Prompt(tokenizer.encode(msg.text), "text")
     if input_field == "chat":
         messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
             raise ValueError(f"chat.messages: {e}") from None
-        return tokenizer.encode(text)
+        return Prompt(tokenizer.encode(text), "chat")
     if input_field == "token_ids":
-        ids = list(msg.token_ids.ids)  # type: ignore[union-attr]
-        if not ids:
-            raise ValueError("token_ids.ids is empty: at least one token is required")
-        for i, token_id in enumerate(ids):
-            if token_id >= vocab_size:
-                raise ValueError(
-                    f"token_ids.ids[{i}]={token_id} is invalid: must be in [0, {vocab_size})"
-                )
-        return ids
+        return Prompt(list(msg.token_ids.ids), "token_ids.ids")  # type: ignore[union-attr]
     raise ValueError("input is missing: set one of text, token_ids or chat")
 
 

@@ -5,6 +5,10 @@ floats, int32/uint32/uint64 extremes), unknown chat roles, huge stop lists, very
 odd Unicode and ids outside the vocabulary. The property: the server only ever answers OK or
 INVALID_ARGUMENT (never INTERNAL, never a lost worker), and afterwards still serves the reference
 output with every KV block free. Derandomized, so ``make test`` is repeatable.
+
+Requests the stubs cannot build go through a raw channel (bytes in, bytes out): strings that are
+not UTF-8 in each string field a client fills, and arbitrary bytes. Each is INVALID_ARGUMENT
+saying what could not be decoded, never UNKNOWN with an internal class name.
 """
 
 from __future__ import annotations
@@ -171,6 +175,96 @@ def test_any_tokenize_request_is_answered_ok_or_invalid_argument(
         )
         code, details = status_of(lambda: services.stub.Tokenize(request, timeout=30))
         assert code in ALLOWED, f"{code.name}: {details}"
+
+    check()
+    assert_still_serving(services, reference_ids)
+
+
+MARK = "@@@@"  # four ASCII bytes in a valid request, swapped for four that are not UTF-8
+NOT_UTF8 = b"\xff\xfe\xc0\x80"
+USER_SAYS_MARK = pb.Chat(messages=[pb.ChatMessage(role="user", content=MARK)])
+NOT_UTF8_REQUESTS = {  # method, request with MARK in one string field, that field as named
+    "text": ("Generate", pb.GenerateRequest(text=MARK, sampling=greedy(2)), "text"),
+    "stop": (
+        "Generate",
+        pb.GenerateRequest(text="Hi", sampling=greedy(2, stop=["ok", MARK])),
+        "sampling.stop[1]",
+    ),
+    "chat_content": (
+        "Generate",
+        pb.GenerateRequest(chat=USER_SAYS_MARK, sampling=greedy(2)),
+        "chat.messages[0].content",
+    ),
+    "request_id": ("Generate", pb.GenerateRequest(request_id=MARK, text="Hi"), "request_id"),
+    "tokenize_text": ("Tokenize", pb.TokenizeRequest(text=MARK), "text"),
+    "tokenize_chat_content": (
+        "Tokenize",
+        pb.TokenizeRequest(chat=USER_SAYS_MARK),
+        "chat.messages[0].content",
+    ),
+    "abort_request_ids": ("Abort", pb.AbortRequest(request_ids=["a", MARK]), "request_ids[1]"),
+}  # fmt: skip
+
+
+def with_invalid_utf8(request: pb.GenerateRequest | pb.TokenizeRequest | pb.AbortRequest) -> bytes:
+    data = request.SerializeToString()
+    assert data.count(MARK.encode()) == 1
+    return data.replace(MARK.encode(), NOT_UTF8)  # same length: every length prefix still holds
+
+
+def raw_status(services: Services, method: str, data: bytes) -> tuple[grpc.StatusCode, str]:
+    """Send ``data`` as the request bytes of ``method``, past the stubs' serializer."""
+    path = f"/nanoserve.v1.Generation/{method}"
+    if method == "Generate":  # server streaming
+        stream = services.channel.unary_stream(path, None, None)
+        return status_of(lambda: list(stream(data, timeout=30)))
+    unary = services.channel.unary_unary(path, None, None)
+    return status_of(lambda: unary(data, timeout=30))
+
+
+NOT_UTF8_CASES = [  # each Generate case streamed and not
+    pytest.param(case, stream, id=f"{case}-stream" if stream else case)
+    for case, (method, _, _) in NOT_UTF8_REQUESTS.items()
+    for stream in ((False, True) if method == "Generate" else (False,))
+]
+
+
+@pytest.mark.parametrize(("case", "stream"), NOT_UTF8_CASES)
+def test_a_string_that_is_not_utf8_is_invalid_argument_naming_the_field(
+    services: Services, reference_ids: list[int], case: str, stream: bool
+) -> None:
+    method, request, field = NOT_UTF8_REQUESTS[case]
+    if stream:
+        streamed = pb.GenerateRequest(stream=True)
+        streamed.MergeFrom(request)
+        request = streamed
+    code, details = raw_status(services, method, with_invalid_utf8(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert "could not be decoded" in details and f"{field} is not valid UTF-8" in details
+    assert "<class" not in details and "DecodeError" not in details
+    assert_still_serving(services, reference_ids)
+
+
+def test_bytes_that_are_not_a_message_are_invalid_argument(
+    services: Services, reference_ids: list[int]
+) -> None:
+    truncated = pb.GenerateRequest(text="Hello").SerializeToString()[:-2]
+    code, details = raw_status(services, "Generate", truncated)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert "could not be decoded" in details and "nanoserve.v1.GenerateRequest" in details
+    assert "<class" not in details
+    assert_still_serving(services, reference_ids)
+
+
+def test_any_bytes_are_answered_ok_or_invalid_argument(
+    services: Services, reference_ids: list[int]
+) -> None:
+    @FUZZ
+    @given(data=st.binary(max_size=64), method=st.sampled_from(["Generate", "Tokenize", "Abort"]))
+    def check(data: bytes, method: str) -> None:
+        code, details = raw_status(services, method, data)
+        assert code in ALLOWED | {grpc.StatusCode.NOT_FOUND}, f"{code.name}: {details}"
+        assert "<class" not in details
 
     check()
     assert_still_serving(services, reference_ids)

@@ -15,14 +15,14 @@ def test_commands_apply_in_order_and_report_refusals_and_aborts(tiny_model_dir) 
         engine,
         [
             AddRequest("kept", [1, 2, 3], params),
-            AddRequest("empty", [], params),  # refused: no prompt
+            AddRequest("kept", [4], params),  # refused: a live request has this id
             AddRequest("gone", [4, 5], params),
             AbortRequest("gone"),
             AbortRequest("never-added"),  # nothing to abort: no output
         ],
     )
     assert applied.num_adds == 3
-    assert [(rid, "prompt" in str(e)) for rid, e in applied.refused] == [("empty", True)]
+    assert [(rid, "already in use" in str(e)) for rid, e in applied.refused] == [("kept", True)]
     assert [(o.request_id, o.finished, o.finish_reason) for o in applied.aborted] == [
         ("gone", True, FinishReason.ABORT)
     ]

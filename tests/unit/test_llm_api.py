@@ -30,6 +30,13 @@ def llm(tiny_model_dir) -> LLM:
         ("hi", SamplingParams(min_p=1.5), "min_p"),
         ([1, 2, 10**6], SamplingParams(), "vocabulary"),
         ([1, -1], SamplingParams(), "vocabulary"),
+        ([5] * 255, SamplingParams(max_tokens=2), "max_tokens"),
+        ("hi", SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
+        ("hi", SamplingParams(logprobs=21), "logprobs"),
+        ("hi", SamplingParams(seed=-1), "seed"),
+        ("hi", SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+        ("hi", SamplingParams(stop=[""]), "stop"),
+        ("hi", SamplingParams(stop=["x"], detokenize=False), "stop"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_field(llm, prompt, params, field) -> None:
@@ -39,6 +46,16 @@ def test_bad_input_raises_value_error_naming_the_field(llm, prompt, params, fiel
     assert not llm.engine.has_unfinished
     out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 3
+
+
+def test_bad_input_names_the_prompt_and_sampling_params_by_index(llm) -> None:
+    with pytest.raises(ValueError, match=r"^sampling_params\[1\]\.top_p=2\.0 is invalid: must"):
+        llm.generate(["a", "b"], [SamplingParams(), SamplingParams(top_p=2.0)], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^sampling_params\.top_k=0 is invalid"):
+        llm.generate(["a", "b"], SamplingParams(top_k=0), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]\[2\]=-3 is invalid: must be in \[0, "):
+        llm.generate([[1], [1, 2, -3]], use_tqdm=False)
+    assert not llm.engine.has_unfinished  # none of the batch was admitted
 
 
 def test_result_is_a_dict_with_text_and_token_ids(llm) -> None:
