@@ -60,8 +60,13 @@ def _capacity(n: int, max_blocks: int) -> tuple[StepArrays[np.ndarray], Sampling
 
 def _put(view: np.ndarray, values: np.ndarray, pad: float) -> None:
     """``values`` in the first rows of ``view`` (and its first columns), ``pad`` everywhere else."""
-    view[...] = pad
-    view[tuple(slice(0, size) for size in values.shape)] = values
+    num_rows = len(values)
+    if values.ndim == 2:
+        view[:num_rows, : values.shape[1]] = values
+        view[:num_rows, values.shape[1] :] = pad
+    else:
+        view[:num_rows] = values
+    view[num_rows:] = pad
 
 
 class DecodeGraphs:
@@ -81,14 +86,21 @@ class DecodeGraphs:
         self.layout = Layout.of(named(step) | named(sampling))
         self.static = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
         views = self.layout.device_views(self.static)
-        self.inputs: StepArrays[torch.Tensor] = unpack(StepArrays, views)
-        self.sampling: SamplingArrays[torch.Tensor] = unpack(SamplingArrays, views)
+        self.inputs_gpu: StepArrays[torch.Tensor] = unpack(StepArrays, views)
+        self.sampling_gpu: SamplingArrays[torch.Tensor] = unpack(SamplingArrays, views)
+        # The host side: refilled every step (the upload copies it to pinned memory at once).
+        self._buf_cpu = np.zeros(self.layout.nbytes, dtype=np.uint8)
+        host_views = self.layout.host_views(self._buf_cpu)
+        self._inputs_cpu: StepArrays[np.ndarray] = unpack(StepArrays, host_views)
+        self._sampling_cpu: SamplingArrays[np.ndarray] = unpack(SamplingArrays, host_views)
         self.prev_tokens = prev_tokens
+        self._row_ids = np.arange(n + 1)
+        self._sampling_rows: dict[int, SamplingArrays[torch.Tensor]] = {}  # per batch size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor | None] = {}  # per bucket, valid after its replay
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        x = self.inputs
+        x = self.inputs_gpu
         return AttentionMetadata(
             slot_mapping=x.slot_mapping[:bs],
             cu_seqlens_q=x.cu_seqlens_q[: bs + 1],
@@ -104,7 +116,7 @@ class DecodeGraphs:
         """The captured work: gather pending tokens, forward, logits, sample into prev_tokens."""
         from kernels.sample_tokens import sample_tokens
 
-        x, s = self.inputs, self.sampling
+        x, s = self.inputs_gpu, self.sampling_gpu
         prev = x.prev_rows[:bs]
         ids = torch.where(prev >= 0, self.prev_tokens[prev.clamp(min=0)], x.input_ids[:bs])
         hidden = self.model(ids, x.positions[:bs], self._meta(bs))
@@ -116,7 +128,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        x = self.inputs
+        x = self.inputs_gpu
         x.slot_mapping.fill_(-1)
         x.prev_rows.fill_(-1)
         x.seq_lens.fill_(1)
@@ -149,15 +161,20 @@ class DecodeGraphs:
         sampling input as views of the graph's own inputs, for a second draw."""
         bs = len(step.arrays.input_ids)
         bucket = next(b for b in self.buckets if b >= bs)
-        buf = np.empty(self.layout.nbytes, dtype=np.uint8)
-        views = self.layout.host_views(buf)
-        self._fill(unpack(StepArrays, views), step.arrays)
-        self._fill_sampling(unpack(SamplingArrays, views), sampling.arrays)
-        upload(buf, self.static.device, out=self.static)
+        self.load(step, sampling)
         self.graphs[bucket].replay()
         logits = self.logits[bucket]
-        rows = unpack(SamplingArrays, {k: v[:bs] for k, v in named(self.sampling).items()})
+        rows = self._sampling_rows.get(bs)
+        if rows is None:
+            rows = unpack(SamplingArrays, {k: v[:bs] for k, v in named(self.sampling_gpu).items()})
+            self._sampling_rows[bs] = rows
         return self.prev_tokens[:bs], None if logits is None else logits[:bs], sampling.on(rows)
+
+    def load(self, step: HostStep, sampling: SamplingInput[np.ndarray]) -> None:
+        """Fill the graphs' static inputs with ``step``, padded to the capacity, in one copy."""
+        self._fill(self._inputs_cpu, step.arrays)
+        self._fill_sampling(self._sampling_cpu, sampling.arrays)
+        upload(self._buf_cpu, self.static.device, out=self.static)
 
     def _fill(self, host: StepArrays[np.ndarray], step: StepArrays[np.ndarray]) -> None:
         """Padded rows: no cache slot, nothing pending, length 1, block 0, one token each."""
@@ -166,9 +183,9 @@ class DecodeGraphs:
         _put(host.positions, step.positions, 0)
         _put(host.slot_mapping, step.slot_mapping, -1)
         _put(host.seq_lens, step.seq_lens, 1)
-        host.cu_seqlens_q[:] = np.arange(len(host.cu_seqlens_q))
+        host.cu_seqlens_q[:] = self._row_ids
         _put(host.block_tables, step.block_tables, 0)
-        host.last_token_indices[:] = np.arange(len(host.last_token_indices))
+        host.last_token_indices[:] = self._row_ids[:-1]
 
     @staticmethod
     def _fill_sampling(host: SamplingArrays[np.ndarray], rows: SamplingArrays[np.ndarray]) -> None:

@@ -1,5 +1,6 @@
-"""The worker's step inputs: packed arrays, block tables in one array, and the arrays of a step
-checked against a per-token loop that says the same thing the slow way."""
+"""The worker's step inputs: packed arrays, block tables in one array, the arrays of a step
+checked against a per-token loop that says the same thing the slow way, and a decode step loaded
+into the CUDA graphs' padded static inputs (here on CPU: no graph is captured or replayed)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from worker_service.batch_inputs import (
     pack,
     pack_step,
 )
-from worker_service.sampling import SamplingArrays
+from worker_service.cuda_graphs import MAX_BANNED_IDS, DecodeGraphs
+from worker_service.sampling import SamplingArrays, build_sampling_input
 from worker_service.sequence_table import SequenceTable
 
 BLOCK = 4
@@ -155,3 +157,57 @@ def test_step_arrays_match_a_per_token_loop(decode) -> None:
     ends = [s.num_computed_tokens + n for s, n in zip(seqs, counts)]
     assert a.seq_lens.tolist() == ends and a.cu_seqlens_q.tolist()[-1] == sum(counts)
     assert step.is_decode == decode and step.num_pending == sum(p >= 0 for p in prev)
+
+
+def _decode_step(num_seqs: int, table: SequenceTable, params: list[SamplingParams]):
+    """A decode step of ``num_seqs`` new sequences (each computes its last prompt token)."""
+    base = 10 * len(table)
+    news = [
+        NewSequence(base + i, [5 + i] * (3 + i), params[i], [base + i, 40 + base + i], 0)
+        for i in range(num_seqs)
+    ]
+    seqs = table.apply(_plan(len(table), new=news, seq_ids=[n.seq_id for n in news]))
+    for seq in seqs:
+        seq.num_computed_tokens = len(seq.token_ids) - 1
+    step = build_host_step(seqs, [1] * num_seqs, table, BLOCK, {})
+    return step, build_sampling_input(seqs, 50, (1,), np.random.default_rng(0))
+
+
+def _leading(view: torch.Tensor, like: np.ndarray) -> np.ndarray:
+    """The corner of a padded view that holds ``like``."""
+    return view.numpy()[tuple(slice(0, size) for size in like.shape)]
+
+
+def test_a_decode_step_loads_into_the_graph_inputs_with_padded_rows() -> None:
+    graphs = DecodeGraphs(None, 8, 4, torch.zeros(8, dtype=torch.int64), torch.device("cpu"))
+    table = SequenceTable(rows=8, blocks_per_seq=2)
+    banning = SamplingParams(temperature=0.5, top_k=3, min_tokens=2, stop_token_ids=(7, 9))
+    graphs.load(*_decode_step(5, table, [banning] * 5))  # a larger step first: stale rows
+    step, sampling = _decode_step(3, table, [SamplingParams(), banning, SamplingParams(seed=3)])
+    assert graphs.can_run(step, sampling)
+    graphs.load(step, sampling)
+    x, s = graphs.inputs_gpu, graphs.sampling_gpu
+    for name, array in named(step.arrays).items():
+        assert np.array_equal(_leading(getattr(x, name), array), array), name
+    assert x.slot_mapping[3:].eq(-1).all() and x.prev_rows[3:].eq(-1).all()
+    assert x.seq_lens[3:].eq(1).all() and x.block_tables[3:].eq(0).all()
+    assert x.cu_seqlens_q.tolist() == list(range(9))  # one token per row, padded rows too
+    for name, array in named(sampling.arrays).items():
+        assert np.array_equal(_leading(getattr(s, name), array), array), name
+    assert s.temperatures[3:].eq(0).all()  # padded rows are greedy
+    assert s.banned_ids[:, 3:].eq(-1).all() and s.banned_ids[3:].eq(-1).all()
+    assert s.banned_ids[1, :3].tolist() == [1, 7, 9]
+
+
+def test_steps_the_graphs_cannot_hold_run_eagerly() -> None:
+    graphs = DecodeGraphs(None, 8, 4, torch.zeros(8, dtype=torch.int64), torch.device("cpu"))
+    many_stops = SamplingParams(min_tokens=1, stop_token_ids=tuple(range(10, 10 + MAX_BANNED_IDS)))
+    step, sampling = _decode_step(2, SequenceTable(rows=8, blocks_per_seq=2), [many_stops] * 2)
+    assert sampling.arrays.banned_ids.shape[1] > MAX_BANNED_IDS
+    assert not graphs.can_run(step, sampling)
+    step, sampling = _decode_step(
+        2, SequenceTable(rows=8, blocks_per_seq=2), [SamplingParams()] * 2
+    )
+    assert graphs.can_run(step, sampling)
+    too_many = DecodeGraphs(None, 1, 4, torch.zeros(8, dtype=torch.int64), torch.device("cpu"))
+    assert not too_many.can_run(step, sampling)
