@@ -95,26 +95,37 @@ class Layout:
         return views
 
 
-def upload(buf: np.ndarray, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy a host byte buffer to ``device`` (into ``out`` if given) without waiting for the
-    device: through pinned memory. A copy from pageable memory would wait for every queued kernel
-    first, serialising the step in flight with the host's preparation of the next one."""
-    host = torch.from_numpy(buf)
+def host_buffer(nbytes: int, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    """A host byte buffer to fill with numpy and copy to ``device``: pinned on CUDA (the copy
+    then waits for nothing, and no second host copy is made), plain memory on CPU. The numpy
+    array and the tensor share the memory."""
+    if device.type != "cuda":
+        buf = np.empty(nbytes, dtype=np.uint8)
+        return buf, torch.from_numpy(buf)
+    tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return tensor.numpy(), tensor
+
+
+def upload(
+    host: torch.Tensor, device: torch.device, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Copy a ``host_buffer`` to ``device`` (into ``out`` if given) without waiting for the
+    device. Its memory must stay untouched until the copy ran: a buffer from the caching host
+    allocator is not handed out again before then; a reused one needs an event (cuda_graphs.py)."""
     if device.type != "cuda":
         return host if out is None else out.copy_(host)
-    pinned = host.pin_memory()
     if out is None:
-        return pinned.to(device, non_blocking=True)
-    return out.copy_(pinned, non_blocking=True)
+        return host.to(device, non_blocking=True)
+    return out.copy_(host, non_blocking=True)
 
 
 def pack(arrays: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """``arrays`` on ``device``, through one buffer and one copy."""
     layout = Layout.of(arrays)
-    buf = np.empty(layout.nbytes, dtype=np.uint8)
+    buf, host = host_buffer(layout.nbytes, device)
     for name, view in layout.host_views(buf).items():
         view[...] = arrays[name]
-    return layout.device_views(upload(buf, device))
+    return layout.device_views(upload(host, device))
 
 
 def pack_step(

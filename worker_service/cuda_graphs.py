@@ -17,14 +17,25 @@ eagerly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from models.layers.attention import AttentionMetadata
 from models.qwen3 import Qwen3ForCausalLM
-from worker_service.batch_inputs import HostStep, Layout, StepArrays, named, unpack, upload
+from worker_service.batch_inputs import (
+    HostStep,
+    Layout,
+    StepArrays,
+    host_buffer,
+    named,
+    unpack,
+    upload,
+)
 from worker_service.sampling import SamplingArrays, SamplingInput
 
+NUM_HOST_BUFFERS = 3  # the steps whose inputs can be on their way at once, and one more
 MAX_BANNED_IDS = 8  # per row under min_tokens (EOS and stop ids) that a graph step has room for
 
 
@@ -58,6 +69,16 @@ def _capacity(n: int, max_blocks: int) -> tuple[StepArrays[np.ndarray], Sampling
     return step, sampling
 
 
+@dataclass
+class _HostSlot:
+    """One pinned host buffer of the layout, its views, and the event of its last copy."""
+
+    tensor: torch.Tensor
+    inputs: StepArrays[np.ndarray]
+    sampling: SamplingArrays[np.ndarray]
+    copied: torch.cuda.Event | None = None
+
+
 def _put(view: np.ndarray, values: np.ndarray, pad: float) -> None:
     """``values`` in the first rows of ``view`` (and its first columns), ``pad`` everywhere else."""
     num_rows = len(values)
@@ -88,11 +109,10 @@ class DecodeGraphs:
         views = self.layout.device_views(self.static)
         self.inputs_gpu: StepArrays[torch.Tensor] = unpack(StepArrays, views)
         self.sampling_gpu: SamplingArrays[torch.Tensor] = unpack(SamplingArrays, views)
-        # The host side: refilled every step (the upload copies it to pinned memory at once).
-        self._buf_cpu = np.zeros(self.layout.nbytes, dtype=np.uint8)
-        host_views = self.layout.host_views(self._buf_cpu)
-        self._inputs_cpu: StepArrays[np.ndarray] = unpack(StepArrays, host_views)
-        self._sampling_cpu: SamplingArrays[np.ndarray] = unpack(SamplingArrays, host_views)
+        # The host side: pinned buffers used in turn, each refilled in place once the copy out of
+        # it has run (with two steps in flight that is long done: nothing waits).
+        self._host_slots = [self._host_slot(device) for _ in range(NUM_HOST_BUFFERS)]
+        self._num_loads = 0
         self.prev_tokens = prev_tokens
         self._row_ids = np.arange(n + 1)
         self._sampling_rows: dict[int, SamplingArrays[torch.Tensor]] = {}  # per batch size
@@ -170,11 +190,24 @@ class DecodeGraphs:
             self._sampling_rows[bs] = rows
         return self.prev_tokens[:bs], None if logits is None else logits[:bs], sampling.on(rows)
 
+    def _host_slot(self, device: torch.device) -> _HostSlot:
+        buf, tensor = host_buffer(self.layout.nbytes, device)
+        buf[:] = 0
+        views = self.layout.host_views(buf)
+        return _HostSlot(tensor, unpack(StepArrays, views), unpack(SamplingArrays, views))
+
     def load(self, step: HostStep, sampling: SamplingInput[np.ndarray]) -> None:
         """Fill the graphs' static inputs with ``step``, padded to the capacity, in one copy."""
-        self._fill(self._inputs_cpu, step.arrays)
-        self._fill_sampling(self._sampling_cpu, sampling.arrays)
-        upload(self._buf_cpu, self.static.device, out=self.static)
+        slot = self._host_slots[self._num_loads % len(self._host_slots)]
+        self._num_loads += 1
+        if slot.copied is not None:
+            slot.copied.synchronize()  # its last copy has run: the memory is free again
+        self._fill(slot.inputs, step.arrays)
+        self._fill_sampling(slot.sampling, sampling.arrays)
+        upload(slot.tensor, self.static.device, out=self.static)
+        if self.static.is_cuda:
+            slot.copied = torch.cuda.Event()
+            slot.copied.record()
 
     def _fill(self, host: StepArrays[np.ndarray], step: StepArrays[np.ndarray]) -> None:
         """Padded rows: no cache slot, nothing pending, length 1, block 0, one token each."""

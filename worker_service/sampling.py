@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
-from worker_service.sequence_table import WorkerSequence
+from worker_service.sequence_table import PARAMS_DTYPE, WorkerSequence
 
 A = TypeVar("A")  # np.ndarray on the host, torch.Tensor on the device
 B = TypeVar("B")
@@ -81,26 +81,27 @@ def build_sampling_input(
     """The sampling input of ``seqs`` (the rows about to sample, in order); unseeded rows take
     their row seeds from ``rng``, one draw per row."""
     n = len(seqs)
-    temperatures = np.array([s.params.temperature for s in seqs], dtype=np.float32)
+    records = np.array([s.params_record for s in seqs], dtype=PARAMS_DTYPE)  # [B]
+    num_outputs = np.fromiter((s.num_output_tokens for s in seqs), dtype=np.int64, count=n)
+    temperatures = np.ascontiguousarray(records["temperature"])
     seeds = rng.integers(0, MAX_ROW_SEED, size=n, dtype=np.int64)
-    top_ks = np.array(
-        [s.params.top_k if s.params.top_k > 0 else vocab_size for s in seqs], dtype=np.int64
-    )
-    top_ps = np.array([s.params.top_p for s in seqs], dtype=np.float32)
-    min_ps = np.array([s.params.min_p for s in seqs], dtype=np.float32)
-    banned = [_banned_ids(s, eos_token_ids) for s in seqs]
-    banned_ids = np.full((n, max(map(len, banned), default=0)), -1, dtype=np.int64)
-    for row, seq in enumerate(seqs):
-        banned_ids[row, : len(banned[row])] = banned[row]
-        if seq.params.seed is not None:
-            seeds[row] = row_seed(seq.params.seed, seq.num_output_tokens)
+    for row in np.flatnonzero(records["has_seed"]).tolist():
+        seeds[row] = row_seed(int(records["seed"][row]), int(num_outputs[row]))
+    top_ks = np.where(records["top_k"] > 0, records["top_k"], vocab_size)
+    top_ps = np.ascontiguousarray(records["top_p"])
+    min_ps = np.ascontiguousarray(records["min_p"])
+    under_min = np.flatnonzero(num_outputs < records["min_tokens"]).tolist()
+    banned = {row: _banned_ids(seqs[row], eos_token_ids) for row in under_min}
+    banned_ids = np.full((n, max(map(len, banned.values()), default=0)), -1, dtype=np.int64)
+    for row, ids in banned.items():
+        banned_ids[row, : len(ids)] = ids
     filtered = (top_ks < vocab_size) | (top_ps < 1) | (min_ps > 0)
     return SamplingInput(
         SamplingArrays(temperatures, seeds, top_ks, top_ps, min_ps, banned_ids),
         all_greedy=not temperatures.any(),
         needs_filter=bool((filtered & (temperatures > 0)).any()),
         needs_mask=banned_ids.shape[1] > 0,
-        num_top=max((s.params.logprobs for s in seqs), default=0),
+        num_top=int(records["logprobs"].max()) if n else 0,
     )
 
 

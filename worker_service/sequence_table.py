@@ -11,11 +11,27 @@ step's tables are one fancy-indexing read instead of a Python loop over lists. T
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from protos.sampling_params import SamplingParams
 from protos.step_plan import StepPlan
+
+# A sequence's sampling settings as one numpy record, so a step gathers its rows' settings with one
+# array build instead of a pass per setting (worker_service/sampling.py).
+PARAMS_DTYPE = np.dtype(
+    [
+        ("temperature", np.float32),
+        ("top_k", np.int64),
+        ("top_p", np.float32),
+        ("min_p", np.float32),
+        ("has_seed", np.bool_),
+        ("seed", np.int64),
+        ("min_tokens", np.int64),
+        ("logprobs", np.int64),
+    ]
+)
 
 
 @dataclass
@@ -31,6 +47,22 @@ class WorkerSequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @cached_property
+    def params_record(self) -> tuple[float, int, float, float, bool, int, int, int]:
+        """``params`` as a ``PARAMS_DTYPE`` record (they never change for a sequence)."""
+        p = self.params
+        seed = p.seed if p.seed is not None else 0
+        return (
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            p.min_p,
+            p.seed is not None,
+            seed,
+            p.min_tokens,
+            p.logprobs,
+        )
 
 
 class SequenceTable:
