@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from kernels.paged_attention import check_paged_kv_inputs, paged_attention_ref
+from kernels.paged_kv_tile import kv_tile_offsets
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_NUM_SPLITS = 32
@@ -43,14 +45,16 @@ class DecodeConfig:
 
 
 def paged_decode_attention_ref(
-    q: torch.Tensor,  # [B, H_q, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
-    seq_lens: torch.Tensor,  # [B] int
-    block_tables: torch.Tensor,  # [B, max_num_blocks] int
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seq_lens: Tensor,
+    block_tables: Tensor,
     scale: float,
-) -> torch.Tensor:  # [B, H_q, D]
-    """Reference: the general paged attention with one query token per sequence."""
+) -> Tensor:
+    """Reference: the general paged attention with one query token per sequence. q [B, H_q, D],
+    caches [num_blocks, block_size, H_kv, D], seq_lens [B], block_tables [B, max_num_blocks]
+    -> [B, H_q, D]."""
     cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
 
@@ -105,14 +109,10 @@ def _paged_decode_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_off = kv_head.to(tl.int64) * stride_cache_head
     for n0 in range(start, end, BLOCK_N):
-        tok = n0 + offs_n
-        tok_mask = tok < end
-        if TILE_IN_ONE_BLOCK:
-            block = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)
-        else:
-            block = tl.load(bt_row + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-        row_offs = block * stride_cache_block + (tok % BLOCK_SIZE) * stride_cache_tok + head_off
-        kv_offs = row_offs[:, None] + offs_d[None, :]  # [BLOCK_N, D]
+        tok, tok_mask, kv_offs = kv_tile_offsets(  # kv_offs: [BLOCK_N, D]
+            bt_row, n0, end, offs_n, offs_d, stride_cache_block, stride_cache_tok, head_off,
+            BLOCK_SIZE, TILE_IN_ONE_BLOCK,
+        )  # fmt: skip
         k = tl.load(k_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N]

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_attention import check_paged_kv_inputs, paged_attention_ref
+from kernels.paged_kv_tile import kv_tile_offsets
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,10 @@ def _attend_tile(
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    tok = n0 + offs_n
-    tok_mask = tok < seq_len
-    if TILE_IN_ONE_BLOCK:
-        block = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)
-    else:
-        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-    row_offs = block * stride_cache_block + (tok % BLOCK_SIZE) * stride_cache_tok + head_off
-    kv_offs = row_offs[:, None] + offs_d[None, :]  # [BLOCK_N, D]
+    tok, tok_mask, kv_offs = kv_tile_offsets(  # kv_offs: [BLOCK_N, D]
+        bt_row, n0, seq_len, offs_n, offs_d, stride_cache_block, stride_cache_tok, head_off,
+        BLOCK_SIZE, TILE_IN_ONE_BLOCK,
+    )  # fmt: skip
     if MASKED:
         k = tl.load(k_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)

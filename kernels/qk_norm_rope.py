@@ -174,14 +174,9 @@ def _qk_norm_rope_kernel(
 
 
 def _check_qk_norm_rope_inputs(
-    positions: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos_cache: torch.Tensor,
-    sin_cache: torch.Tensor,
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *rope: torch.Tensor
 ) -> None:
+    q_weight, k_weight, cos_cache, sin_cache = rope
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k must be [T, H_q, D], [T, H_kv, D], got {q.shape}, {k.shape}")
     num_tokens, _, head_dim = q.shape

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass
@@ -65,14 +65,17 @@ class AttentionBackend(Protocol):
 
     def forward(
         self,
-        q: torch.Tensor,  # [T, H_q, D]
-        k: torch.Tensor,  # [T, H_kv, D]
-        v: torch.Tensor,  # [T, H_kv, D]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
-        v_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor: ...  # [T, H_q, D]
+    ) -> Tensor:
+        """q [T, H_q, D], k and v [T, H_kv, D], the caches [num_blocks, block_size, H_kv, D]
+        -> [T, H_q, D]."""
+        ...
 
 
 class Attention(nn.Module):

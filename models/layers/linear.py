@@ -61,6 +61,13 @@ def default_weight_loader(
     param.data.copy_(loaded_weight[:])
 
 
+def loaded_param(shape: tuple[int, ...], loader: WeightLoader) -> nn.Parameter:
+    """An uninitialised frozen parameter of ``shape`` whose checkpoint tensor ``loader`` copies."""
+    param = nn.Parameter(torch.empty(shape), requires_grad=False)
+    set_weight_loader(param, loader)
+    return param
+
+
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) is not divisible by the world size ({denominator})")
@@ -72,25 +79,27 @@ def copy_rows(param_rows: torch.Tensor, loaded_weight: Any, start: int) -> None:
     param_rows.copy_(loaded_weight[start : start + param_rows.shape[0]])
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What every tensor-parallel linear layer knows: its full sizes and its rank's place."""
+
+    def __init__(self, input_size: int, output_size: int, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.input_size = input_size
+        self.output_size = output_size
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """``y = x W^T + b`` with W's output rows split evenly across ranks; output stays sharded."""
 
     def __init__(
         self, input_size: int, output_size: int, bias: bool, parallel: ParallelContext
     ) -> None:
-        super().__init__()
-        self.parallel = parallel
-        self.input_size = input_size
-        self.output_size = output_size
+        super().__init__(input_size, output_size, parallel)
         self.output_size_per_rank = divide(output_size, parallel.world_size, "output size")
-        self.weight = nn.Parameter(
-            torch.empty(self.output_size_per_rank, input_size), requires_grad=False
-        )
-        set_weight_loader(self.weight, self.weight_loader)
-        self.bias: nn.Parameter | None = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.output_size_per_rank), requires_grad=False)
-            set_weight_loader(self.bias, self.weight_loader)
+        self.weight = loaded_param((self.output_size_per_rank, input_size), self.weight_loader)
+        rows = self.output_size_per_rank
+        self.bias = loaded_param((rows,), self.weight_loader) if bias else None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: Any, shard_id: ShardId = None
@@ -179,7 +188,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         copy_rows(param.data.narrow(0, offset, size), loaded_weight, start)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """``y = x W^T + b`` with W's input columns split across ranks; partial sums are all-reduced.
 
     The input is expected already sharded (the output of a column-parallel layer). Only rank 0
@@ -189,19 +198,10 @@ class RowParallelLinear(nn.Module):
     def __init__(
         self, input_size: int, output_size: int, bias: bool, parallel: ParallelContext
     ) -> None:
-        super().__init__()
-        self.parallel = parallel
-        self.input_size = input_size
-        self.output_size = output_size
+        super().__init__(input_size, output_size, parallel)
         self.input_size_per_rank = divide(input_size, parallel.world_size, "input size")
-        self.weight = nn.Parameter(
-            torch.empty(output_size, self.input_size_per_rank), requires_grad=False
-        )
-        set_weight_loader(self.weight, self.weight_loader)
-        self.bias: nn.Parameter | None = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            set_weight_loader(self.bias, default_weight_loader)
+        self.weight = loaded_param((output_size, self.input_size_per_rank), self.weight_loader)
+        self.bias = loaded_param((output_size,), default_weight_loader) if bias else None
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: Any, shard_id: ShardId = None
