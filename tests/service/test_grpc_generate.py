@@ -1,7 +1,7 @@
 """Generation through the real services: one CPU worker process and the scheduler, over gRPC.
 
 Greedy output must match the in-process LLM and transformers token for token; streams must add up
-to their Complete message; many concurrent clients must all finish while the scheduler preempts
+to their Complete message and to what the same request gives without streaming; many concurrent clients must all finish while the scheduler preempts
 and hits the prefix cache; a cancelled or expired stream must give its KV blocks back at once.
 """
 
@@ -104,6 +104,22 @@ def test_stream_sends_chunks_that_add_up_to_the_complete_message(services: Servi
     assert [lp.token_id for lp in logprobs] == list(done.output_ids)
     assert all(len(lp.top_token_ids) == 2 and lp.logprob <= 0 for lp in logprobs)
     assert all(lp.top_token_ids[0] == lp.token_id for lp in logprobs)  # greedy takes the top one
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_streaming_and_non_streaming_give_the_same_tokens_and_text(
+    services: Services, temperature: float
+) -> None:
+    for seed, prompt in enumerate(PROMPTS):
+        sampling = pb.SamplingParams(
+            temperature=temperature, top_k=20, seed=seed, max_tokens=12, ignore_eos=True
+        )
+        whole = complete_of(generate(services.stub, text=prompt, sampling=sampling))
+        responses = generate(services.stub, text=prompt, sampling=sampling, stream=True)
+        streamed = [t for r in responses[:-1] for t in r.chunk.token_ids]
+        assert streamed == list(complete_of(responses).output_ids) == list(whole.output_ids)
+        assert "".join(r.chunk.text for r in responses[:-1]) == whole.text
+        assert complete_of(responses).finish_reason == whole.finish_reason == pb.LENGTH
 
 
 def test_without_stream_only_the_complete_message_is_sent(services: Services) -> None:
