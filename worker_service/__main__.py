@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from protos.envargs import apply_env_defaults
@@ -63,7 +64,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--step-trace", metavar="PATH", help="benchmarks: rank 0 traces every step to PATH"
     )
+    p.add_argument(
+        "--compile-cache-dir",
+        metavar="DIR",
+        help="keep Triton's compiled kernels here (a volume: a restart compiles nothing)",
+    )
     return apply_env_defaults(p).parse_args(argv)
+
+
+def use_compile_cache(directory: str | None, environ: MutableMapping[str, str]) -> None:
+    """Point Triton's kernel cache at ``directory`` (made if missing); before Triton is imported."""
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        environ["TRITON_CACHE_DIR"] = directory
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -171,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    use_compile_cache(args.compile_cache_dir, os.environ)
     config = config_from_args(args)
     secret = os.environ.get(WORKER_SECRET_ENV) or None
     if secret is None and not _is_loopback(args.host):

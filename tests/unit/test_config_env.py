@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from protos.envargs import apply_env_defaults
 from scheduler_service.config import SchedulerServiceConfig
-from worker_service.__main__ import config_from_args, parse_args
+from worker_service.__main__ import config_from_args, parse_args, use_compile_cache
 
 
 def test_worker_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,3 +49,19 @@ def test_scheduler_pipeline_depth_defaults_to_two_and_refuses_zero(
     assert SchedulerServiceConfig.from_args(base).engine_config.pipeline_depth == 3
     with pytest.raises(ValueError, match="pipeline_depth"):
         SchedulerServiceConfig.from_args([*base, "--pipeline-depth", "0"])
+
+
+def test_the_compile_cache_dir_becomes_tritons_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NANOSERVE_COMPILE_CACHE_DIR", str(tmp_path / "triton"))
+    args = parse_args(["--model", "m"])
+    environ: dict[str, str] = {}
+    use_compile_cache(args.compile_cache_dir, environ)
+    assert environ == {"TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    assert (tmp_path / "triton").is_dir()
+    untouched: dict[str, str] = {}
+    use_compile_cache(
+        parse_args(["--model", "m", "--compile-cache-dir", ""]).compile_cache_dir, untouched
+    )
+    assert untouched == {}
