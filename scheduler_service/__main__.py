@@ -1,10 +1,11 @@
 """``python -m scheduler_service --model DIR --workers HOST:PORT[,...] [--port Q]``: the scheduler.
 
-Serves ``nanoserve.v1.Generation`` with health (``""`` liveness; ``nanoserve.v1.Generation``
-readiness: SERVING once the workers answer, NOT_SERVING while any is lost and while draining) and
-reflection, on grpc.aio; the engine runs in its own thread (engine_loop.py). SIGTERM or Ctrl-C
-drains: readiness turns NOT_SERVING and new requests are refused with UNAVAILABLE while health
-keeps answering; in-flight ones get ``--drain-timeout`` seconds to finish; then the process exits 0.
+Serves ``nanoserve.v1.Generation`` and ``vllm.grpc.engine.VllmEngine`` (for the SMG gateway:
+vllm_engine.py) with health (``""`` liveness; either service's name readiness: SERVING once the
+workers answer, NOT_SERVING while any is lost and while draining) and reflection, on grpc.aio;
+the engine runs in its own thread (engine_loop.py). SIGTERM or Ctrl-C drains: readiness turns
+NOT_SERVING and new requests are refused with UNAVAILABLE while health keeps answering; in-flight
+ones get ``--drain-timeout`` seconds to finish; then the process exits 0.
 With ``--tls-cert``/``--tls-key`` the port speaks TLS only; with ``$NANOSERVE_AUTH_TOKEN`` every
 call (health and reflection too, with ``--auth-health``) needs ``authorization: Bearer <token>``.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from smg_grpc_proto.generated import vllm_engine_pb2
 
 from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from protos.nanoserve.v1 import generation_pb2
@@ -31,11 +33,15 @@ from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.metrics import Metrics
 from scheduler_service.servicer import GenerationServicer, add_to_server
 from scheduler_service.tokenizer import Tokenizer
+from scheduler_service.vllm_engine import SERVICE as VLLM_SERVICE
+from scheduler_service.vllm_engine import SERVICE_NAME as VLLM_SERVICE_NAME
+from scheduler_service.vllm_engine import VllmEngineServicer
 from scheduler_service.worker_client import GrpcWorkerClient
 
 log = logging.getLogger("scheduler_service")
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+READINESS_SERVICES = (SERVICE_NAME, VLLM_SERVICE_NAME)  # what health reports as ready
 MAX_SEND_MESSAGE_BYTES = 64 << 20  # a long Complete with logprobs
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
@@ -60,7 +66,8 @@ async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) 
 
     def on_ready_change(ready: bool) -> None:
         status = SERVING if ready else NOT_SERVING
-        loop.create_task(health_servicer.set(SERVICE_NAME, status))
+        for name in READINESS_SERVICES:
+            loop.create_task(health_servicer.set(name, status))
 
     metrics = Metrics()
     engine_loop = EngineLoop(config, worker, tokenizer, loop, on_ready_change, metrics, trace)
@@ -70,16 +77,23 @@ async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) 
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     server = _make_server(config)
     add_to_server(GenerationServicer(engine_loop, tokenizer, config, metrics), server)
+    add_to_server(
+        VllmEngineServicer(engine_loop, tokenizer, config, metrics),
+        server,
+        vllm_engine_pb2.DESCRIPTOR,
+        VLLM_SERVICE,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = _add_port(server, config)
     # Everything built so far lives as long as the process: keep it out of the garbage
     # collector's full passes, which would otherwise walk it (a pause of the step loop).
     gc.freeze()
     await health_servicer.set("", SERVING)
-    await health_servicer.set(SERVICE_NAME, NOT_SERVING)
+    for name in READINESS_SERVICES:
+        await health_servicer.set(name, NOT_SERVING)
     await server.start()
     engine_loop.start()
     scheme = "TLS" if config.tls else "plaintext"

@@ -1,10 +1,11 @@
-"""Bytes -> public request message for the Generation servicer, without ever raising.
+"""Bytes -> public request message for the Generation and VllmEngine servicers, never raising.
 
 grpc decodes a request before the servicer runs, and answers a decoding error itself with UNKNOWN
 and the exception's class. ``lenient_deserializer`` returns an ``Undecodable`` instead, saying what
 could not be decoded (``sampling.stop[0] is not valid UTF-8``), and the servicer's error wrapper
 answers it INVALID_ARGUMENT. To name the field, the bytes are parsed again with every ``string``
-field read as ``bytes`` (a copy of the messages' file in a pool of its own, built on first use).
+field read as ``bytes`` (a copy of the messages' file and its imports in a pool of their own,
+built on first use; a map's keys stay strings, so one that is not UTF-8 goes unnamed).
 
 Not here: checking what the request asks for (request_checks.py).
 """
@@ -62,26 +63,51 @@ def why_undecodable(descriptor: Descriptor, data: bytes) -> str:
 def _strings_as_bytes(
     file: FileDescriptor,
 ) -> tuple[Callable[[str], type[Message]], frozenset[str]]:
-    """The file's messages with ``string`` fields as ``bytes`` (by full name), and those fields."""
-    proto = descriptor_pb2.FileDescriptorProto()
-    file.CopyToProto(proto)
+    """The file's messages with ``string`` fields as ``bytes`` (by full name), and those fields:
+    the file and everything it imports, each copied so, into a pool of their own."""
+    string_fields: set[str] = set()
+    pool = descriptor_pool.DescriptorPool()
+    for imported in _with_imports(file):  # a file's imports before it, as the pool needs
+        proto = descriptor_pb2.FileDescriptorProto()
+        imported.CopyToProto(proto)
+        string_fields |= _bytes_for_strings(proto)
+        pool.Add(proto)
+
+    def message_type(full_name: str) -> type[Message]:
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
+
+    return message_type, frozenset(string_fields)
+
+
+def _with_imports(file: FileDescriptor) -> list[FileDescriptor]:
+    """``file`` and the files it imports, transitively, each after its own imports."""
+    ordered: dict[str, FileDescriptor] = {}
+
+    def visit(f: FileDescriptor) -> None:
+        if f.name not in ordered:
+            for dependency in f.dependencies:
+                visit(dependency)
+            ordered[f.name] = f
+
+    visit(file)
+    return list(ordered.values())
+
+
+def _bytes_for_strings(proto: descriptor_pb2.FileDescriptorProto) -> set[str]:
+    """Turn every ``string`` field of ``proto``'s messages into ``bytes``; return their names."""
     string_fields: set[str] = set()
     package = f"{proto.package}." if proto.package else ""
     pending = [(f"{package}{m.name}", m) for m in proto.message_type]
     while pending:
         name, message = pending.pop()
         pending += [(f"{name}.{m.name}", m) for m in message.nested_type]
+        if message.options.map_entry:  # a map's key must stay a string (its values are kept)
+            continue
         for field in message.field:
             if field.type == STRING:
                 field.type = BYTES
                 string_fields.add(f"{name}.{field.name}")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)  # the file imports nothing (a file that does would need its imports too)
-
-    def message_type(full_name: str) -> type[Message]:
-        return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
-
-    return message_type, frozenset(string_fields)
+    return string_fields
 
 
 def _first_invalid_utf8(

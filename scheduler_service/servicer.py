@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 from protos.nanoserve.v1 import generation_pb2 as pb
@@ -208,24 +209,33 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return wire_public.status_to_pb(loop.stats, loop.generated_tokens_per_second())
 
     def _limits(self) -> RequestLimits:
-        """This session's model limits (a reconnect may bring another model) and the flags."""
-        config = self.config
-        return RequestLimits(
-            vocab_size=self.engine_loop.info.vocab_size,
-            max_model_len=self.engine_loop.max_model_len,
-            max_prompt_tokens=config.max_prompt_tokens,
-            max_output_tokens=config.max_output_tokens,
-            max_num_stop=config.max_num_stop,
-            max_stop_chars=config.max_stop_chars,
-            max_request_id_chars=config.max_request_id_chars,
-        )
+        return request_limits(self.engine_loop, self.config)
 
 
-def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` as ``generation_pb2_grpc.add_GenerationServicer_to_server`` would,
-    with one difference: each request's bytes go through ``lenient_deserializer``, so one that
-    does not decode is answered INVALID_ARGUMENT (by ``decoded``), not UNKNOWN by grpc."""
-    service = pb.DESCRIPTOR.services_by_name["Generation"]
+def request_limits(engine_loop: EngineLoop, config: SchedulerServiceConfig) -> RequestLimits:
+    """This session's model limits (a reconnect may bring another model) and the flags."""
+    return RequestLimits(
+        vocab_size=engine_loop.info.vocab_size,
+        max_model_len=engine_loop.max_model_len,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_output_tokens=config.max_output_tokens,
+        max_num_stop=config.max_num_stop,
+        max_stop_chars=config.max_stop_chars,
+        max_request_id_chars=config.max_request_id_chars,
+    )
+
+
+def add_to_server(
+    servicer: object,
+    server: grpc.aio.Server,
+    file_descriptor: FileDescriptor = pb.DESCRIPTOR,
+    service_name: str = "Generation",
+) -> None:
+    """Register ``servicer`` for the service ``service_name`` of ``file_descriptor`` as the
+    generated ``add_*Servicer_to_server`` would, with one difference: each request's bytes go
+    through ``lenient_deserializer``, so one that does not decode is answered INVALID_ARGUMENT
+    (by ``decoded``), not UNKNOWN by grpc."""
+    service = file_descriptor.services_by_name[service_name]
     handlers = {}
     for method in service.methods:
         assert not method.client_streaming, method.full_name
