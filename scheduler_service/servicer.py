@@ -95,7 +95,7 @@ def stream_errors(
     return wrapper
 
 
-class _Outputs:
+class OutputBatches:
     """Reads a request's queue in batches: everything already there, up to an error."""
 
     def __init__(self, queue: asyncio.Queue[RequestOutput | Exception]) -> None:
@@ -147,7 +147,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         )
         request_id = request.request_id or uuid.uuid4().hex
         timer = self.metrics.track_request()
-        outputs = _Outputs(
+        outputs = OutputBatches(
             self.engine_loop.submit(request_id, prompt_ids, params, stream=request.stream)
         )
         output_ids: list[int] = []

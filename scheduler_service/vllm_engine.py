@@ -35,7 +35,7 @@ from scheduler_service.metrics import Metrics
 from scheduler_service.request_checks import validate_request
 from scheduler_service.servicer import (
     Context,
-    _Outputs,
+    OutputBatches,
     request_limits,
     stream_errors,
     unary_errors,
@@ -217,7 +217,7 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         request_id = request.request_id or uuid.uuid4().hex
         timer = self.metrics.track_request()
         queue = self.engine_loop.submit(request_id, prompt_ids, params, stream=request.stream)
-        outputs = _Outputs(queue)
+        outputs = OutputBatches(queue)
         output_ids: list[int] = []
         logprobs: list[list[tuple[int, float]]] = []
         finished = False
