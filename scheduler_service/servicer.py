@@ -14,7 +14,8 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
@@ -23,6 +24,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.nanoserve.v1 import generation_pb2_grpc
+from protos.sampling_params import SamplingParams
 from scheduler_service import wire_public
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
@@ -95,7 +97,7 @@ def stream_errors(
     return wrapper
 
 
-class OutputBatches:
+class _OutputBatches:
     """Reads a request's queue in batches: everything already there, up to an error."""
 
     def __init__(self, queue: asyncio.Queue[RequestOutput | Exception]) -> None:
@@ -141,31 +143,27 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         validate_request(
             prompt_ids,
             params,
-            self._limits(),
+            request_limits(self.engine_loop, self.config),
             request_id=request.request_id,
             prompt_field=prompt_field,
         )
         request_id = request.request_id or uuid.uuid4().hex
-        timer = self.metrics.track_request()
-        outputs = OutputBatches(
-            self.engine_loop.submit(request_id, prompt_ids, params, stream=request.stream)
-        )
         output_ids: list[int] = []
         text_parts: list[str] = []
         logprobs: list[list[tuple[int, float]]] = []
-        finished = False
-        try:
-            while not finished:
-                batch = await outputs.next_batch()
+        batches = request_batches(
+            self.engine_loop, self.metrics, request_id, prompt_ids, params, request.stream
+        )
+        async with aclosing(batches):
+            async for batch in batches:
                 for out in batch:
                     output_ids += out.new_token_ids
                     text_parts.append(out.new_text)
                     logprobs += out.new_logprobs or []
-                    finished = out.finished
-                timer.on_tokens(sum(len(out.new_token_ids) for out in batch))
                 if request.stream and any(out.new_token_ids or out.new_text for out in batch):
                     yield wire_public.chunk_to_pb(request_id, batch)
-            timer.on_finish(batch[-1].finish_reason)
+                if batch[-1].finished:
+                    break
             usage = pb.Usage(
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=len(output_ids),
@@ -174,9 +172,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             yield wire_public.complete_to_pb(
                 request_id, output_ids, "".join(text_parts), logprobs, batch[-1], usage
             )
-        finally:
-            timer.on_finish(None)  # no-op after a finish: counts cancels and errors
-            self.engine_loop.close(request_id, finished)
 
     @unary_errors
     async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.AbortResponse:
@@ -208,8 +203,33 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         loop = self.engine_loop
         return wire_public.status_to_pb(loop.stats, loop.generated_tokens_per_second())
 
-    def _limits(self) -> RequestLimits:
-        return request_limits(self.engine_loop, self.config)
+
+async def request_batches(
+    engine_loop: EngineLoop,
+    metrics: Metrics,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    stream: bool,
+) -> AsyncGenerator[list[RequestOutput], None]:
+    """Submit a checked request and yield its output batches, the last one finishing it. The
+    request is counted in ``metrics`` and closed in the engine loop however it ends (finished,
+    cancelled, failed: then aborted, its blocks freed), once the generator is closed: iterate it
+    under ``contextlib.aclosing``. Both servicers' Generate run on it."""
+    timer = metrics.track_request()
+    outputs = _OutputBatches(engine_loop.submit(request_id, prompt_ids, params, stream=stream))
+    finished = False
+    try:
+        while not finished:
+            batch = await outputs.next_batch()
+            finished = batch[-1].finished
+            timer.on_tokens(sum(len(out.new_token_ids) for out in batch))
+            if finished:
+                timer.on_finish(batch[-1].finish_reason)
+            yield batch
+    finally:
+        timer.on_finish(None)  # no-op after a finish: counts cancels and errors
+        engine_loop.close(request_id, finished)
 
 
 def request_limits(engine_loop: EngineLoop, config: SchedulerServiceConfig) -> RequestLimits:

@@ -20,6 +20,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from scheduler_service.metrics import Metrics
 from scheduler_service.request_checks import validate_request
 from scheduler_service.servicer import (
     Context,
-    OutputBatches,
+    request_batches,
     request_limits,
     stream_errors,
     unary_errors,
@@ -215,28 +216,22 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self.last_receive_at = time.time()
         prompt_ids, params = self._checked(request)
         request_id = request.request_id or uuid.uuid4().hex
-        timer = self.metrics.track_request()
-        queue = self.engine_loop.submit(request_id, prompt_ids, params, stream=request.stream)
-        outputs = OutputBatches(queue)
         output_ids: list[int] = []
         logprobs: list[list[tuple[int, float]]] = []
-        finished = False
-        try:
-            while not finished:
-                batch = await outputs.next_batch()
+        batches = request_batches(
+            self.engine_loop, self.metrics, request_id, prompt_ids, params, request.stream
+        )
+        async with aclosing(batches):
+            async for batch in batches:
                 new_ids = [t for out in batch for t in out.new_token_ids]
                 new_logprobs = [lp for out in batch for lp in out.new_logprobs or []]
                 output_ids += new_ids
                 logprobs += new_logprobs
-                finished = batch[-1].finished
-                timer.on_tokens(len(new_ids))
                 if request.stream and new_ids:
                     yield self._chunk(new_ids, new_logprobs, len(prompt_ids), batch[-1])
-            timer.on_finish(batch[-1].finish_reason)
+                if batch[-1].finished:
+                    break
             yield self._complete(output_ids, logprobs, len(prompt_ids), batch[-1], params)
-        finally:
-            timer.on_finish(None)  # no-op after a finish: counts cancels and errors
-            self.engine_loop.close(request_id, finished)
 
     def _checked(self, request: vpb.GenerateRequest) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the sampling parameters, once checked (ValueError if not)."""

@@ -114,7 +114,6 @@ class DecodeGraphs:
         self._host_slots = [self._host_slot(device) for _ in range(NUM_HOST_BUFFERS)]
         self._num_loads = 0
         self.prev_tokens = prev_tokens
-        self._row_ids = np.arange(n + 1)
         self._sampling_rows: dict[int, SamplingArrays[torch.Tensor]] = {}  # per batch size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor | None] = {}  # per bucket, valid after its replay
@@ -194,7 +193,11 @@ class DecodeGraphs:
         buf, tensor = host_buffer(self.layout.nbytes, device)
         buf[:] = 0
         views = self.layout.host_views(buf)
-        return _HostSlot(tensor, unpack(StepArrays, views), unpack(SamplingArrays, views))
+        inputs = unpack(StepArrays, views)
+        rows = np.arange(self.max_num_seqs + 1)  # a decode row's one token: the same every step
+        inputs.cu_seqlens_q[:] = rows
+        inputs.last_token_indices[:] = rows[:-1]
+        return _HostSlot(tensor, inputs, unpack(SamplingArrays, views))
 
     def load(self, step: HostStep, sampling: SamplingInput[np.ndarray]) -> None:
         """Fill the graphs' static inputs with ``step``, padded to the capacity, in one copy."""
@@ -209,16 +212,16 @@ class DecodeGraphs:
             slot.copied = torch.cuda.Event()
             slot.copied.record()
 
-    def _fill(self, host: StepArrays[np.ndarray], step: StepArrays[np.ndarray]) -> None:
-        """Padded rows: no cache slot, nothing pending, length 1, block 0, one token each."""
+    @staticmethod
+    def _fill(host: StepArrays[np.ndarray], step: StepArrays[np.ndarray]) -> None:
+        """Padded rows: no cache slot, nothing pending, length 1, block 0 (cu_seqlens_q and
+        last_token_indices never change: one token per row, set when the slot is made)."""
         _put(host.input_ids, step.input_ids, 0)
         _put(host.prev_rows, step.prev_rows, -1)
         _put(host.positions, step.positions, 0)
         _put(host.slot_mapping, step.slot_mapping, -1)
         _put(host.seq_lens, step.seq_lens, 1)
-        host.cu_seqlens_q[:] = self._row_ids
         _put(host.block_tables, step.block_tables, 0)
-        host.last_token_indices[:] = self._row_ids[:-1]
 
     @staticmethod
     def _fill_sampling(host: SamplingArrays[np.ndarray], rows: SamplingArrays[np.ndarray]) -> None:

@@ -106,10 +106,8 @@ def build_sampling_input(
 
 
 def _banned_ids(seq: WorkerSequence, eos_token_ids: tuple[int, ...]) -> list[int]:
-    """Until its min_tokens are out, a sequence may sample neither EOS nor its stop ids."""
+    """What a sequence still under its min_tokens may not sample: EOS and its stop ids."""
     params = seq.params
-    if seq.num_output_tokens >= params.min_tokens:
-        return []
     banned = set(params.stop_token_ids)
     if not params.ignore_eos:
         banned |= set(eos_token_ids)
