@@ -14,7 +14,12 @@ class SamplingParams:
     """How to pick each next token and when to stop. Defaults follow vLLM's.
 
     temperature 0 means greedy. top_k -1 means no limit. A ``seed`` makes this request's samples
-    reproducible whatever else shares its batch.
+    reproducible whatever else shares its batch. The penalties and ``logit_bias`` change the
+    logits before anything else (greedy rows too), as vLLM applies them: ``logit_bias`` is added
+    first; repetition_penalty divides the positive and multiplies the negative logits of every
+    token seen in the prompt or the output (1 = off); frequency_penalty subtracts itself times
+    the token's count in the output so far, presence_penalty once for a token in the output
+    (0 = off, OpenAI's definition).
     """
 
     temperature: float = 1.0
@@ -29,6 +34,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default=())
     logprobs: int = 0
     detokenize: bool = True  # False: token ids only, no text (saves the host's time)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         # Accept None, one string or any iterable from callers; keep tuples.
@@ -38,3 +47,14 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids or ())
+        self.logit_bias = dict(self.logit_bias or {})
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """A penalty or a logit bias is on: the worker changes this row's logits before sampling."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )

@@ -69,6 +69,11 @@ def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
         ignore_eos=params.ignore_eos,
         stop_token_ids=params.stop_token_ids,
         logprobs=params.logprobs,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias_token_ids=list(params.logit_bias),
+        logit_bias_values=list(params.logit_bias.values()),
     )
 
 
@@ -85,6 +90,10 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         stop_token_ids=tuple(msg.stop_token_ids),
         logprobs=msg.logprobs,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty,
+        logit_bias=dict(zip(msg.logit_bias_token_ids, msg.logit_bias_values)),
     )
 
 

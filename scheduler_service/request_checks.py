@@ -19,6 +19,8 @@ from protos.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (vLLM's)
+MAX_LOGIT_BIAS = 100.0  # a logit bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI's)
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,49 @@ def _check_sampling(params: SamplingParams, vocab_size: int, field: str) -> None
         (0 <= p.logprobs <= MAX_LOGPROBS, "logprobs", p.logprobs, logprobs_rule),
         (seed_ok, "seed", p.seed, "must be in [0, 2**63)"),
         (p.detokenize or not p.stop, "stop", p.stop, "needs detokenize=True"),
+        *_penalty_rules(p),
     )
     for ok, name, value, rule in rules:
         _check(ok, f"{field}.{name}", value, rule)
+    _check_logit_bias(p.logit_bias, vocab_size, field)
     for token_id in p.stop_token_ids:
         ok = 0 <= token_id < vocab_size
         _check(ok, f"{field}.stop_token_ids", token_id, f"must be in [0, {vocab_size})")
     for text in p.stop:
         _check(
             isinstance(text, str) and text != "", f"{field}.stop", text, "must be non-empty strings"
+        )
+
+
+def _penalty_rules(p: SamplingParams) -> tuple[tuple[bool, str, object, str], ...]:
+    """vLLM's ranges; NaN fails every comparison, so it is refused too."""
+    in_range = f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"
+    return (
+        (abs(p.presence_penalty) <= MAX_PENALTY, "presence_penalty", p.presence_penalty, in_range),
+        (
+            abs(p.frequency_penalty) <= MAX_PENALTY,
+            "frequency_penalty",
+            p.frequency_penalty,
+            in_range,
+        ),
+        (
+            0.0 < p.repetition_penalty < float("inf"),
+            "repetition_penalty",
+            p.repetition_penalty,
+            "must be > 0 and finite (1 = off)",
+        ),
+    )
+
+
+def _check_logit_bias(logit_bias: dict[int, float], vocab_size: int, field: str) -> None:
+    for token_id, bias in logit_bias.items():
+        in_vocab = isinstance(token_id, int) and 0 <= token_id < vocab_size
+        _check(in_vocab, f"{field}.logit_bias", token_id, f"must map ids in [0, {vocab_size})")
+        _check(
+            abs(bias) <= MAX_LOGIT_BIAS,
+            f"{field}.logit_bias[{token_id}]",
+            bias,
+            f"must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
         )
 
 

@@ -6,33 +6,39 @@ Tokenizer as ``GenerationServicer`` (servicer.py), with its error mapping and th
 ``validate_request``; the stubs come from the pinned ``smg-grpc-proto`` package.
 
 Done: HealthCheck, GetModelInfo (model_path and tokenizer_path are the model's LOCAL directory, so
-the gateway reads the tokenizer from disk), GetServerInfo, Generate (streaming and not), Abort
-(unknown ids are fine: the gateway aborts after a request may have finished), GetLoads.
-Not yet done (UNIMPLEMENTED, the base class's default): FlushCache, Embed, StartProfile,
-StopProfile, GetTokenizer, SubscribeKvEvents. Fields we do not implement are INVALID_ARGUMENT
-naming the field, never ignored (``unsupported_field``); skip_special_tokens and
-spaces_between_special_tokens only affect detokenization, which the gateway does: accepted.
+the gateway reads the tokenizer from disk), GetServerInfo, Generate (streaming and not; penalties
+and logit_bias; n > 1 as n requests whose later samples share the prompt's cached blocks,
+parallel_streams.py), Abort (unknown ids are fine: the gateway aborts after a request may have
+finished; a request with n > 1 aborts all its samples), GetLoads, GetTokenizer (a zip of the
+model directory's tokenizer files, for a gateway that cannot read it).
+Not yet done (UNIMPLEMENTED, the base class's default): FlushCache (it must run on the engine
+thread, which takes a command EngineLoop does not have yet), Embed, StartProfile, StopProfile,
+SubscribeKvEvents. Fields we do not implement are INVALID_ARGUMENT naming the field, never ignored
+(``unsupported_field``, vllm_wire.py); skip_special_tokens and spaces_between_special_tokens only
+affect detokenization, which the gateway does: accepted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from smg_grpc_proto.generated import common_pb2 as cpb
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from protos.sampling_params import SamplingParams
 from scheduler_service.config import SchedulerServiceConfig
-from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import EngineLoop
 from scheduler_service.metrics import Metrics
+from scheduler_service.parallel_streams import merge_streams
 from scheduler_service.request_checks import validate_request
 from scheduler_service.servicer import (
     Context,
@@ -41,72 +47,20 @@ from scheduler_service.servicer import (
     stream_errors,
     unary_errors,
 )
-from scheduler_service.stop_checker import FinishReason
 from scheduler_service.tokenizer import Tokenizer
+from scheduler_service.tokenizer_bundle import chunks, tokenizer_zip
+from scheduler_service.vllm_wire import (
+    chunk_to_pb,
+    complete_to_pb,
+    parallel_samples,
+    sampling_from_pb,
+    unsupported_field,
+)
 
 SERVICE = "VllmEngine"
 SERVICE_NAME = vpb.DESCRIPTOR.services_by_name[SERVICE].full_name
 SAMPLING_FIELD = "sampling_params"
-DEFAULT_MAX_TOKENS = 16  # vLLM's, when the request leaves max_tokens unset
-
-
-def unsupported_field(request: vpb.GenerateRequest) -> str | None:
-    """The first field set to something we do not implement, as ``name=value``; None if none."""
-    sp = request.sampling_params
-    constraint = sp.WhichOneof("constraint")
-    checks: tuple[tuple[bool, str, object], ...] = (
-        (sp.frequency_penalty != 0, "sampling_params.frequency_penalty", sp.frequency_penalty),
-        (sp.presence_penalty != 0, "sampling_params.presence_penalty", sp.presence_penalty),
-        (sp.repetition_penalty not in (0, 1), "sampling_params.repetition_penalty",
-         sp.repetition_penalty),
-        (sp.n > 1, "sampling_params.n", sp.n),
-        (sp.HasField("logprobs") and sp.logprobs < 0, "sampling_params.logprobs", sp.logprobs),
-        (sp.HasField("prompt_logprobs"), "sampling_params.prompt_logprobs", sp.prompt_logprobs),
-        (sp.include_stop_str_in_output, "sampling_params.include_stop_str_in_output", True),
-        (bool(sp.logit_bias), "sampling_params.logit_bias", dict(sp.logit_bias)),
-        (sp.HasField("truncate_prompt_tokens"), "sampling_params.truncate_prompt_tokens",
-         sp.truncate_prompt_tokens),
-        (constraint is not None, f"sampling_params.{constraint}", "(structured output)"),
-        (request.HasField("mm_inputs"), "mm_inputs", "(multimodal)"),
-        (len(request.extra_mm_inputs) > 0, "extra_mm_inputs", "(multimodal)"),
-        (request.HasField("media_refs"), "media_refs", "(multimodal)"),
-        (request.HasField("kv_transfer_params"), "kv_transfer_params", "(KV transfer)"),
-        (request.HasField("kv_transfer_params_json"), "kv_transfer_params_json",
-         request.kv_transfer_params_json),
-        (request.HasField("data_parallel_rank") and request.data_parallel_rank != 0,
-         "data_parallel_rank", request.data_parallel_rank),
-    )  # fmt: skip
-    return next((f"{name}={value!r}" for is_set, name, value in checks if is_set), None)
-
-
-def sampling_from_pb(msg: vpb.SamplingParams) -> SamplingParams:
-    """proto3 zeros mean unset: top_p 0 is 1.0, top_k 0 is -1 (off), as vLLM reads them."""
-    return SamplingParams(
-        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
-        top_p=msg.top_p or 1.0,
-        top_k=msg.top_k or -1,
-        min_p=msg.min_p,
-        seed=msg.seed if msg.HasField("seed") else None,
-        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
-        min_tokens=msg.min_tokens,
-        ignore_eos=msg.ignore_eos,
-        stop=tuple(msg.stop),
-        stop_token_ids=tuple(msg.stop_token_ids),
-        logprobs=msg.logprobs if msg.HasField("logprobs") else 0,
-        detokenize=bool(msg.stop),  # the gateway detokenizes; we need text only to match stops
-    )
-
-
-def logprobs_to_pb(logprobs: list[list[tuple[int, float]]]) -> vpb.OutputLogProbs:
-    """Per token: the sampled (id, logprob) first, then the top ones."""
-    return vpb.OutputLogProbs(
-        token_logprobs=[pairs[0][1] for pairs in logprobs],
-        token_ids=[pairs[0][0] for pairs in logprobs],
-        top_logprobs=[
-            vpb.TopLogProbs(values=[v for _, v in pairs[1:]], token_ids=[t for t, _ in pairs[1:]])
-            for pairs in logprobs
-        ],
-    )
+Responses = AsyncGenerator[vpb.GenerateResponse, None]
 
 
 def _read_model_config(model_dir: Path) -> dict[str, Any]:
@@ -129,6 +83,7 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self.model_config = _read_model_config(self.model_dir)
         self.started_at = time.time()
         self.last_receive_at = 0.0
+        self._samples_of: dict[str, list[str]] = {}  # a live request with n > 1: its samples' ids
 
     @unary_errors
     async def HealthCheck(
@@ -203,8 +158,20 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
 
     @unary_errors
     async def Abort(self, request: vpb.AbortRequest, context: Context) -> vpb.AbortResponse:
-        self.engine_loop.abort(list(request.request_ids))
+        """Aborting a request with n > 1 aborts all its samples."""
+        samples_of = self._samples_of
+        request_ids = [s for r in request.request_ids for s in samples_of.get(r, [r])]
+        self.engine_loop.abort(request_ids)
         return vpb.AbortResponse()
+
+    @stream_errors
+    async def GetTokenizer(
+        self, request: cpb.GetTokenizerRequest, context: Context
+    ) -> AsyncIterator[cpb.GetTokenizerChunk]:
+        """The model directory's tokenizer files as a zip, in chunks (tokenizer_bundle.py)."""
+        data = await asyncio.to_thread(tokenizer_zip, self.model_dir)
+        for piece, sha256 in chunks(data):
+            yield cpb.GetTokenizerChunk(data=piece, sha256=sha256)
 
     @stream_errors
     async def Generate(
@@ -212,29 +179,67 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     ) -> AsyncIterator[vpb.GenerateResponse]:
         """Streaming: one chunk per batch of new tokens (``completion_tokens`` counts that batch,
         as vLLM's server does), then a Complete; not streaming: one Complete. A Complete always
-        carries every output id and the request's totals."""
+        carries every output id and its sample's totals. With n > 1 every response carries its
+        sample's ``index``: streamed chunks interleave and each sample's Complete comes when it
+        finishes; not streamed, the n Completes come at the end, by index (as vLLM's server)."""
         self.last_receive_at = time.time()
-        prompt_ids, params = self._checked(request)
+        prompt_ids, params, n = self._checked(request)
         request_id = request.request_id or uuid.uuid4().hex
+        samples = parallel_samples(request_id, params, n)
+        stream = request.stream
+
+        def sample(index: int, scheduled: asyncio.Event | None) -> Responses:
+            return self._sample(samples[index], index, prompt_ids, stream, scheduled)
+
+        if n == 1:
+            async with aclosing(sample(0, None)) as responses:
+                async for response in responses:
+                    yield response
+            return
+        self._samples_of[request_id] = [sample_id for sample_id, _ in samples]
+        share_prompt = len(prompt_ids) >= self.engine_loop.info.block_size  # a full block
+        merged = merge_streams(sample, n, share_prompt)
+        try:
+            async with aclosing(merged):
+                if stream:
+                    async for response in merged:
+                        yield response
+                else:
+                    completes = [response async for response in merged]
+                    for response in sorted(completes, key=lambda r: r.complete.index):
+                        yield response
+        finally:
+            self._samples_of.pop(request_id, None)
+
+    async def _sample(
+        self, sample: tuple[str, SamplingParams], index: int, prompt_ids: list[int], stream: bool,
+        scheduled: asyncio.Event | None,
+    ) -> Responses:  # fmt: skip
+        """One sample's responses; ``scheduled`` is set once its prompt has been computed."""
+        sample_id, params = sample
         output_ids: list[int] = []
         logprobs: list[list[tuple[int, float]]] = []
         batches = request_batches(
-            self.engine_loop, self.metrics, request_id, prompt_ids, params, request.stream
+            self.engine_loop, self.metrics, sample_id, prompt_ids, params, stream
         )
         async with aclosing(batches):
             async for batch in batches:
+                if scheduled is not None:
+                    scheduled.set()
                 new_ids = [t for out in batch for t in out.new_token_ids]
                 new_logprobs = [lp for out in batch for lp in out.new_logprobs or []]
                 output_ids += new_ids
                 logprobs += new_logprobs
-                if request.stream and new_ids:
-                    yield self._chunk(new_ids, new_logprobs, len(prompt_ids), batch[-1])
+                if stream and new_ids:
+                    yield chunk_to_pb(new_ids, new_logprobs, len(prompt_ids), batch[-1], index)
                 if batch[-1].finished:
                     break
-            yield self._complete(output_ids, logprobs, len(prompt_ids), batch[-1], params)
+            last = batch[-1]
+            yield complete_to_pb(output_ids, logprobs, len(prompt_ids), last, params, index)
 
-    def _checked(self, request: vpb.GenerateRequest) -> tuple[list[int], SamplingParams]:
-        """The prompt's token ids and the sampling parameters, once checked (ValueError if not)."""
+    def _checked(self, request: vpb.GenerateRequest) -> tuple[list[int], SamplingParams, int]:
+        """The prompt's token ids, the sampling parameters and n, once checked (ValueError if
+        not)."""
         unsupported = unsupported_field(request)
         if unsupported is not None:
             raise ValueError(f"{unsupported} is not supported by this server")
@@ -249,7 +254,13 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             prompt_field=prompt_field,
             sampling_field=SAMPLING_FIELD,
         )
-        return prompt_ids, params
+        n = request.sampling_params.n or 1
+        max_n = self.config.max_num_seqs
+        if n > max_n:
+            raise ValueError(
+                f"{SAMPLING_FIELD}.n={n} is invalid: must be <= {max_n} (--max-num-seqs)"
+            )
+        return prompt_ids, params, n
 
     def _prompt(self, request: vpb.GenerateRequest) -> tuple[list[int], str]:
         input_field = request.WhichOneof("input")
@@ -258,38 +269,3 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         if input_field == "text":
             return self.tokenizer.encode(request.text), "text"
         raise ValueError("input is missing: set tokenized.input_ids or text")
-
-    @staticmethod
-    def _chunk(
-        new_ids: list[int], logprobs: list[list[tuple[int, float]]], num_prompt_tokens: int,
-        last: RequestOutput,
-    ) -> vpb.GenerateResponse:  # fmt: skip
-        chunk = vpb.GenerateStreamChunk(
-            token_ids=new_ids,
-            prompt_tokens=num_prompt_tokens,
-            completion_tokens=len(new_ids),
-            cached_tokens=last.num_cached_tokens,
-        )
-        if logprobs:
-            chunk.output_logprobs.CopyFrom(logprobs_to_pb(logprobs))
-        return vpb.GenerateResponse(chunk=chunk)
-
-    @staticmethod
-    def _complete(
-        output_ids: list[int], logprobs: list[list[tuple[int, float]]], num_prompt_tokens: int,
-        last: RequestOutput, params: SamplingParams,
-    ) -> vpb.GenerateResponse:  # fmt: skip
-        assert last.finish_reason is not None
-        complete = vpb.GenerateComplete(
-            output_ids=output_ids,
-            finish_reason=last.finish_reason.value,  # stop, length, abort: vLLM's names
-            prompt_tokens=num_prompt_tokens,
-            completion_tokens=len(output_ids),
-            cached_tokens=last.num_cached_tokens,
-        )
-        stopped_on = output_ids[-1] if output_ids else None
-        if last.finish_reason == FinishReason.STOP and stopped_on in params.stop_token_ids:
-            complete.matched_token_id = stopped_on  # EOS, as in vLLM, is no matched stop
-        if logprobs:
-            complete.output_logprobs.CopyFrom(logprobs_to_pb(logprobs))
-        return vpb.GenerateResponse(complete=complete)

@@ -29,6 +29,9 @@ OPTIONAL_SAMPLING_FIELDS = (
     "ignore_eos",
     "logprobs",
     "detokenize",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
 )
 FINISH_REASONS = {
     FinishReason.STOP: pb.STOP,
@@ -41,7 +44,12 @@ Logprobs = list[list[tuple[int, float]]]
 def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     """Unset fields keep the engine defaults. Unchecked: validate_request checks the ranges."""
     values = {name: getattr(msg, name) for name in OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)}
-    return SamplingParams(**values, stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids))
+    return SamplingParams(
+        **values,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        logit_bias=dict(msg.logit_bias),
+    )
 
 
 class Prompt(NamedTuple):

@@ -20,8 +20,9 @@ from models.layers.attention import AttentionMetadata
 from models.parallel import SINGLE_RANK, ParallelContext, broadcast
 from models.qwen3 import Qwen3ForCausalLM
 from protos.step_plan import PENDING, StepResult
-from worker_service.batch_inputs import HostStep, build_host_step, pack_step
+from worker_service.batch_inputs import HostStep, build_host_step, named, pack, pack_step, unpack
 from worker_service.cuda_graphs import DecodeGraphs
+from worker_service.logit_adjust import AdjustArrays, build_adjust_arrays, resolve_pending
 from worker_service.sampling import (
     SamplingInput,
     build_sampling_input,
@@ -99,6 +100,8 @@ class ModelRunner:
         sampling = build_sampling_input(
             sampling_seqs, self.vocab_size, self.eos_token_ids, self.rng
         )
+        if sampling.adjusted_rows and self.parallel.is_driver:  # only rank 0 samples
+            sampling = self._with_adjust(sampling, sampling_seqs)
         started = self._record_start()  # after the host's work: its preparation counts as idle
         tokens, logprobs = self._forward_and_sample(host, sampling)
         if sampling_seqs:
@@ -115,6 +118,16 @@ class ModelRunner:
         if sampling_seqs:
             self._last_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
         return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started, shape)
+
+    def _with_adjust(
+        self, sampling: SamplingInput[np.ndarray], seqs: list[WorkerSequence]
+    ) -> SamplingInput[np.ndarray]:
+        """``sampling`` with its adjusted rows' arrays on the device, in one copy, their pending
+        tokens read from ``prev_tokens`` now: before this step's forward overwrites them."""
+        rows = list(sampling.adjusted_rows)
+        host = build_adjust_arrays(seqs, rows, self.vocab_size, self._last_rows)
+        arrays = unpack(AdjustArrays, pack(named(host), self.device))
+        return sampling.with_adjust(resolve_pending(arrays, self.prev_tokens))
 
     def _record_start(self) -> torch.cuda.Event | None:
         if self.device.type != "cuda":

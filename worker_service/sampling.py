@@ -3,8 +3,11 @@
 ``build_sampling_input`` gathers, once per step, what the step's sampling rows need: temperatures
 (0 = greedy), row seeds, top_k / top_p / min_p, the tokens banned under min_tokens (EOS and stop
 ids) and the logprob count. Its arrays travel to the device in the step's one packed copy
-(worker_service/batch_inputs.py). ``sample`` then bans, filters and draws:
+(worker_service/batch_inputs.py). ``sample`` then adjusts, bans, filters and draws:
 
+- rows with penalties or a logit bias have their logits changed first (worker_service/
+  logit_adjust.py; greedy rows too). Only a step that has such rows builds and uploads their
+  arrays, in a copy of their own (``with_adjust``), so the others pay nothing;
 - banned and filtered tokens only become -inf logits; filters read softmax(logits / T) (top_k,
   top_p keeping the most likely token always, min_p), so a row without filters is left untouched;
 - the draw is Gumbel-max with the Triton kernel on CUDA (kernels/sample_tokens.py: Philox noise
@@ -20,12 +23,13 @@ two devices draw different noise, so CPU and CUDA tokens of the same seed differ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
+from worker_service.logit_adjust import AdjustArrays, apply_adjust
 from worker_service.sequence_table import PARAMS_DTYPE, WorkerSequence
 
 A = TypeVar("A")  # np.ndarray on the host, torch.Tensor on the device
@@ -59,17 +63,31 @@ class SamplingInput(Generic[A]):
     needs_filter: bool  # a sampled row (temperature > 0) has top_k, top_p or min_p
     needs_mask: bool  # a row is under min_tokens with something to ban
     num_top: int  # top logprobs to return (0: none)
+    adjusted_rows: tuple[int, ...] = ()  # rows with a penalty or a logit bias
+    # Those rows' arrays, on the device from the start: the runner uploads them before the
+    # forward (``with_adjust``), since their pending tokens must be read before a graph replays.
+    adjust: AdjustArrays[torch.Tensor] | None = None
 
     @property
     def needs_more_than_the_kernel(self) -> bool:
         """The sampling kernel alone, on the raw logits, does not draw these rows right."""
-        return self.needs_filter or self.needs_mask
+        return self.needs_filter or self.needs_mask or bool(self.adjusted_rows)
 
     def on(self, arrays: SamplingArrays[B]) -> SamplingInput[B]:
         """The same input with ``arrays`` (its arrays, moved to the device)."""
         return SamplingInput(
-            arrays, self.all_greedy, self.needs_filter, self.needs_mask, self.num_top
+            arrays,
+            self.all_greedy,
+            self.needs_filter,
+            self.needs_mask,
+            self.num_top,
+            self.adjusted_rows,
+            self.adjust,
         )
+
+    def with_adjust(self, adjust: AdjustArrays[torch.Tensor]) -> SamplingInput[A]:
+        """The same input with the adjusted rows' arrays (on the device)."""
+        return replace(self, adjust=adjust)
 
 
 def build_sampling_input(
@@ -102,6 +120,7 @@ def build_sampling_input(
         needs_filter=bool((filtered & (temperatures > 0)).any()),
         needs_mask=banned_ids.shape[1] > 0,
         num_top=int(records["logprobs"].max()) if n else 0,
+        adjusted_rows=tuple(np.flatnonzero(records["adjusts_logits"]).tolist()),
     )
 
 
@@ -117,9 +136,11 @@ def _banned_ids(seq: WorkerSequence, eos_token_ids: tuple[int, ...]) -> list[int
 def sample(
     logits: torch.Tensor, sampling: SamplingInput[torch.Tensor], kernel: bool | None = None
 ) -> torch.Tensor:  # logits [B, V] -> token ids [B] int64
-    """Ban, filter and draw one token per row. ``kernel``: draw with the Triton kernel (None: on
-    CUDA only; True runs it wherever Triton runs, on CPU through TRITON_INTERPRET)."""
+    """Adjust, ban, filter and draw one token per row. ``kernel``: draw with the Triton kernel
+    (None: on CUDA only; True runs it wherever Triton runs, on CPU through TRITON_INTERPRET)."""
     x = sampling.arrays
+    if sampling.adjust is not None:
+        logits = apply_adjust(logits, sampling.adjust)
     if sampling.needs_mask:
         logits = _ban(logits, x.banned_ids)
     if sampling.all_greedy:

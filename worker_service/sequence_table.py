@@ -30,6 +30,7 @@ PARAMS_DTYPE = np.dtype(
         ("seed", np.int64),
         ("min_tokens", np.int64),
         ("logprobs", np.int64),
+        ("adjusts_logits", np.bool_),  # a penalty or a logit bias (worker_service/logit_adjust.py)
     ]
 )
 
@@ -49,7 +50,7 @@ class WorkerSequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @cached_property
-    def params_record(self) -> tuple[float, int, float, float, bool, int, int, int]:
+    def params_record(self) -> tuple[float, int, float, float, bool, int, int, int, bool]:
         """``params`` as a ``PARAMS_DTYPE`` record (they never change for a sequence)."""
         p = self.params
         seed = p.seed if p.seed is not None else 0
@@ -62,6 +63,7 @@ class WorkerSequence:
             seed,
             p.min_tokens,
             p.logprobs,
+            p.adjusts_logits,
         )
 
 

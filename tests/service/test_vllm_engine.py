@@ -156,14 +156,9 @@ def set_request(name: str, value: object = None) -> Callable[[vpb.GenerateReques
 
 
 UNSUPPORTED = {
-    "sampling_params.frequency_penalty": set_sampling(frequency_penalty=0.5),
-    "sampling_params.presence_penalty": set_sampling(presence_penalty=0.5),
-    "sampling_params.repetition_penalty": set_sampling(repetition_penalty=1.2),
-    "sampling_params.n": set_sampling(n=2),
     "sampling_params.logprobs": set_sampling(logprobs=-1),
     "sampling_params.prompt_logprobs": set_sampling(prompt_logprobs=1),
     "sampling_params.include_stop_str_in_output": set_sampling(include_stop_str_in_output=True),
-    "sampling_params.logit_bias": set_sampling(logit_bias={5: 10.0}),
     "sampling_params.truncate_prompt_tokens": set_sampling(truncate_prompt_tokens=4),
     "sampling_params.json_schema": set_sampling(json_schema="{}"),
     "sampling_params.regex": set_sampling(regex="a+"),

@@ -45,7 +45,40 @@ BAD_SAMPLING = [
     ),
     (SamplingParams(stop=["ok", ""]), "sampling.stop='' is invalid: must be non-empty strings"),
     (SamplingParams(stop=["x"], detokenize=False), "is invalid: needs detokenize=True"),
+    (
+        SamplingParams(presence_penalty=2.5),
+        "sampling.presence_penalty=2.5 is invalid: must be in [-2, 2]",
+    ),
+    (
+        SamplingParams(frequency_penalty=-2.01),
+        "sampling.frequency_penalty=-2.01 is invalid: must be in [-2, 2]",
+    ),
+    (SamplingParams(frequency_penalty=float("nan")), "sampling.frequency_penalty=nan is invalid"),
+    (
+        SamplingParams(repetition_penalty=0.0),
+        "sampling.repetition_penalty=0.0 is invalid: must be > 0 and finite",
+    ),
+    (SamplingParams(repetition_penalty=float("inf")), "sampling.repetition_penalty=inf"),
+    (
+        SamplingParams(logit_bias={5: 1.0, 100: 2.0}),
+        "sampling.logit_bias=100 is invalid: must map ids in [0, 100)",
+    ),
+    (SamplingParams(logit_bias={-1: 2.0}), "sampling.logit_bias=-1 is invalid"),
+    (
+        SamplingParams(logit_bias={7: 100.5}),
+        "sampling.logit_bias[7]=100.5 is invalid: must be in [-100, 100]",
+    ),
 ]
+
+
+def test_penalties_and_logit_bias_in_range_are_accepted() -> None:
+    params = SamplingParams(
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        repetition_penalty=0.01,
+        logit_bias={0: -100.0, 99: 100.0},
+    )
+    validate_request([1, 2], params, MODEL)
 
 
 @pytest.mark.parametrize(("params", "message"), BAD_SAMPLING)
