@@ -126,10 +126,26 @@ def _mixed_params(n: int) -> list[SamplingParams]:
     return params
 
 
-@pytest.mark.parametrize("sampling", ["greedy", "mixed"])
+def _penalty_params(n: int) -> list[SamplingParams]:
+    """Rows with penalties or a logit bias (re-sampled after the graph, their token in flight
+    read on the device) beside plain greedy and seeded rows that must not notice them."""
+    params = _mixed_params(n)
+    params[0] = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0, repetition_penalty=1.8)
+    params[1] = SamplingParams(
+        max_tokens=NUM_NEW_TOKENS, temperature=0.8, seed=3, frequency_penalty=1.0,
+        presence_penalty=0.5,
+    )  # fmt: skip
+    params[-1] = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0, logit_bias={7: 5.0})
+    return params
+
+
+SAMPLINGS = {"greedy": lambda n: GREEDY, "mixed": _mixed_params, "penalties": _penalty_params}
+
+
+@pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
 def test_cuda_graph_output_equals_eager_output(checkpoint, sampling) -> None:
     model_dir, prompts = checkpoint
-    params = GREEDY if sampling == "greedy" else _mixed_params(len(prompts))
+    params = SAMPLINGS[sampling](len(prompts))
     graphed, graphs = generate_once(model_dir, prompts, params, enforce_eager=False)
     eager, no_graphs = generate_once(model_dir, prompts, params, enforce_eager=True)
     assert graphs is not None and no_graphs is None

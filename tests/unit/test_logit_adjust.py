@@ -158,3 +158,17 @@ def test_both_wires_carry_penalties_and_bias_to_the_worker() -> None:
     assert params_from_pb(wire) == params
     unset = sampling_from_pb(public_pb.SamplingParams())
     assert unset.repetition_penalty == 1.0 and not unset.adjusts_logits
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_adjustment_equals_the_reference() -> None:
+    rng = np.random.default_rng(5)
+    seqs = mixed_seqs(rng)
+    logits = torch.randn(len(seqs), VOCAB) * 3
+    host = build_adjust_arrays(seqs, list(range(len(seqs))), VOCAB, {})
+    arrays = unpack(AdjustArrays, {k: torch.from_numpy(v).cuda() for k, v in named(host).items()})
+    got = apply_adjust(logits.cuda().bfloat16(), arrays).cpu()
+    expected = apply_adjust_ref(
+        logits.bfloat16(), seqs, {i: s.token_ids for i, s in enumerate(seqs)}
+    )
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-4)
