@@ -45,11 +45,6 @@ QWEN3_8B = dict(
 ARCHITECTURES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B}
 
 
-def default_max_model_len(cfg: dict) -> int:
-    """The benchmarks' context limit: 4096 (every workload fits), or the model's when lower."""
-    return min(4096, cfg["max_position_embeddings"])
-
-
 def _shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, d = cfg["hidden_size"], cfg["head_dim"]
     q, kv, inter = (

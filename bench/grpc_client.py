@@ -1,5 +1,6 @@
 """The throughput benchmark through the full gRPC stack: worker and scheduler as separate processes,
-every request sent at once by concurrent clients over one channel (non-streaming Generate)."""
+every request sent at once by concurrent clients over one channel (non-streaming Generate).
+Flags the caller does not set are left to the services' defaults."""
 
 from __future__ import annotations
 
@@ -18,20 +19,23 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def engine_flags(args) -> list[str]:
+    """The engine limits a benchmark was given (none by default: the services' own defaults)."""
+    flags = []
+    for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+        value = getattr(args, name, None)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
 def start_services(
     model_dir: str, args, device: str, worker_extra: tuple[str, ...] | list[str] = ()
 ) -> tuple[list[launcher.ServiceProcess], str]:
     """``args.tp`` worker ranks and a scheduler on ports the OS picks; returns them and the public
     address. ``worker_extra`` goes to rank 0 only (e.g. its --profile-steps)."""
     run_dir = launcher.make_run_dir()
-    engine_flags = ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    common = [
-        *engine_flags,
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-model-len",
-        str(args.max_model_len),
-    ]
+    common = engine_flags(args)
     if args.enforce_eager:
         common.append("--enforce-eager")
     common += getattr(args, "worker_args", "").split()  # e.g. "--dtype float32"
@@ -55,13 +59,7 @@ def start_services(
         ",".join(w.addr for w in workers),
         "--port",
         "0",
-        *engine_flags,
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-model-len",
-        str(args.max_model_len),
-        "--max-num-waiting",
-        "100000",
+        *engine_flags(args),
     ]
     if args.no_prefix_caching:
         scheduler_flags.append("--no-prefix-caching")
@@ -89,27 +87,8 @@ async def send_all(
                     num_tokens = reply.complete.usage.completion_tokens
             return num_tokens
 
-        # Warm-up on a slice of the workload: Triton's JIT compiles happen before the clock.
-        warm = [
-            request(list(r.token_ids.ids), 16, {"temperature": r.sampling.temperature})
-            for r in requests[:32]
-        ]
-        await asyncio.gather(*(one(r) for r in warm))
+        # No warm-up here: the scheduler warms the engine up before it reports SERVING.
         started_at = time.time()
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(r) for r in requests))
         return time.perf_counter() - start, sum(counts), started_at
-
-
-def run_grpc(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    services, addr = start_services(model_dir, args, device)
-    try:
-        sampling = dict(sampling, detokenize=False)
-        requests = [request(p, m, sampling) for p, m in zip(prompts, max_tokens)]
-        seconds, num_tokens, started_at = asyncio.run(send_all(addr, requests))
-    finally:
-        launcher.stop_all(services)  # workers write their step traces as they exit
-    return {"seconds": seconds, "output_tokens": num_tokens, "started_at": started_at}

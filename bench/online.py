@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.checkpoint import ARCHITECTURES, default_max_model_len, write_random_checkpoint
+from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
 from bench.grpc_client import CHANNEL_OPTIONS, request, start_services
 from bench.throughput import load_workload
 from nanoserve import launcher
@@ -78,11 +78,9 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--max-output", type=int, default=256, help="cap each request's max_tokens")
     parser.add_argument("--rates", default="4,16,64", help="requests per second, comma-separated")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument(
-        "--max-model-len", type=int, help="default: 4096, or the model's limit when lower"
-    )
+    parser.add_argument("--max-num-seqs", type=int, help="default: the services' own")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="default: the services' own")
+    parser.add_argument("--max-model-len", type=int, help="default: the model's (config.json)")
     parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -93,7 +91,6 @@ def main() -> None:
     )
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = cfg["vocab_size"]
-    args.max_model_len = args.max_model_len or default_max_model_len(cfg)
     prompts, max_tokens, sampling = load_workload(args.workload, args.num_requests)
     sampling = dict(sampling, detokenize=False)
     requests = [

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import ARCHITECTURES, _shapes, default_max_model_len
+from bench.checkpoint import ARCHITECTURES, _shapes
 from bench.grpc_client import request, send_all, start_services
 from bench.hf_reference import hf_greedy
 from bench.throughput import load_workload
@@ -195,11 +195,9 @@ def main() -> None:
     p.add_argument("--greedy-prompts", type=int, default=4)
     p.add_argument("--greedy-tokens", type=int, default=64)
     p.add_argument("--profile-steps", default="150,10", help="START,COUNT of rank 0's steps")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument(
-        "--max-model-len", type=int, help="default: 4096, or the model's limit when lower"
-    )
+    p.add_argument("--max-num-seqs", type=int, help="default: the services' own")
+    p.add_argument("--max-num-batched-tokens", type=int, help="default: the services' own")
+    p.add_argument("--max-model-len", type=int, help="default: the model's (config.json)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--out", default="tp_sweep")
@@ -218,7 +216,6 @@ def main() -> None:
     print(f"checkpoint ready in {time.perf_counter() - started:.0f} s: {model_dir}", flush=True)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = cfg["vocab_size"]
-    args.max_model_len = args.max_model_len or default_max_model_len(cfg)
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     prompts = [[t % vocab for t in prompt] for prompt in prompts]
     greedy_prompts = [

@@ -1,19 +1,23 @@
 """The speed a user gets: the services started by their documented commands with default flags,
-256 streaming clients, the first pass right after SERVING and then a second pass.
+256 concurrent clients (streaming by default), the first pass right after SERVING and more passes.
 
 ``python -m worker_service --model DIR --device DEVICE`` and ``python -m scheduler_service --model
 DIR --workers HOST:PORT``, nothing else; the checkpoint has the architecture's published
 config.json (Qwen3-0.6B: max_position_embeddings 40,960, so max_model_len is that). No warm-up:
-the first pass is what the first users after a deployment get.
+the first pass is what the first users after a deployment get. Each later pass sends the same
+prompts with their first token changed, so no pass finds another's prompts in the prefix cache.
 
-Run: ``python -m bench.user_path [--arch qwen3-0.6b] [--device cuda]``. Needs a GPU to mean
-anything; ``--limit`` and ``--max-tokens`` shrink the workload for a smoke run on CPU.
+Run: ``python -m bench.user_path [--arch qwen3-0.6b] [--device cuda]``. ``--max-model-len`` (both
+services) exists only to show the speed does not depend on it; ``--no-stream`` sends
+non-streaming requests. ``--limit`` and ``--max-tokens`` shrink the workload for a smoke run on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import time
 from pathlib import Path
 
@@ -26,64 +30,134 @@ from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
 
 
-async def stream_one(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest) -> int:
-    """Stream one request to its end; the number of tokens its chunks carried."""
-    num_tokens = 0
+async def one(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest) -> tuple[int, list[float]]:
+    """Run one request to its end: its output tokens and the times its chunks arrived."""
+    num_tokens, arrivals = 0, []
     async for reply in stub.Generate(request):
-        if reply.HasField("chunk"):
-            num_tokens += len(reply.chunk.token_ids)
-    return num_tokens
+        if reply.HasField("chunk") and reply.chunk.token_ids:
+            arrivals.append(time.perf_counter())
+        if reply.HasField("complete"):
+            num_tokens = reply.complete.usage.completion_tokens
+    return num_tokens, arrivals
 
 
-async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int) -> None:
+def shifted(requests: list[pb.GenerateRequest], k: int, vocab: int) -> list[pb.GenerateRequest]:
+    """The same requests, each prompt's first token moved by ``k``: nothing shared in the cache."""
+    out = []
+    for r in requests:
+        copy = pb.GenerateRequest()
+        copy.CopyFrom(r)
+        copy.token_ids.ids[0] = (copy.token_ids.ids[0] + k) % vocab
+        out.append(copy)
+    return out
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def quantiles(values: list[float], n: int = 200) -> list[float]:
+    """``n + 1`` evenly spaced quantiles of ``values`` (for a distribution plot), in ms."""
+    ordered = sorted(values)
+    if not ordered:
+        return []
+    return [1e3 * ordered[round(i * (len(ordered) - 1) / n)] for i in range(n + 1)]
+
+
+async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int, vocab: int):
+    """Each pass sends every request at once; its tokens, time, TTFT and ITL quantiles."""
+    results = []
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = pb_grpc.GenerationStub(channel)
         for i in range(num_passes):
+            batch = shifted(requests, i, vocab) if i else requests
+            started_at = time.time()
             start = time.perf_counter()
-            counts = await asyncio.gather(*(stream_one(stub, r) for r in requests))
+            done = await asyncio.gather(*(one(stub, r) for r in batch))
             seconds = time.perf_counter() - start
-            rate = sum(counts) / seconds
-            print(f"pass {i + 1}: {sum(counts)} tokens in {seconds:.2f} s = {rate:.0f} tok/s")
+            tokens = sum(n for n, _ in done)
+            gaps = [b - a for _, t in done for a, b in zip(t, t[1:])]
+            ttfts = [t[0] - start for _, t in done if t]
+            res = {"pass": i + 1, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+            res |= {
+                "started_at": started_at,
+                "ttft_ms": quantiles(ttfts),
+                "itl_ms": quantiles(gaps),
+            }
+            results.append(res)
+            line = {k: v for k, v in res.items() if not k.endswith("_ms")}
+            if gaps:
+                line["itl_p50_ms"], line["itl_p99_ms"] = res["itl_ms"][100], res["itl_ms"][198]
+            print(json.dumps(line), flush=True)
+    return results
+
+
+def run_services(model_dir: str, prompts, max_tokens, sampling, args, engine: str) -> dict:
+    """bench.throughput's ``grpc-stream`` / ``grpc`` engines: start, time the passes, stop."""
+    from bench.grpc_client import start_services
+
+    device = getattr(args, "device", None) or ("cuda" if _has_cuda() else "cpu")
+    started = time.perf_counter()
+    services, addr = start_services(model_dir, args, device)
+    ready_s = time.perf_counter() - started
+    print(f"process start to SERVING: {ready_s:.1f} s", flush=True)
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    requests = [
+        pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[t % vocab for t in prompt]),
+            stream=engine == "grpc-stream",
+            sampling=pb.SamplingParams(max_tokens=m, **sampling),  # text too, as users get
+        )
+        for prompt, m in zip(prompts, max_tokens)
+    ]
+    try:
+        results = asyncio.run(passes(addr, requests, args.passes, vocab))
+    finally:
+        launcher.stop_all(services)  # workers write their step traces as they exit
+    first = results[0]
+    return {
+        "seconds": first["seconds"],
+        "output_tokens": first["tokens"],
+        "started_at": first["started_at"],
+        "ready_s": ready_s,
+        "passes": results,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
+    p.add_argument("--model", help="checkpoint dir (default: a random --arch checkpoint)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--workload", default="nano_bench_256")
     p.add_argument("--limit", type=int, help="first N requests only")
     p.add_argument("--max-tokens", type=int, help="cap every request's max_tokens")
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--no-stream", action="store_true", help="non-streaming requests")
+    p.add_argument("--max-model-len", type=int, help="given to both services (default: none)")
+    p.add_argument("--step-trace", metavar="PATH", help="the services trace every step here")
     p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-user")
+    p.add_argument("--out", help="append the results as one JSON line here")
     args = p.parse_args()
-    model = str(write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch))
+    args.enforce_eager = args.no_prefix_caching = False
+    model = args.model or str(
+        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
+    )
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     if args.max_tokens:
         max_tokens = [min(m, args.max_tokens) for m in max_tokens]
-    requests = [
-        pb.GenerateRequest(
-            token_ids=pb.TokenIds(ids=prompt),
-            stream=True,
-            sampling=pb.SamplingParams(max_tokens=m, **sampling),
-        )
-        for prompt, m in zip(prompts, max_tokens)
-    ]
-    run_dir = launcher.make_run_dir()
-    start = time.perf_counter()
-    worker_flags = ["--model", model, "--device", args.device]
-    worker = launcher.spawn("worker", "worker_service", worker_flags, run_dir)
-    services = [worker]
-    try:
-        port = worker.wait_for_port(600)
-        scheduler_flags = ["--model", model, "--workers", f"127.0.0.1:{port}"]
-        scheduler = launcher.spawn("scheduler", "scheduler_service", scheduler_flags, run_dir)
-        services.append(scheduler)
-        scheduler.wait_for_port(120)
-        launcher.wait_until_serving(scheduler.addr, 600)
-        print(f"process start to SERVING: {time.perf_counter() - start:.1f} s")
-        asyncio.run(passes(scheduler.addr, requests, args.passes))
-    finally:
-        launcher.stop_all(services)
+    os.environ.pop("NANOSERVE_STEP_TRACE", None)
+    if args.step_trace:
+        Path(args.step_trace).parent.mkdir(parents=True, exist_ok=True)
+        os.environ["NANOSERVE_STEP_TRACE"] = args.step_trace
+    engine = "grpc" if args.no_stream else "grpc-stream"
+    res = run_services(model, prompts, max_tokens, sampling, args, engine)
+    if args.out:
+        line = {"engine": engine, "max_model_len": args.max_model_len, **res}
+        with open(args.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

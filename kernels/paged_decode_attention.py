@@ -59,7 +59,9 @@ def paged_decode_attention_ref(
     return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
 
 
-@triton.jit
+# The block table's width changes from step to step: specializing on it (1, a multiple of 16,
+# anything else) would compile new variants while serving, after the warm-up (warm_up.py).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,

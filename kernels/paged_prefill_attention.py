@@ -97,7 +97,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# The block table's width changes from step to step: specializing on it (1, a multiple of 16,
+# anything else) would compile new variants while serving, after the warm-up (warm_up.py).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_prefill_kernel(
     q_ptr,
     k_cache_ptr,

@@ -2,8 +2,9 @@
 
 Serves ``nanoserve.v1.Generation`` and ``vllm.grpc.engine.VllmEngine`` (for the SMG gateway:
 vllm_engine.py) with health (``""`` liveness; either service's name readiness: SERVING once the
-workers answer, NOT_SERVING while any is lost and while draining) and reflection, on grpc.aio;
-the engine runs in its own thread (engine_loop.py). SIGTERM or Ctrl-C drains: readiness turns
+workers answer and the warm-up ran, NOT_SERVING while any is lost and while draining) and
+reflection, on grpc.aio. This process is the front end; the engine loop runs in a process of its
+own (engine_process.py). SIGTERM or Ctrl-C drains: readiness turns
 NOT_SERVING and new requests are refused with UNAVAILABLE while health keeps answering; in-flight
 ones get ``--drain-timeout`` seconds to finish; then the process exits 0.
 With ``--tls-cert``/``--tls-key`` the port speaks TLS only; with ``$NANOSERVE_AUTH_TOKEN`` every
@@ -17,6 +18,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -27,16 +29,15 @@ from smg_grpc_proto.generated import vllm_engine_pb2
 
 from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from protos.nanoserve.v1 import generation_pb2
-from protos.step_trace import SCHEDULER_SUFFIX, StepTrace, open_trace
 from scheduler_service.config import SchedulerServiceConfig
-from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.engine_client import EngineClient
+from scheduler_service.engine_process import EngineProcess
 from scheduler_service.metrics import Metrics
 from scheduler_service.servicer import GenerationServicer, add_to_server
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.vllm_engine import SERVICE as VLLM_SERVICE
 from scheduler_service.vllm_engine import SERVICE_NAME as VLLM_SERVICE_NAME
 from scheduler_service.vllm_engine import VllmEngineServicer
-from scheduler_service.worker_client import GrpcWorkerClient
 
 log = logging.getLogger("scheduler_service")
 
@@ -56,12 +57,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) -> None:
+async def serve(config: SchedulerServiceConfig) -> int:
+    """Serve until SIGTERM/SIGINT (then drain: 0) or until the engine process dies (1)."""
     loop = asyncio.get_running_loop()
     tokenizer = Tokenizer.from_dir(config.model_dir)
-    worker = GrpcWorkerClient(
-        config.worker_addrs, config.step_timeout_s, config.rpc_timeout_s, config.worker_secret
-    )
     health_servicer = health.aio.HealthServicer()
 
     def on_ready_change(ready: bool) -> None:
@@ -70,15 +69,16 @@ async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) 
             loop.create_task(health_servicer.set(name, status))
 
     metrics = Metrics()
-    engine_loop = EngineLoop(config, worker, tokenizer, loop, on_ready_change, metrics, trace)
-    metrics.track_stats(lambda: engine_loop.stats)
+    engine = EngineProcess(config)
+    client = EngineClient(config, engine, on_ready_change, metrics)
+    metrics.track_stats(lambda: client.stats)
     if config.metrics_port is not None:
         metrics_port = metrics.start_http_server(config.metrics_port, config.host)
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     server = _make_server(config)
-    add_to_server(GenerationServicer(engine_loop, tokenizer, config, metrics), server)
+    add_to_server(GenerationServicer(client, tokenizer, config, metrics), server)
     add_to_server(
-        VllmEngineServicer(engine_loop, tokenizer, config, metrics),
+        VllmEngineServicer(client, tokenizer, config, metrics),
         server,
         vllm_engine_pb2.DESCRIPTOR,
         VLLM_SERVICE,
@@ -88,14 +88,23 @@ async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) 
         (*READINESS_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = _add_port(server, config)
-    # Everything built so far lives as long as the process: keep it out of the garbage
-    # collector's full passes, which would otherwise walk it (a pause of the step loop).
-    gc.freeze()
     await health_servicer.set("", SERVING)
     for name in READINESS_SERVICES:
         await health_servicer.set(name, NOT_SERVING)
+    stop = asyncio.Event()
+    engine_died = False
+
+    def on_engine_exit() -> None:
+        nonlocal engine_died
+        engine_died = True
+        client.on_lost("the engine process exited", 1 << 62, client.stats)
+        stop.set()
+
+    engine.start(client, loop, on_engine_exit)
+    # Everything built so far lives as long as the process: keep it out of the garbage
+    # collector's full passes, which would otherwise walk it (a pause of the front end).
+    gc.freeze()
     await server.start()
-    engine_loop.start()
     scheme = "TLS" if config.tls else "plaintext"
     auth = "bearer token" if config.auth_token else "no authentication"
     log.info("scheduler listening on %s:%d (%s, %s)", config.host, port, scheme, auth)
@@ -104,26 +113,26 @@ async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) 
     if config.port_file:
         _write_port_file(config.port_file, port)
 
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await _drain(engine_loop, config.drain_timeout_s)
+    if not engine_died:
+        await _drain(client, config.drain_timeout_s)
     await server.stop(1.0)  # whatever is left past the drain timeout is cancelled (and aborted)
-    await asyncio.to_thread(engine_loop.stop)
-    worker.close()
+    await asyncio.to_thread(engine.stop)
     log.info("stopped")
+    return 1 if engine_died else 0
 
 
-async def _drain(engine_loop: EngineLoop, timeout_s: float) -> None:
+async def _drain(client: EngineClient, timeout_s: float) -> None:
     """Refuse new requests (health still answers NOT_SERVING) until in-flight ones are done."""
-    log.info("draining: %d streams in flight, up to %.0f s", engine_loop.num_streams, timeout_s)
-    engine_loop.drain()
+    log.info("draining: %d streams in flight, up to %.0f s", client.num_streams, timeout_s)
+    client.drain()
     deadline = time.monotonic() + timeout_s
-    while engine_loop.num_streams and time.monotonic() < deadline:
+    while client.num_streams and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    if engine_loop.num_streams:
-        log.warning("drain timeout: cancelling %d streams", engine_loop.num_streams)
+    if client.num_streams:
+        log.warning("drain timeout: cancelling %d streams", client.num_streams)
 
 
 def _make_server(config: SchedulerServiceConfig) -> grpc.aio.Server:
@@ -155,9 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    trace_path = config.step_trace and config.step_trace + SCHEDULER_SUFFIX
-    with open_trace(trace_path) as trace:  # one for the process: every session's engine writes it
-        asyncio.run(serve(config, trace))
+    sys.exit(asyncio.run(serve(config)))  # the engine process writes the step trace
 
 
 if __name__ == "__main__":

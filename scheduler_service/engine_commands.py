@@ -1,9 +1,9 @@
-"""Commands from the event loop to the engine thread, and applying a batch of them to the engine.
+"""Commands from the front end to the engine thread, and applying a batch of them to the engine.
 
-The event loop queues ``AddRequest`` and ``AbortRequest`` (``EngineLoop.submit`` and ``abort``);
+The engine process queues ``AddRequest`` and ``AbortRequest`` (``EngineLoop.add`` and ``abort``);
 the engine thread applies what has queued between two steps with ``apply_commands``. That touches
 only the EngineCore: what the request streams must hear (a refused request's error, an aborted
-request's last output) comes back as values for the caller to hand to the event loop.
+request's last output) comes back as values for the caller to send to the front end.
 Not here: the queue itself and its lock (engine_loop.py).
 """
 

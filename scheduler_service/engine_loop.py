@@ -1,30 +1,29 @@
-"""EngineLoop: runs the synchronous EngineCore in its own thread, for the asyncio gRPC servicer.
+"""EngineLoop: the engine thread of the engine process, which owns the synchronous EngineCore.
 
-Threads and ownership:
-- The engine thread owns the EngineCore: it applies queued commands (add, abort), steps while
-  there is work, pings the workers while idle, and on worker loss drops the engine and keeps trying
-  to reconnect and start a fresh session.
-- The event loop (the servicer's thread) owns the per-request streams. ``submit`` and ``abort`` are
-  called there; the engine thread hands outputs back with ``call_soon_threadsafe``, one callback
-  per step.
-A client that goes away (cancel, deadline) has its request aborted, which frees its KV blocks in
-the next iteration of the engine thread. So does one that stops reading: its stream buffers at
-most ``max_stream_buffer`` step outputs, past which the request is aborted (the step loop never
-waits for a client). On worker loss every in-flight request fails with ``Unavailable`` at once
-and readiness turns off until a fresh session is up. Whenever the engine falls idle it checks
-that every KV block is free (``kv_cache_violation``) and logs an error if not.
+The scheduler service is two processes (engine_process.py): the front end (gRPC servicers,
+request streams: engine_client.py) and the engine process, whose engine thread runs this loop.
+It applies queued commands (add, abort), steps while there is work, pings the workers while idle,
+and on worker loss drops the engine and keeps trying to reconnect and start a fresh session. A
+fresh session is warmed up (warm_up.py: every kernel variant the limits allow compiles and runs
+once) before it is announced, so readiness turns SERVING only once a first request runs at speed.
 
-Not here: protobuf (the servicer's edge), tokenization, what a command does to the engine
-(engine_commands.py), and scheduling itself (EngineCore).
+What the front end must hear goes to ``events`` (``EngineEvents``), all from this thread: one
+``update`` per step (the outputs, the stats after it and the step's timing), ``refused`` for an
+add the engine cannot take, ``session`` once a session serves and ``lost`` when it is gone.
+``add``, ``abort`` and ``stop`` may be called from any thread. Whenever the engine falls idle it
+checks that every KV block is free (``kv_cache_violation``) and logs an error if not.
+
+Not here: protobuf, tokenization, the per-request streams (engine_client.py), what a command does
+to the engine (engine_commands.py), and scheduling itself (EngineCore).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
@@ -32,27 +31,48 @@ from protos.step_trace import StepTrace
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import EngineCore, RequestOutput
 from scheduler_service.engine_commands import AbortRequest, AddRequest, Command, apply_commands
-from scheduler_service.metrics import Metrics
-from scheduler_service.request_streams import (
-    OutputQueue,
-    Overloaded,
-    RequestStreams,
-    SlowClient,
-    Unavailable,
-)
+from scheduler_service.request_streams import Unavailable
 from scheduler_service.server_stats import (
     ServerStats,
-    TokenRate,
     counter_fields,
     counters,
     kv_cache_violation,
+    minus,
     snapshot,
 )
 from scheduler_service.tokenizer import Tokenizer
+from scheduler_service.warm_up import warm_up
 from scheduler_service.worker_client import RemoteWorker, WorkerUnavailable
 
 log = logging.getLogger(__name__)
-__all__ = ["EngineLoop", "Overloaded", "ServerStats", "SlowClient", "Unavailable"]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One step's timing for the metrics: the engine's step and the worker's own time."""
+
+    seconds: float
+    worker_seconds: float | None
+    worker_memory: int
+    num_new_tokens: int
+
+
+class EngineEvents(Protocol):
+    """What the engine thread tells the front end (EngineClient's ``on_*`` methods, over a pipe)."""
+
+    def session(self, info: WorkerInfo, max_model_len: int, session: int) -> None: ...
+
+    def lost(self, reason: str, session: int, stats: ServerStats) -> None: ...
+
+    def refused(self, request_id: str, error: Exception) -> None: ...
+
+    def update(
+        self,
+        outputs: list[RequestOutput],
+        stats: ServerStats,
+        num_adds: int,  # AddRequests applied so far (refused ones included)
+        step: StepReport | None,
+    ) -> None: ...
 
 
 class EngineLoop:
@@ -61,136 +81,55 @@ class EngineLoop:
         config: SchedulerServiceConfig,
         worker: RemoteWorker,
         tokenizer: Tokenizer,
-        loop: asyncio.AbstractEventLoop,
-        on_ready_change: Callable[[bool], None] = lambda ready: None,
-        metrics: Metrics | None = None,
+        events: EngineEvents,
         trace: StepTrace | None = None,  # one for every session's EngineCore
     ) -> None:
-        self.metrics = metrics or Metrics()
         self.trace = trace
         self.config = config
         self.worker = worker
         self.tokenizer = tokenizer
-        self.on_ready_change = on_ready_change  # called on the event loop
-        self.stats = ServerStats()  # replaced (never mutated) by the engine thread
-        self._loop = loop
-        self._engine: EngineCore | None = None  # written by the engine thread only
-        self._streams = RequestStreams(config.max_stream_buffer)  # event loop only
+        self.events = events
+        self._engine: EngineCore | None = None  # engine thread only
         self._cond = threading.Condition()  # guards the fields below
         self._session = 0  # counts worker sessions
         self._commands: list[Command] = []
-        self._num_pending_adds = 0
         self._stopping = False
-        self._draining = False
         self._base = ServerStats()  # counters of the sessions before the current one
-        self._token_rate = TokenRate()
+        self._num_adds = 0  # engine thread only
         self._num_failed_starts = 0  # engine thread only
         self._idle_checked = False  # engine thread only: KV invariants checked since last step
         self.num_invariant_violations = 0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
-    # ---- event loop side -------------------------------------------------------------------
+    # ---- any thread ------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
-    @property
-    def info(self) -> WorkerInfo:
-        return self._current_engine().info
-
-    @property
-    def max_model_len(self) -> int:
-        return self._current_engine().max_model_len
-
-    def submit(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        stream: bool = True,
-    ) -> OutputQueue:
-        """Queue a request checked at the edge (validate_request); its outputs (or an error)
-        arrive on the returned queue (for ``stream=False``: the first output, then the rest at
-        the end). Refused here: a request_id a live request has, and requests past capacity."""
-        if request_id in self._streams:
-            raise ValueError(f"request_id={request_id!r} is invalid: a live request has it")
-        if len(self._streams) >= self.config.max_num_streams:
-            raise Overloaded(
-                f"{len(self._streams)} streams are live (--max-num-streams "
-                f"{self.config.max_num_streams}): retry later"
-            )
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request checked at the edge (validate_request)."""
         with self._cond:
-            self._check_accepting()
-            session = self._session
-            if self.stats.num_waiting + self._num_pending_adds >= self.config.max_num_waiting:
-                raise Overloaded(
-                    f"the waiting queue is full ({self.config.max_num_waiting} requests): "
-                    "retry later"
-                )
             self._commands.append(AddRequest(request_id, prompt_token_ids, params))
-            self._num_pending_adds += 1
             self._cond.notify()
-        return self._streams.open(request_id, session, stream)
 
-    def abort(self, request_ids: list[str]) -> list[str]:
-        """Abort live requests; return those that were live (their streams end with ABORT)."""
-        found = [r for r in request_ids if r in self._streams]
-        self._send_aborts(found)
-        return found
-
-    def _send_aborts(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str]) -> None:
         with self._cond:
             self._commands.extend(AbortRequest(r) for r in request_ids)
             self._cond.notify()
 
-    def close(self, request_id: str, finished: bool) -> None:
-        """The caller is done with a request's stream; abort the request unless it finished."""
-        if self._streams.close(request_id) and not finished:
-            self._send_aborts([request_id])
-
-    @property
-    def num_streams(self) -> int:
-        """Live Generate calls (event loop only)."""
-        return len(self._streams)
-
-    def drain(self) -> None:
-        """Refuse new requests from now on; in-flight ones go on."""
-        with self._cond:
-            self._draining = True
-        self.on_ready_change(False)
-
     def stop(self) -> None:
-        """Stop the engine thread (blocks until it has finished its step; call off the loop)."""
+        """Stop the engine thread (blocks until it has finished its step)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
-
-    def generated_tokens_per_second(self) -> float:
-        return self._token_rate.per_second()
-
-    def _current_engine(self) -> EngineCore:
-        engine = self._engine
-        if engine is None:
-            raise Unavailable("no worker answers: the server is not ready")
-        return engine
-
-    def _check_accepting(self) -> None:
-        if self._draining or self._stopping:
-            raise Unavailable("the server is draining: no new requests")
-        if self._engine is None:
-            raise Unavailable("no worker answers: the server is not ready")
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        dropped = self._streams.deliver(outputs)
-        if dropped:  # their clients stopped reading: free their blocks
-            self._send_aborts(dropped)
 
     # ---- engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping:
             if self._engine is None:
+                self._refuse_adds()
                 if not self._start_session():
                     self._sleep(self.config.reconnect_interval_s)
                 continue
@@ -220,25 +159,41 @@ class EngineLoop:
         try:
             self.worker.reconnect()
             engine = EngineCore(self.config.engine_config, self.worker, self.tokenizer, self.trace)
+            started = time.perf_counter()
+            warm_up(engine)
         except Exception as e:
             if self._num_failed_starts % 20 == 0:  # the first failure, then every ~10 s
                 log.warning("workers %s not ready: %s", ",".join(self.config.worker_addrs), e)
             self._num_failed_starts += 1
             return False
         self._num_failed_starts = 0
+        self._base = minus(self._base, counters(engine, ServerStats()))  # warm-up uncounted
         with self._cond:
             self._engine = engine
             self._session += 1
-        self._publish_stats(engine)
         log.info(
-            "session started: %s, %d KV blocks of %d tokens, max_model_len %d",
+            "session started: %s, %d KV blocks of %d tokens, max_model_len %d (warm-up %.1f s)",
             engine.info.model_name,
             engine.info.num_kv_blocks,
             engine.info.block_size,
             engine.max_model_len,
+            time.perf_counter() - started,
         )
-        self._loop.call_soon_threadsafe(self.on_ready_change, not self._draining)
+        self.events.session(engine.info, engine.max_model_len, self._session)
+        self._publish(engine, [], None)
         return True
+
+    def _refuse_adds(self) -> None:
+        """With no session, queued adds fail at once (aborts have nothing to abort)."""
+        with self._cond:
+            commands, self._commands = self._commands, []
+        adds = [c for c in commands if isinstance(c, AddRequest)]
+        for cmd in adds:
+            self.events.refused(cmd.request_id, Unavailable("no worker answers: not ready"))
+        if adds:
+            self._num_adds += len(adds)
+            stats = ServerStats(ready=False, **counter_fields(self._base))
+            self.events.update([], stats, self._num_adds, None)
 
     def _apply_commands(self, engine: EngineCore) -> None:
         with self._cond:
@@ -247,12 +202,9 @@ class EngineLoop:
             return
         applied = apply_commands(engine, commands)
         for request_id, error in applied.refused:
-            self._loop.call_soon_threadsafe(self._streams.fail, request_id, error)
-        if applied.aborted:
-            self._loop.call_soon_threadsafe(self._deliver, applied.aborted)
-        self._publish_stats(engine)
-        with self._cond:  # only now: until the stats count them, they count as pending
-            self._num_pending_adds -= applied.num_adds
+            self.events.refused(request_id, error)
+        self._num_adds += applied.num_adds
+        self._publish(engine, applied.aborted, None)
 
     def _step(self, engine: EngineCore) -> None:
         num_before, num_answers = engine.num_generated_tokens, engine.timings["steps"]
@@ -260,11 +212,14 @@ class EngineLoop:
         outputs = engine.step()
         received = engine.timings["steps"] > num_answers  # the worker answered in this step
         worker_s, worker_memory = self.worker.timing.report() if received else (None, 0)
-        self.metrics.observe_step(time.perf_counter() - t0, worker_s, worker_memory)
-        if outputs:
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
-        self._token_rate.add(engine.num_generated_tokens - num_before)
-        self._publish_stats(engine)
+        num_new = engine.num_generated_tokens - num_before
+        step = StepReport(time.perf_counter() - t0, worker_s, worker_memory, num_new)
+        self._publish(engine, outputs, step)
+
+    def _publish(
+        self, engine: EngineCore, outputs: list[RequestOutput], step: StepReport | None
+    ) -> None:
+        self.events.update(outputs, snapshot(engine, self._base, True), self._num_adds, step)
 
     def _wait_for_commands(self, timeout: float) -> bool:
         """Block until a command arrives (True) or ``timeout`` passes (False)."""
@@ -278,16 +233,8 @@ class EngineLoop:
     def _lose_worker(self, reason: str) -> None:
         log.error("worker lost: %s", reason)
         engine = self._engine
-        with self._cond:
-            self._engine = None
-            self._commands = []
-            self._num_pending_adds = 0
+        self._engine = None
         if engine is not None:
             self._base = counters(engine, self._base)
-        self.stats = ServerStats(ready=False, **counter_fields(self._base))
-        self._loop.call_soon_threadsafe(self.on_ready_change, False)
-        error = Unavailable(f"worker lost: {reason}")
-        self._loop.call_soon_threadsafe(self._streams.fail_all, error, self._session)
-
-    def _publish_stats(self, engine: EngineCore) -> None:
-        self.stats = snapshot(engine, self._base, ready=not self._draining)
+        stats = ServerStats(ready=False, **counter_fields(self._base))
+        self.events.lost(reason, self._session, stats)

@@ -6,7 +6,7 @@ queued, and raises ``ValueError`` whose message names the field, the value and t
 gRPC edge answers INVALID_ARGUMENT with it as the details. Behind the edge the engine only asserts.
 
 Not here: decoding (wire_public.py: a missing input, a chat the template refuses), request_id
-uniqueness (checked where the live requests are known: EngineLoop and EngineCore), and the limits
+uniqueness (checked where the live requests are known: EngineClient and EngineCore), and the limits
 that depend on the engine's state (waiting queue, streams, stream buffer: RESOURCE_EXHAUSTED).
 """
 

@@ -1,8 +1,8 @@
 """ServerStats: the scheduler's counters and gauges, as GetServerStatus reports them.
 
-Immutable snapshots: the engine thread replaces ``EngineLoop.stats`` after each step, the event
+Immutable snapshots: the engine thread sends one with each step (EngineLoop), the front end's
 loop reads whichever snapshot is current. Counters run across worker sessions (``with_base``).
-Not here: the tokens/s window (engine_loop.py) or protobuf (wire_public.py).
+Not here: protobuf (wire_public.py).
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ def snapshot(engine: EngineCore, base: ServerStats, ready: bool) -> ServerStats:
         free_blocks=blocks.num_free_blocks,
         **counter_fields(counters(engine, base)),
     )
+
+
+def minus(a: ServerStats, b: ServerStats) -> ServerStats:
+    """``a``'s counters less ``b``'s (gauges left at zero): e.g. a session's warm-up uncounted."""
+    fa, fb = counter_fields(a), counter_fields(b)
+    return ServerStats(ready=False, **{k: fa[k] - fb[k] for k in fa})
 
 
 def counter_fields(stats: ServerStats) -> dict[str, int]:

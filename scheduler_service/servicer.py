@@ -28,10 +28,11 @@ from protos.sampling_params import SamplingParams
 from scheduler_service import wire_public
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
-from scheduler_service.engine_loop import EngineLoop, Overloaded, Unavailable
+from scheduler_service.engine_client import EngineClient
 from scheduler_service.metrics import Metrics
 from scheduler_service.request_checks import RequestLimits, validate_request
 from scheduler_service.request_decoding import Undecodable, lenient_deserializer
+from scheduler_service.request_streams import Overloaded, Unavailable
 from scheduler_service.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class _OutputBatches:
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(
         self,
-        engine_loop: EngineLoop,
+        engine_loop: EngineClient,
         tokenizer: Tokenizer,
         config: SchedulerServiceConfig,
         metrics: Metrics | None = None,
@@ -205,7 +206,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 async def request_batches(
-    engine_loop: EngineLoop,
+    engine_loop: EngineClient,
     metrics: Metrics,
     request_id: str,
     prompt_ids: list[int],
@@ -232,7 +233,7 @@ async def request_batches(
         engine_loop.close(request_id, finished)
 
 
-def request_limits(engine_loop: EngineLoop, config: SchedulerServiceConfig) -> RequestLimits:
+def request_limits(engine_loop: EngineClient, config: SchedulerServiceConfig) -> RequestLimits:
     """This session's model limits (a reconnect may bring another model) and the flags."""
     return RequestLimits(
         vocab_size=engine_loop.info.vocab_size,

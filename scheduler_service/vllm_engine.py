@@ -1,7 +1,7 @@
 """The ``vllm.grpc.engine.VllmEngine`` servicer: vLLM's engine protocol, so SMG can front nanoserve.
 
 SMG (the SGLang model gateway) serves the OpenAI HTTP API, tokenizes and applies chat templates
-itself, and sends ``Generate`` with token ids. This servicer runs over the same EngineLoop and
+itself, and sends ``Generate`` with token ids. This servicer runs over the same EngineClient and
 Tokenizer as ``GenerationServicer`` (servicer.py), with its error mapping and the one check,
 ``validate_request``; the stubs come from the pinned ``smg-grpc-proto`` package.
 
@@ -12,7 +12,7 @@ parallel_streams.py), Abort (unknown ids are fine: the gateway aborts after a re
 finished; a request with n > 1 aborts all its samples), GetLoads, GetTokenizer (a zip of the
 model directory's tokenizer files, for a gateway that cannot read it).
 Not yet done (UNIMPLEMENTED, the base class's default): FlushCache (it must run on the engine
-thread, which takes a command EngineLoop does not have yet), Embed, StartProfile, StopProfile,
+thread, which takes no such command yet), Embed, StartProfile, StopProfile,
 SubscribeKvEvents. Fields we do not implement are INVALID_ARGUMENT naming the field, never ignored
 (``unsupported_field``, vllm_wire.py); skip_special_tokens and spaces_between_special_tokens only
 affect detokenization, which the gateway does: accepted.
@@ -36,7 +36,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from protos.sampling_params import SamplingParams
 from scheduler_service.config import SchedulerServiceConfig
-from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.engine_client import EngineClient
 from scheduler_service.metrics import Metrics
 from scheduler_service.parallel_streams import merge_streams
 from scheduler_service.request_checks import validate_request
@@ -70,7 +70,7 @@ def _read_model_config(model_dir: Path) -> dict[str, Any]:
 class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     def __init__(
         self,
-        engine_loop: EngineLoop,
+        engine_loop: EngineClient,
         tokenizer: Tokenizer,
         config: SchedulerServiceConfig,
         metrics: Metrics,

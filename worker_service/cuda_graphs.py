@@ -215,13 +215,18 @@ class DecodeGraphs:
     @staticmethod
     def _fill(host: StepArrays[np.ndarray], step: StepArrays[np.ndarray]) -> None:
         """Padded rows: no cache slot, nothing pending, length 1, block 0 (cu_seqlens_q and
-        last_token_indices never change: one token per row, set when the slot is made)."""
+        last_token_indices never change: one token per row, set when the slot is made). Of the
+        block tables only the step's own columns are written: a row reads no entry past its
+        length, so what earlier steps left beyond them is never read, and a step costs the same
+        whatever the capacity (max_model_len) is."""
         _put(host.input_ids, step.input_ids, 0)
         _put(host.prev_rows, step.prev_rows, -1)
         _put(host.positions, step.positions, 0)
         _put(host.slot_mapping, step.slot_mapping, -1)
         _put(host.seq_lens, step.seq_lens, 1)
-        _put(host.block_tables, step.block_tables, 0)
+        num_rows, width = step.block_tables.shape
+        host.block_tables[:num_rows, :width] = step.block_tables
+        host.block_tables[num_rows:, 0] = 0
 
     @staticmethod
     def _fill_sampling(host: SamplingArrays[np.ndarray], rows: SamplingArrays[np.ndarray]) -> None:

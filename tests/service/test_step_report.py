@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 
 import pytest
 
@@ -57,10 +58,13 @@ def test_trace_file_is_appended_in_batches(tmp_path) -> None:
     assert len(path.read_text().splitlines()) == 300
 
 
-def _check_traces(path, num_tokens: int, num_seqs: int, worker_phases: set[str]) -> None:
-    """Every sampled token is in one scheduler line; worker lines carry shapes and host phases."""
-    worker_rows = read_trace(path)
-    scheduler_rows = read_trace(f"{path}.scheduler")
+def _check_traces(
+    path, num_tokens: int, num_seqs: int, worker_phases: set[str], since: float = 0.0
+) -> None:
+    """Every sampled token is in one scheduler line; worker lines carry shapes and host phases.
+    ``since``: the lines of the steps after it (a service's warm-up steps come before)."""
+    worker_rows = read_trace(path, since)
+    scheduler_rows = read_trace(f"{path}.scheduler", since)
     assert sum(row[1] for row in scheduler_rows) == num_tokens
     assert all(set(row[-1]) >= {"plan", "receive", "outputs"} for row in scheduler_rows)
     assert all(row[-1]["receive"] >= 0 for row in scheduler_rows)
@@ -104,11 +108,12 @@ def test_worker_service_traces_its_grpc_phases(tiny_model_dir, tmp_path, monkeyp
     path = tmp_path / "steps.jsonl"
     monkeypatch.setenv("NANOSERVE_STEP_TRACE", str(path))
     with running_services(tiny_model_dir, tmp_path / "run", num_kv_blocks=64) as services:
+        serving_since = time.time()  # the warm-up's steps are older
         sampling = greedy(6, ignore_eos=True)
         replies = generate(services.stub, token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=sampling)
     num_tokens = len(replies[-1].complete.output_ids)
     phases = {"plan_wait", "decode", "encode", "gap", "prep", "wait", "collect"}
-    _check_traces(path, num_tokens, 1, phases)
+    _check_traces(path, num_tokens, 1, phases, since=serving_since)
 
 
 def test_garbage_collections_are_noted_while_the_trace_is_started(tmp_path) -> None:

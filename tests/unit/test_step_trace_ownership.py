@@ -3,7 +3,6 @@ and an engine rebuilt on reconnect writes the one trace it was given instead of 
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import subprocess
 import sys
@@ -97,15 +96,24 @@ def test_engines_built_on_one_trace_share_it_and_add_no_hooks(tmp_path) -> None:
         assert gc.callbacks == callbacks
 
 
-def test_an_engine_rebuilt_on_reconnect_reuses_the_loops_trace(tmp_path) -> None:
+class NoEvents:
+    """EngineEvents that go nowhere."""
+
+    def session(self, *args) -> None:
+        pass
+
+    lost = refused = update = session
+
+
+def test_an_engine_rebuilt_on_reconnect_reuses_the_loops_trace(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("scheduler_service.engine_loop.warm_up", lambda engine: None)
     config = SchedulerServiceConfig(
         model_dir="m", worker_addrs=("a:1",), ping_interval_s=0.01, reconnect_interval_s=0.01
     )
     worker = FlakyWorker(num_losses=2)
-    event_loop = asyncio.new_event_loop()  # never run: the ready callbacks just queue on it
     with StepTrace(str(tmp_path / "steps.jsonl")) as trace:
         callbacks = list(gc.callbacks)
-        engine_loop = EngineLoop(config, worker, None, event_loop, trace=trace)  # type: ignore[arg-type]
+        engine_loop = EngineLoop(config, worker, None, NoEvents(), trace=trace)  # type: ignore[arg-type]
         engine_loop.start()
         try:
             assert worker.sessions_started.wait(10), "the loop did not reconnect twice"
@@ -115,7 +123,6 @@ def test_an_engine_rebuilt_on_reconnect_reuses_the_loops_trace(tmp_path) -> None
             engine = engine_loop._engine
         finally:
             engine_loop.stop()
-            event_loop.close()
         assert worker.num_sessions == 3  # the first session and two rebuilt after losses
         assert engine is not None and engine.trace is trace
         assert gc.callbacks == callbacks
