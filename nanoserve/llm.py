@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from protos.sampling_params import SamplingParams
 from protos.step_trace import SCHEDULER_SUFFIX, StepTrace
 from scheduler_service.engine import EngineConfig, EngineCore
-from scheduler_service.request_checks import RequestLimits, validate_request
+from scheduler_service.request_checks import RequestLimits, compile_error, validate_request
 from scheduler_service.tokenizer import Tokenizer
 from worker_service.config import WorkerConfig
 from worker_service.worker import Worker
@@ -120,6 +120,9 @@ class LLM:
             validate_request(
                 ids, p, limits, prompt_field=f"prompts[{i}]", sampling_field=sampling_field
             )
+            error = p.constraint and self.worker.check_constraint(p.constraint)
+            if error:
+                raise compile_error(p.constraint, error, sampling_field)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

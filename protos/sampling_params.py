@@ -8,6 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+CONSTRAINT_KINDS = ("json_schema", "regex", "grammar", "json_object", "choice")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: what the generated text must match (hashable: the grammar cache's key).
+
+    ``kind`` is one of CONSTRAINT_KINDS (the wire's oneof field); ``spec`` the schema, regex or
+    EBNF text ("" for json_object and choice); ``choices`` the strings of a choice.
+    """
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
 
 @dataclass
 class SamplingParams:
@@ -19,7 +34,8 @@ class SamplingParams:
     first; repetition_penalty divides the positive and multiplies the negative logits of every
     token seen in the prompt or the output (1 = off); frequency_penalty subtracts itself times
     the token's count in the output so far, presence_penalty once for a token in the output
-    (0 = off, OpenAI's definition).
+    (0 = off, OpenAI's definition). A ``constraint`` masks every token that would leave its
+    grammar, after the penalties; the sequence stops (EOS) once the grammar is complete.
     """
 
     temperature: float = 1.0
@@ -38,6 +54,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    constraint: Constraint | None = None  # structured output (worker_service/grammars.py)
 
     def __post_init__(self) -> None:
         # Accept None, one string or any iterable from callers; keep tuples.

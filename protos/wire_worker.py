@@ -20,6 +20,7 @@ from protos.step_plan import (
     StepResult,
     WorkerInfo,
 )
+from protos.wire_constraint import constraint_from_pb, constraint_to_pb
 
 
 def info_to_pb(info: WorkerInfo) -> pb.DescribeResponse:
@@ -57,7 +58,7 @@ def info_from_pb(msg: pb.DescribeResponse) -> WorkerInfo:
 
 
 def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
-    return pb.SamplingParams(
+    msg = pb.SamplingParams(
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,
@@ -75,6 +76,8 @@ def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
         logit_bias_token_ids=list(params.logit_bias),
         logit_bias_values=list(params.logit_bias.values()),
     )
+    constraint_to_pb(params.constraint, msg)
+    return msg
 
 
 def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
@@ -94,6 +97,7 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         frequency_penalty=msg.frequency_penalty,
         repetition_penalty=msg.repetition_penalty,
         logit_bias=dict(zip(msg.logit_bias_token_ids, msg.logit_bias_values)),
+        constraint=constraint_from_pb(msg),
     )
 
 

@@ -30,6 +30,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2
 from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from protos.nanoserve.v1 import generation_pb2
 from scheduler_service.config import SchedulerServiceConfig
+from scheduler_service.constraint_checks import ConstraintChecker
 from scheduler_service.engine_client import EngineClient
 from scheduler_service.engine_process import EngineProcess
 from scheduler_service.metrics import Metrics
@@ -76,9 +77,10 @@ async def serve(config: SchedulerServiceConfig) -> int:
         metrics_port = metrics.start_http_server(config.metrics_port, config.host)
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     server = _make_server(config)
-    add_to_server(GenerationServicer(client, tokenizer, config, metrics), server)
+    constraints = ConstraintChecker(config.worker_addrs[0], config.worker_secret)
+    add_to_server(GenerationServicer(client, tokenizer, config, metrics, constraints), server)
     add_to_server(
-        VllmEngineServicer(client, tokenizer, config, metrics),
+        VllmEngineServicer(client, tokenizer, config, metrics, constraints),
         server,
         vllm_engine_pb2.DESCRIPTOR,
         VLLM_SERVICE,

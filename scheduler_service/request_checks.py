@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protos.sampling_params import SamplingParams
+from protos.sampling_params import Constraint, SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63
@@ -56,6 +56,7 @@ def validate_request(
     _check_request_id(request_id, limits)
     _check_sampling(params, limits.vocab_size, sampling_field)
     _check_sampling_limits(params, limits, sampling_field)
+    _check_constraint(params, sampling_field)
     _check_prompt(prompt_token_ids, limits, prompt_field)
     num_prompt_tokens = len(prompt_token_ids)
     if num_prompt_tokens + params.max_tokens > limits.max_model_len:
@@ -140,6 +141,25 @@ def _check_logit_bias(logit_bias: dict[int, float], vocab_size: int, field: str)
             bias,
             f"must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
         )
+
+
+def _check_constraint(params: SamplingParams, field: str) -> None:
+    """What can be checked without the compiler (the worker compiles: ``compile_error``)."""
+    constraint = params.constraint
+    if constraint is None:
+        return
+    name = f"{field}.{constraint.kind}"
+    _check(not params.ignore_eos, f"{field}.ignore_eos", True, f"cannot be set with {name}")
+    _check(
+        params.min_tokens == 0, f"{field}.min_tokens", params.min_tokens, f"must be 0 with {name}"
+    )
+    if constraint.kind == "choice":
+        _check(bool(constraint.choices), f"{name}.choices", [], "must name at least one string")
+
+
+def compile_error(constraint: Constraint, message: str, field: str = "sampling") -> ValueError:
+    """The error of a constraint that did not compile: the field, then the compiler's message."""
+    return ValueError(f"{field}.{constraint.kind} is invalid: {message}")
 
 
 def _check_sampling_limits(params: SamplingParams, limits: RequestLimits, field: str) -> None:

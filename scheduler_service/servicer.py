@@ -27,6 +27,7 @@ from protos.nanoserve.v1 import generation_pb2_grpc
 from protos.sampling_params import SamplingParams
 from scheduler_service import wire_public
 from scheduler_service.config import SchedulerServiceConfig
+from scheduler_service.constraint_checks import ConstraintChecker
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_client import EngineClient
 from scheduler_service.metrics import Metrics
@@ -129,8 +130,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         tokenizer: Tokenizer,
         config: SchedulerServiceConfig,
         metrics: Metrics | None = None,
+        constraints: ConstraintChecker | None = None,  # None: constrained requests refused
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.constraints = constraints
         self.engine_loop = engine_loop
         self.tokenizer = tokenizer
         self.config = config
@@ -148,6 +151,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=request.request_id,
             prompt_field=prompt_field,
         )
+        await check_constraint(self.constraints, params, "sampling")
         request_id = request.request_id or uuid.uuid4().hex
         output_ids: list[int] = []
         text_parts: list[str] = []
@@ -231,6 +235,16 @@ async def request_batches(
     finally:
         timer.on_finish(None)  # no-op after a finish: counts cancels and errors
         engine_loop.close(request_id, finished)
+
+
+async def check_constraint(
+    checker: ConstraintChecker | None, params: SamplingParams, field: str
+) -> None:
+    """Compile a constrained request's constraint on a worker (ValueError if it does not)."""
+    if params.constraint is not None and checker is None:
+        raise ValueError(f"{field}.{params.constraint.kind} is not supported by this server")
+    if checker is not None:
+        await checker.check(params, field)
 
 
 def request_limits(engine_loop: EngineClient, config: SchedulerServiceConfig) -> RequestLimits:

@@ -36,12 +36,14 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from protos.sampling_params import SamplingParams
 from scheduler_service.config import SchedulerServiceConfig
+from scheduler_service.constraint_checks import ConstraintChecker
 from scheduler_service.engine_client import EngineClient
 from scheduler_service.metrics import Metrics
 from scheduler_service.parallel_streams import merge_streams
 from scheduler_service.request_checks import validate_request
 from scheduler_service.servicer import (
     Context,
+    check_constraint,
     request_batches,
     request_limits,
     stream_errors,
@@ -74,8 +76,10 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         tokenizer: Tokenizer,
         config: SchedulerServiceConfig,
         metrics: Metrics,
+        constraints: ConstraintChecker | None = None,  # None: constrained requests refused
     ) -> None:
         self.metrics = metrics  # shared with GenerationServicer: both APIs' requests count
+        self.constraints = constraints
         self.engine_loop = engine_loop
         self.tokenizer = tokenizer
         self.config = config
@@ -184,6 +188,7 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         finishes; not streamed, the n Completes come at the end, by index (as vLLM's server)."""
         self.last_receive_at = time.time()
         prompt_ids, params, n = self._checked(request)
+        await check_constraint(self.constraints, params, SAMPLING_FIELD)
         request_id = request.request_id or uuid.uuid4().hex
         samples = parallel_samples(request_id, params, n)
         stream = request.stream

@@ -13,6 +13,7 @@ from dataclasses import replace
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 
 from protos.sampling_params import SamplingParams
+from protos.wire_constraint import constraint_from_pb
 from scheduler_service.engine import RequestOutput
 from scheduler_service.stop_checker import FinishReason
 
@@ -30,7 +31,7 @@ def unsupported_field(request: vpb.GenerateRequest) -> str | None:
         (sp.include_stop_str_in_output, "sampling_params.include_stop_str_in_output", True),
         (sp.HasField("truncate_prompt_tokens"), "sampling_params.truncate_prompt_tokens",
          sp.truncate_prompt_tokens),
-        (constraint is not None, f"sampling_params.{constraint}", "(structured output)"),
+        (constraint == "structural_tag", "sampling_params.structural_tag", "(structured output)"),
         (request.HasField("mm_inputs"), "mm_inputs", "(multimodal)"),
         (len(request.extra_mm_inputs) > 0, "extra_mm_inputs", "(multimodal)"),
         (request.HasField("media_refs"), "media_refs", "(multimodal)"),
@@ -63,6 +64,7 @@ def sampling_from_pb(msg: vpb.SamplingParams) -> SamplingParams:
         frequency_penalty=msg.frequency_penalty,
         repetition_penalty=msg.repetition_penalty or 1.0,
         logit_bias=dict(msg.logit_bias),
+        constraint=constraint_from_pb(msg),  # json_schema, regex, grammar, json_object, choice
     )
 
 

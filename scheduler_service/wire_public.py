@@ -13,6 +13,7 @@ from typing import NamedTuple
 from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
+from protos.wire_constraint import constraint_from_pb
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import ServerStats
 from scheduler_service.stop_checker import FinishReason
@@ -49,6 +50,7 @@ def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         logit_bias=dict(msg.logit_bias),
+        constraint=constraint_from_pb(msg),
     )
 
 

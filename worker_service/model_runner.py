@@ -22,6 +22,8 @@ from models.qwen3 import Qwen3ForCausalLM
 from protos.step_plan import PENDING, StepResult
 from worker_service.batch_inputs import HostStep, build_host_step, named, pack, pack_step, unpack
 from worker_service.cuda_graphs import DecodeGraphs
+from worker_service.grammar_mask import build_grammar_mask
+from worker_service.grammars import GrammarCache
 from worker_service.logit_adjust import AdjustArrays, build_adjust_arrays, resolve_pending
 from worker_service.sampling import (
     SamplingInput,
@@ -64,6 +66,7 @@ class ModelRunner:
         max_rows: int,
         parallel: ParallelContext = SINGLE_RANK,
         tracing: bool = False,  # fill ``last_trace`` (the step trace is on)
+        grammars: GrammarCache | None = None,  # structured output's compiled constraints
     ) -> None:
         self.model = model
         self.parallel = parallel
@@ -75,6 +78,8 @@ class ModelRunner:
         self.rng = np.random.default_rng(0)  # row seeds of unseeded requests
         # The last step's sampled tokens, where the next step's inputs gather them on the device.
         self.prev_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.grammars = grammars
+        self._launched: LaunchedStep | None = None  # the last step launched
         self._last_rows: dict[int, int] = {}  # seq_id -> row of its token in prev_tokens
         self._last_done: torch.cuda.Event | None = None
         self.device_seconds = 0.0  # device busy time of collected steps (CUDA only)
@@ -103,7 +108,7 @@ class ModelRunner:
         if sampling.adjusted_rows and self.parallel.is_driver:  # only rank 0 samples
             sampling = self._with_adjust(sampling, sampling_seqs)
         started = self._record_start()  # after the host's work: its preparation counts as idle
-        tokens, logprobs = self._forward_and_sample(host, sampling)
+        tokens, logprobs = self._forward_and_sample(host, sampling, sampling_seqs)
         if sampling_seqs:
             tokens = self._keep_tokens(tokens)
         for seq, num_tokens in zip(seqs, num_new_tokens):
@@ -117,7 +122,9 @@ class ModelRunner:
             seq.token_ids.append(PENDING)
         if sampling_seqs:
             self._last_rows = {seq.seq_id: row for row, seq in enumerate(sampling_seqs)}
-        return self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started, shape)
+        out = self._copy_out(step_id, sampling_seqs, positions, tokens, logprobs, started, shape)
+        self._launched = out
+        return out
 
     def _with_adjust(
         self, sampling: SamplingInput[np.ndarray], seqs: list[WorkerSequence]
@@ -143,18 +150,38 @@ class ModelRunner:
             self.prev_tokens[: len(tokens)].copy_(tokens)
         return tokens
 
+    def _with_grammar(
+        self, sampling: SamplingInput[torch.Tensor], seqs: list[WorkerSequence]
+    ) -> SamplingInput[torch.Tensor]:
+        """``sampling`` with its constrained rows' grammar mask on the device. Their newest
+        tokens may still be in flight (async scheduling): the previous step's are read first,
+        waiting for it, while this step's forward, queued behind it, keeps the device busy."""
+        rows = sampling.constrained_rows
+        previous = self._launched
+        if previous is not None and any(seqs[row].token_ids[-1] == PENDING for row in rows):
+            if previous.events is not None:
+                previous.events[1].synchronize()
+            self._write_tokens(previous)
+        assert self.grammars is not None, "a constrained sequence on a worker without grammars"
+        mask = build_grammar_mask(seqs, rows, self.grammars)
+        return sampling.with_grammar(mask.to(self.device))
+
     def _forward_and_sample(
-        self, host: HostStep, sampling: SamplingInput[np.ndarray]
+        self, host: HostStep, sampling: SamplingInput[np.ndarray], seqs: list[WorkerSequence]
     ) -> tuple[torch.Tensor, Logprobs | None]:
         """Queue the forward and the draw: the tokens [B_s] (on other ranks than 0, a buffer for
         rank 0's) and, if asked for, their logprobs."""
         graphs = self.graphs
         if graphs is not None and graphs.can_run(host, sampling):
             tokens, logits, sampling_gpu = graphs.run(host, sampling)  # drawn in the graph
+            if logits is not None and sampling.constrained_rows:
+                sampling_gpu = self._with_grammar(sampling_gpu, seqs)
             if logits is not None and sampling.needs_more_than_the_kernel:
                 tokens = sample(logits, sampling_gpu)
         else:
             logits, sampling_gpu = self._run_eager(host, sampling)
+            if logits is not None and sampling.constrained_rows:
+                sampling_gpu = self._with_grammar(sampling_gpu, seqs)
             if logits is None:
                 tokens = torch.empty(len(host.sample_rows), dtype=torch.int64, device=self.device)
             else:
@@ -224,13 +251,19 @@ class ModelRunner:
             self._account_device_time(step.shape, *step.events)
         elif self.tracing:  # no device events on CPU: the step's shape only
             self.last_trace = (*step.shape, 0.0, 0.0)
-        token_ids = step.tokens_cpu.tolist()
-        for seq, position, token_id in zip(step.seqs, step.token_positions, token_ids):
-            seq.token_ids[position] = token_id
+        token_ids = self._write_tokens(step)
         logprobs = None
         if step.logprobs is not None:
             logprobs = self._logprob_lists(step.seqs, token_ids, *step.logprobs)
         return StepResult(step.step_id, [s.seq_id for s in step.seqs], token_ids, logprobs)
+
+    @staticmethod
+    def _write_tokens(step: LaunchedStep) -> list[int]:
+        """Write a finished step's tokens into its sequences (again is harmless); its tokens."""
+        token_ids = step.tokens_cpu.tolist()
+        for seq, position, token_id in zip(step.seqs, step.token_positions, token_ids):
+            seq.token_ids[position] = token_id
+        return token_ids
 
     def _account_device_time(
         self, shape: tuple[int, int, int], started: torch.cuda.Event, done: torch.cuda.Event

@@ -8,6 +8,8 @@ ids) and the logprob count. Its arrays travel to the device in the step's one pa
 - rows with penalties or a logit bias have their logits changed first (worker_service/
   logit_adjust.py; greedy rows too). Only a step that has such rows builds and uploads their
   arrays, in a copy of their own (``with_adjust``), so the others pay nothing;
+- rows with a structured-output constraint have every token their grammar refuses set to -inf
+  (worker_service/grammar_mask.py), after the bans;
 - banned and filtered tokens only become -inf logits; filters read softmax(logits / T) (top_k,
   top_p keeping the most likely token always, min_p), so a row without filters is left untouched;
 - the draw is Gumbel-max with the Triton kernel on CUDA (kernels/sample_tokens.py: Philox noise
@@ -29,6 +31,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
+from worker_service.grammar_mask import GrammarMask, apply_grammar_mask
 from worker_service.logit_adjust import AdjustArrays, apply_adjust
 from worker_service.sequence_table import PARAMS_DTYPE, WorkerSequence
 
@@ -67,23 +70,28 @@ class SamplingInput(Generic[A]):
     # Those rows' arrays, on the device from the start: the runner uploads them before the
     # forward (``with_adjust``), since their pending tokens must be read before a graph replays.
     adjust: AdjustArrays[torch.Tensor] | None = None
+    constrained_rows: tuple[int, ...] = ()  # rows with a structured-output constraint
+    # Their grammar mask, on the device: the runner builds it after queueing the forward, once
+    # the previous step's tokens are back (``with_grammar``).
+    grammar: GrammarMask[torch.Tensor] | None = None
 
     @property
     def needs_more_than_the_kernel(self) -> bool:
         """The sampling kernel alone, on the raw logits, does not draw these rows right."""
-        return self.needs_filter or self.needs_mask or bool(self.adjusted_rows)
+        return (
+            self.needs_filter
+            or self.needs_mask
+            or bool(self.adjusted_rows)
+            or bool(self.constrained_rows)
+        )
 
     def on(self, arrays: SamplingArrays[B]) -> SamplingInput[B]:
         """The same input with ``arrays`` (its arrays, moved to the device)."""
-        return SamplingInput(
-            arrays,
-            self.all_greedy,
-            self.needs_filter,
-            self.needs_mask,
-            self.num_top,
-            self.adjusted_rows,
-            self.adjust,
-        )
+        return replace(self, arrays=arrays)  # type: ignore[arg-type, return-value]
+
+    def with_grammar(self, grammar: GrammarMask[torch.Tensor]) -> SamplingInput[A]:
+        """The same input with the constrained rows' mask (on the device)."""
+        return replace(self, grammar=grammar)
 
     def with_adjust(self, adjust: AdjustArrays[torch.Tensor]) -> SamplingInput[A]:
         """The same input with the adjusted rows' arrays (on the device)."""
@@ -121,6 +129,7 @@ def build_sampling_input(
         needs_mask=banned_ids.shape[1] > 0,
         num_top=int(records["logprobs"].max()) if n else 0,
         adjusted_rows=tuple(np.flatnonzero(records["adjusts_logits"]).tolist()),
+        constrained_rows=tuple(np.flatnonzero(records["constrained"]).tolist()),
     )
 
 
@@ -143,6 +152,8 @@ def sample(
         logits = apply_adjust(logits, sampling.adjust)
     if sampling.needs_mask:
         logits = _ban(logits, x.banned_ids)
+    if sampling.grammar is not None:
+        logits = apply_grammar_mask(logits, sampling.grammar)
     if sampling.all_greedy:
         return logits.argmax(dim=-1)
     if sampling.needs_filter:

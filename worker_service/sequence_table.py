@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protos.sampling_params import SamplingParams
 from protos.step_plan import StepPlan
+
+if TYPE_CHECKING:
+    from worker_service.grammars import SequenceGrammar
 
 # A sequence's sampling settings as one numpy record, so a step gathers its rows' settings with one
 # array build instead of a pass per setting (worker_service/sampling.py).
@@ -31,6 +35,7 @@ PARAMS_DTYPE = np.dtype(
         ("min_tokens", np.int64),
         ("logprobs", np.int64),
         ("adjusts_logits", np.bool_),  # a penalty or a logit bias (worker_service/logit_adjust.py)
+        ("constrained", np.bool_),  # structured output (worker_service/grammar_mask.py)
     ]
 )
 
@@ -44,13 +49,16 @@ class WorkerSequence:
     row: int  # this sequence's row in SequenceTable.block_tables
     num_blocks: int  # the first num_blocks entries of its row are its block table
     num_computed_tokens: int
+    # Its constraint's matcher (rank 0 only), made at its first constrained draw; it outlives
+    # preemptions, as the tokens do.
+    grammar: SequenceGrammar | None = None
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @cached_property
-    def params_record(self) -> tuple[float, int, float, float, bool, int, int, int, bool]:
+    def params_record(self) -> tuple[float, int, float, float, bool, int, int, int, bool, bool]:
         """``params`` as a ``PARAMS_DTYPE`` record (they never change for a sequence)."""
         p = self.params
         seed = p.seed if p.seed is not None else 0
@@ -64,6 +72,7 @@ class WorkerSequence:
             p.min_tokens,
             p.logprobs,
             p.adjusts_logits,
+            p.constraint is not None,
         )
 
 

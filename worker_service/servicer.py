@@ -19,6 +19,7 @@ import grpc
 from protos import wire_worker
 from protos.nanoserve.worker.v1 import worker_pb2 as pb
 from protos.nanoserve.worker.v1 import worker_pb2_grpc
+from protos.sampling_params import Constraint
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
 from protos.step_trace import StepTrace, ms_since
 
@@ -36,6 +37,10 @@ class StepExecutor(Protocol):
 
     def memory_bytes(self) -> int:
         """What this rank holds now (reported with every step)."""
+        ...
+
+    def check_constraint(self, constraint: Constraint) -> str:
+        """Compile ``constraint`` (cached): the compiler's message, "" when it compiled."""
         ...
 
 
@@ -64,6 +69,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.session_id = request.session_id
         log.info("started session %x", request.session_id)
         return pb.StartSessionResponse()
+
+    def CheckConstraint(
+        self, request: pb.CheckConstraintRequest, context: grpc.ServicerContext
+    ) -> pb.CheckConstraintResponse:
+        """Outside the step lock: compiling runs beside the steps (the cache has its own)."""
+        constraint = wire_worker.params_from_pb(request.params).constraint
+        if constraint is None:
+            return pb.CheckConstraintResponse()
+        return pb.CheckConstraintResponse(error=self.worker.check_constraint(constraint))
 
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         return self._step(request, context)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from protos.sampling_params import Constraint
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
 from worker_service.servicer import StepExecutor
 
@@ -44,6 +45,9 @@ class ProfiledWorker:
 
     def memory_bytes(self) -> int:
         return self.worker.memory_bytes()
+
+    def check_constraint(self, constraint: Constraint) -> str:
+        return self.worker.check_constraint(constraint)
 
     def step(self, plan: StepPlan) -> StepResult:
         if self.num_steps == self.start:

@@ -19,11 +19,13 @@ from models.layers.attention import AttentionMetadata
 from models.loader import load_model
 from models.parallel import ParallelContext
 from models.qwen3 import Qwen3ForCausalLM
+from protos.sampling_params import Constraint
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
 from protos.step_trace import StepTrace, ms_since
 from worker_service.attention_backends import select_backend
 from worker_service.config import WorkerConfig
 from worker_service.cuda_graphs import DecodeGraphs
+from worker_service.grammars import GrammarCache
 from worker_service.kv_cache import allocate_kv_cache, bytes_per_block
 from worker_service.model_runner import LaunchedStep, ModelRunner
 from worker_service.sequence_table import SequenceTable
@@ -113,6 +115,9 @@ class Worker:
             self.device,
             config.world_size,
         )
+        self.grammars = GrammarCache(
+            config.model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids
+        )
         self.runner = ModelRunner(
             self.model,
             config.block_size,
@@ -122,6 +127,7 @@ class Worker:
             max(config.max_num_seqs, config.max_num_batched_tokens),
             parallel,
             tracing=trace is not None,
+            grammars=self.grammars,
         )
         self.runner.graphs = self._capture_graphs()
         self.seqs = SequenceTable(config.max_num_seqs, self._max_blocks_per_seq())
@@ -222,6 +228,10 @@ class Worker:
             return torch.cuda.memory_allocated(self.device)
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def check_constraint(self, constraint: Constraint) -> str:
+        """Compile ``constraint`` now (cached for its sequences): the compiler's message, or ""."""
+        return self.grammars.error(constraint)
 
     def start_session(self) -> None:
         """A new scheduler session: forget every sequence (cache contents are never trusted)."""
