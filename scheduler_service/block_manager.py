@@ -10,11 +10,19 @@ token ids (xxhash64), so equal hashes mean equal prefixes. A hash is registered 
 block's K/V have been computed, and a hit is used only after comparing the stored token ids. A
 freed block keeps its hash and contents until it is handed out again (least recently freed first),
 so a later request can still hit it.
+
+KV events (for a gateway that routes on the real cache): while ``kv_events`` is a list (a
+subscriber exists; None otherwise, and nothing is built), each hash that becomes findable through
+``hash_to_block`` appends a ``BlocksStored`` (one per run of consecutive blocks, with the hash of
+the block before the run as parent) and each hash that stops being findable (evicted or flushed)
+a ``BlocksRemoved``. ``reset_prefix_cache`` flushes every cached hash, as vLLM's
+``reset_prefix_cache`` does: only when no block is in use, else it refuses and changes nothing.
 """
 
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass
 
 import xxhash
 
@@ -29,6 +37,26 @@ def chain_hash(prev_hash: int, token_ids: list[int]) -> int:
     h.update((prev_hash & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
     h.update(array("i", token_ids).tobytes())
     return h.intdigest()
+
+
+@dataclass(frozen=True)
+class BlocksStored:
+    block_hashes: list[int]  # unsigned 64-bit chained hashes, in prefix order
+    token_ids: list[list[int]]  # each block's token ids
+    parent_hash: int | None  # the hash of the block before the first; None at the prompt start
+
+
+@dataclass(frozen=True)
+class BlocksRemoved:
+    block_hashes: list[int]
+
+
+@dataclass(frozen=True)
+class CacheCleared:
+    """Every earlier block is gone (a fresh worker session): forget them all."""
+
+
+KvEvent = BlocksStored | BlocksRemoved | CacheCleared
 
 
 class Block:
@@ -58,6 +86,7 @@ class BlockManager:
         self._num_committed: dict[int, int] = {}  # seq_id -> leading blocks already committed
         self.num_cache_hit_tokens = 0
         self.num_cache_query_tokens = 0
+        self.kv_events: list[KvEvent] | None = None  # collected only while a list (see above)
 
     @property
     def num_blocks(self) -> int:
@@ -109,13 +138,53 @@ class BlockManager:
             return
         hashes = self._hashes_of(seq, num_full)
         self._num_committed[seq.seq_id] = num_full
+        stored: list[int] = []  # indexes whose hash became findable
         for index in range(start, num_full):
             block_hash = hashes[index]
             block = self.blocks[seq.block_table[index]]
             if block.hash == _NO_HASH:
                 block.hash = block_hash
                 block.token_ids = seq.block_token_ids(index, self.block_size)
+                if block_hash not in self.hash_to_block:
+                    stored.append(index)
                 self.hash_to_block[block_hash] = block.block_id
+        if self.kv_events is not None and stored:
+            self._record_stored(seq, hashes, stored)
+
+    def _record_stored(self, seq: Sequence, hashes: list[int], indexes: list[int]) -> None:
+        """One BlocksStored per run of consecutive block indexes."""
+        assert self.kv_events is not None
+        runs: list[list[int]] = []
+        for index in indexes:
+            if runs and runs[-1][-1] == index - 1:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        for run in runs:
+            parent = hashes[run[0] - 1] if run[0] > 0 else None
+            token_ids = [self.blocks[seq.block_table[i]].token_ids for i in run]
+            self.kv_events.append(BlocksStored([hashes[i] for i in run], token_ids, parent))
+
+    def _record_removed(self, block_hash: int) -> None:
+        """Evictions in a row share one BlocksRemoved."""
+        assert self.kv_events is not None
+        if self.kv_events and isinstance(self.kv_events[-1], BlocksRemoved):
+            self.kv_events[-1].block_hashes.append(block_hash)
+        else:
+            self.kv_events.append(BlocksRemoved([block_hash]))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash, so no later request hits; False (changing nothing) while any
+        block is in use, as vLLM refuses: a running sequence's blocks must keep their hashes."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        if self.kv_events is not None and self.hash_to_block:
+            self.kv_events.append(BlocksRemoved(list(self.hash_to_block)))
+        self.hash_to_block.clear()
+        for block in self.blocks:
+            block.hash = _NO_HASH
+            block.token_ids = []
+        return True
 
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finished, aborted or preempted). Contents stay cached."""
@@ -166,6 +235,8 @@ class BlockManager:
         if block.hash != _NO_HASH:  # evict its cached contents
             if self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
+                if self.kv_events is not None:
+                    self._record_removed(block.hash)
             block.hash = _NO_HASH
             block.token_ids = []
         block.ref_count = 1

@@ -1,9 +1,10 @@
 """EngineClient: the front end's view of the engine process, for the servicers (event loop only).
 
-The servicers call ``submit``, ``abort`` and ``close`` and read ``info``, ``max_model_len``,
-``stats`` and the token rate; the client owns the per-request streams (request_streams.py) and
-sends commands to the engine process (``commands``: engine_process.py's pipe, or anything with
-``add``, ``abort``). The engine's events arrive as calls of the ``on_*`` methods, on the event
+The servicers call ``submit``, ``abort``, ``close`` and ``flush_cache``, subscribe to
+``kv_events`` (kv_event_hub.py) and read ``info``, ``max_model_len``, ``stats`` and the token
+rate; the client owns the per-request streams (request_streams.py) and sends commands to the
+engine process (``commands``: engine_process.py's pipe, or anything with ``add``, ``abort``,
+``flush``, ``kv_events``). The engine's events arrive as calls of the ``on_*`` methods, on the event
 loop: ``on_update`` once per step hands every request its outputs at once.
 
 Admission happens here, with what the front end knows: a request is refused while no session
@@ -17,15 +18,18 @@ with ``Unavailable`` at once and readiness turns off until a fresh session serve
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
 from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
+from scheduler_service.block_manager import KvEvent
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import StepReport
+from scheduler_service.kv_event_hub import KvEventHub
 from scheduler_service.metrics import Metrics
 from scheduler_service.request_streams import OutputQueue, Overloaded, RequestStreams, Unavailable
 from scheduler_service.server_stats import ServerStats, TokenRate
@@ -35,6 +39,10 @@ class EngineCommands(Protocol):
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
 
     def abort(self, request_ids: list[str]) -> None: ...
+
+    def flush(self, flush_id: int) -> None: ...
+
+    def kv_events(self, wanted: bool) -> None: ...
 
 
 class EngineClient:
@@ -58,6 +66,9 @@ class EngineClient:
         self._num_applied_adds = 0
         self._draining = False
         self._token_rate = TokenRate()
+        self.kv_events = KvEventHub(commands.kv_events)
+        self._flushes: dict[int, asyncio.Future[bool]] = {}  # flush id -> its answer
+        self._next_flush_id = 0
 
     # ---- for the servicers -----------------------------------------------------------------
 
@@ -130,6 +141,19 @@ class EngineClient:
         if self._streams.close(request_id) and not finished:
             self.commands.abort([request_id])
 
+    async def flush_cache(self) -> bool:
+        """Forget every cached prefix block, if none is in use (else False, as with no session:
+        BlockManager.reset_prefix_cache)."""
+        if self._info is None:
+            return False
+        flush_id, self._next_flush_id = self._next_flush_id, self._next_flush_id + 1
+        self._flushes[flush_id] = asyncio.get_running_loop().create_future()
+        try:
+            self.commands.flush(flush_id)
+            return await self._flushes[flush_id]
+        finally:
+            del self._flushes[flush_id]
+
     def drain(self) -> None:
         """Refuse new requests from now on; in-flight ones go on."""
         self._draining = True
@@ -149,6 +173,14 @@ class EngineClient:
 
     def on_refused(self, request_id: str, error: Exception) -> None:
         self._streams.fail(request_id, error)
+
+    def on_flushed(self, flush_id: int, done: bool) -> None:
+        future = self._flushes.get(flush_id)
+        if future is not None and not future.done():
+            future.set_result(done)
+
+    def on_kv_events(self, events: list[KvEvent]) -> None:
+        self.kv_events.publish(events)
 
     def on_update(
         self,

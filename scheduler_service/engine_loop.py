@@ -2,15 +2,18 @@
 
 The scheduler service is two processes (engine_process.py): the front end (gRPC servicers,
 request streams: engine_client.py) and the engine process, whose engine thread runs this loop.
-It applies queued commands (add, abort), steps while there is work, pings the workers while idle,
+It applies queued commands (add, abort, flush), steps while there is work, pings the workers while idle,
 and on worker loss drops the engine and keeps trying to reconnect and start a fresh session. A
 fresh session is warmed up (warm_up.py: every kernel variant the limits allow compiles and runs
 once) before it is announced, so readiness turns SERVING only once a first request runs at speed.
 
 What the front end must hear goes to ``events`` (``EngineEvents``), all from this thread: one
 ``update`` per step (the outputs, the stats after it and the step's timing), ``refused`` for an
-add the engine cannot take, ``session`` once a session serves and ``lost`` when it is gone.
-``add``, ``abort`` and ``stop`` may be called from any thread. Whenever the engine falls idle it
+add the engine cannot take, ``flushed`` with each flush's outcome (False with no session),
+``kv_events`` with the BlockManager's KV events of a step (only while ``kv_events(True)``, i.e. a
+subscriber exists; a fresh session starts with ``CacheCleared``), ``session`` once a session
+serves and ``lost`` when it is gone. ``add``, ``abort``, ``flush``, ``kv_events`` and ``stop`` may
+be called from any thread. Whenever the engine falls idle it
 checks that every KV block is free (``kv_cache_violation``) and logs an error if not.
 
 Not here: protobuf, tokenization, the per-request streams (engine_client.py), what a command does
@@ -28,9 +31,16 @@ from typing import Protocol
 from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
 from protos.step_trace import StepTrace
+from scheduler_service.block_manager import CacheCleared, KvEvent
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import EngineCore, RequestOutput
-from scheduler_service.engine_commands import AbortRequest, AddRequest, Command, apply_commands
+from scheduler_service.engine_commands import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    FlushCache,
+    apply_commands,
+)
 from scheduler_service.request_streams import Unavailable
 from scheduler_service.server_stats import (
     ServerStats,
@@ -66,6 +76,10 @@ class EngineEvents(Protocol):
 
     def refused(self, request_id: str, error: Exception) -> None: ...
 
+    def flushed(self, flush_id: int, done: bool) -> None: ...
+
+    def kv_events(self, events: list[KvEvent]) -> None: ...
+
     def update(
         self,
         outputs: list[RequestOutput],
@@ -94,6 +108,7 @@ class EngineLoop:
         self._session = 0  # counts worker sessions
         self._commands: list[Command] = []
         self._stopping = False
+        self._kv_events_wanted = False  # a subscriber exists: the BlockManager collects events
         self._base = ServerStats()  # counters of the sessions before the current one
         self._num_adds = 0  # engine thread only
         self._num_failed_starts = 0  # engine thread only
@@ -116,6 +131,16 @@ class EngineLoop:
         with self._cond:
             self._commands.extend(AbortRequest(r) for r in request_ids)
             self._cond.notify()
+
+    def flush(self, flush_id: int) -> None:
+        """Queue a prefix-cache flush; ``events.flushed(flush_id, done)`` answers it."""
+        with self._cond:
+            self._commands.append(FlushCache(flush_id))
+            self._cond.notify()
+
+    def kv_events(self, wanted: bool) -> None:
+        """Collect the BlockManager's KV events (from the next step on) or stop collecting."""
+        self._kv_events_wanted = wanted
 
     def stop(self) -> None:
         """Stop the engine thread (blocks until it has finished its step)."""
@@ -168,6 +193,8 @@ class EngineLoop:
             return False
         self._num_failed_starts = 0
         self._base = minus(self._base, counters(engine, ServerStats()))  # warm-up uncounted
+        if self._kv_events_wanted:
+            engine.scheduler.block_manager.kv_events = [CacheCleared()]
         with self._cond:
             self._engine = engine
             self._session += 1
@@ -190,12 +217,17 @@ class EngineLoop:
         adds = [c for c in commands if isinstance(c, AddRequest)]
         for cmd in adds:
             self.events.refused(cmd.request_id, Unavailable("no worker answers: not ready"))
+        for flush in (c for c in commands if isinstance(c, FlushCache)):
+            self.events.flushed(flush.flush_id, False)
         if adds:
             self._num_adds += len(adds)
             stats = ServerStats(ready=False, **counter_fields(self._base))
             self.events.update([], stats, self._num_adds, None)
 
     def _apply_commands(self, engine: EngineCore) -> None:
+        blocks = engine.scheduler.block_manager
+        if self._kv_events_wanted != (blocks.kv_events is not None):
+            blocks.kv_events = [] if self._kv_events_wanted else None
         with self._cond:
             commands, self._commands = self._commands, []
         if not commands:
@@ -203,6 +235,8 @@ class EngineLoop:
         applied = apply_commands(engine, commands)
         for request_id, error in applied.refused:
             self.events.refused(request_id, error)
+        for flush_id, done in applied.flushed:
+            self.events.flushed(flush_id, done)
         self._num_adds += applied.num_adds
         self._publish(engine, applied.aborted, None)
 
@@ -219,6 +253,10 @@ class EngineLoop:
     def _publish(
         self, engine: EngineCore, outputs: list[RequestOutput], step: StepReport | None
     ) -> None:
+        blocks = engine.scheduler.block_manager
+        if blocks.kv_events:  # one message per step, sent only while someone subscribes
+            kv_events, blocks.kv_events = blocks.kv_events, []
+            self.events.kv_events(kv_events)
         self.events.update(outputs, snapshot(engine, self._base, True), self._num_adds, step)
 
     def _wait_for_commands(self, timeout: float) -> bool:

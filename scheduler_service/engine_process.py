@@ -8,7 +8,7 @@ front end only hands requests over and outputs out.
 
 Wire: one duplex pipe (``multiprocessing.Pipe``, a Unix socket pair carrying pickled tuples).
 Front end to engine: ``("add", request_id, prompt_token_ids, params)``, ``("abort", ids)``,
-``("stop",)``. Engine to front end: ``(event, *args)`` for each ``EngineEvents`` call, in order;
+``("flush", flush_id)``, ``("kv_events", wanted)``, ``("stop",)``. Engine to front end: ``(event, *args)`` for each ``EngineEvents`` call, in order;
 the front end's reader thread hands each to the event loop as ``EngineClient.on_<event>(*args)``,
 so a step's outputs cost one message, not one per request.
 The engine process ignores SIGINT and SIGTERM (the front end drains, then sends ``stop``) and
@@ -31,6 +31,7 @@ from typing import Any
 from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
 from protos.step_trace import SCHEDULER_SUFFIX, open_trace
+from scheduler_service.block_manager import KvEvent
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import EngineLoop, StepReport
@@ -70,6 +71,12 @@ class EngineProcess:
 
     def abort(self, request_ids: list[str]) -> None:
         self._send(("abort", request_ids))
+
+    def flush(self, flush_id: int) -> None:
+        self._send(("flush", flush_id))
+
+    def kv_events(self, wanted: bool) -> None:
+        self._send(("kv_events", wanted))
 
     def stop(self) -> None:
         """Ask the engine to stop (its step finishes) and wait for the process (blocking)."""
@@ -116,6 +123,12 @@ class _PipeEvents:
 
     def refused(self, request_id: str, error: Exception) -> None:
         self._conn.send(("refused", request_id, error))
+
+    def flushed(self, flush_id: int, done: bool) -> None:
+        self._conn.send(("flushed", flush_id, done))
+
+    def kv_events(self, events: list[KvEvent]) -> None:
+        self._conn.send(("kv_events", events))
 
     def update(
         self,

@@ -10,11 +10,11 @@ the gateway reads the tokenizer from disk), GetServerInfo, Generate (streaming a
 and logit_bias; n > 1 as n requests whose later samples share the prompt's cached blocks,
 parallel_streams.py), Abort (unknown ids are fine: the gateway aborts after a request may have
 finished; a request with n > 1 aborts all its samples), GetLoads, GetTokenizer (a zip of the
-model directory's tokenizer files, for a gateway that cannot read it).
-Not yet done (UNIMPLEMENTED, the base class's default): FlushCache (it must run on the engine
-thread, which takes no such command yet), Embed, StartProfile, StopProfile,
-SubscribeKvEvents. Fields we do not implement are INVALID_ARGUMENT naming the field, never ignored
-(``unsupported_field``, vllm_wire.py); skip_special_tokens and spaces_between_special_tokens only
+model directory's tokenizer files, for a gateway that cannot read it), FlushCache and
+SubscribeKvEvents (the BlockManager's stored and removed prefix blocks: vllm_cache.py).
+Not done (UNIMPLEMENTED, the base class's default): Embed, StartProfile, StopProfile. Fields we
+do not implement are INVALID_ARGUMENT naming the field, never ignored (``unsupported_field``,
+vllm_wire.py); skip_special_tokens and spaces_between_special_tokens only
 affect detokenization, which the gateway does: accepted.
 """
 
@@ -51,6 +51,7 @@ from scheduler_service.servicer import (
 )
 from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.tokenizer_bundle import chunks, tokenizer_zip
+from scheduler_service.vllm_cache import flush_cache, kv_batch_to_pb
 from scheduler_service.vllm_wire import (
     chunk_to_pb,
     complete_to_pb,
@@ -176,6 +177,24 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         data = await asyncio.to_thread(tokenizer_zip, self.model_dir)
         for piece, sha256 in chunks(data):
             yield cpb.GetTokenizerChunk(data=piece, sha256=sha256)
+
+    @unary_errors
+    async def FlushCache(
+        self, request: cpb.FlushCacheRequest, context: Context
+    ) -> cpb.FlushCacheResponse:
+        success, message = await flush_cache(self.engine_loop, request.timeout_s)
+        return cpb.FlushCacheResponse(success=success, message=message)
+
+    @stream_errors
+    async def SubscribeKvEvents(
+        self, request: cpb.SubscribeKvEventsRequest, context: Context
+    ) -> AsyncIterator[cpb.KvEventBatch]:
+        """Live until the subscriber goes; events only while it is subscribed (kv_event_hub.py)."""
+        block_size = self.engine_loop.info.block_size
+        batches = self.engine_loop.kv_events.subscribe(request.start_sequence_number)
+        async with aclosing(batches):
+            async for batch in batches:
+                yield kv_batch_to_pb(batch, block_size)
 
     @stream_errors
     async def Generate(
