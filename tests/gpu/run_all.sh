@@ -21,7 +21,8 @@ step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$n
 
 # ONLY=tests or ONLY=bench runs one half (each fits one 10-minute call).
 if [ "${ONLY:-tests}" = tests ]; then
-  step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider tests
+  # Modules whose imports the GPU image lacks (openai, smg) hold no GPU test: collect past them.
+  step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider --continue-on-collection-errors tests
 fi
 if [ "${ONLY:-bench}" = bench ]; then
   # The headline: services by their documented commands, default flags, empty compile caches.
