@@ -99,7 +99,7 @@ async def serve(config: SchedulerServiceConfig) -> int:
     def on_engine_exit() -> None:
         nonlocal engine_died
         engine_died = True
-        client.on_lost("the engine process exited", 1 << 62, client.stats)
+        client.engine_gone()
         stop.set()
 
     engine.start(client, loop, on_engine_exit)

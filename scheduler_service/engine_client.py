@@ -74,13 +74,11 @@ class EngineClient:
 
     @property
     def info(self) -> WorkerInfo:
-        if self._info is None:
-            raise Unavailable("no worker answers: the server is not ready")
-        return self._info
+        return self._serving_info()
 
     @property
     def max_model_len(self) -> int:
-        self.info  # noqa: B018 (raises while not ready)
+        self._serving_info()
         return self._max_model_len
 
     @property
@@ -113,7 +111,7 @@ class EngineClient:
             raise ValueError(f"request_id={request_id!r} is invalid: a live request has it")
         if self._draining:
             raise Unavailable("the server is draining: no new requests")
-        self.info  # noqa: B018 (raises while not ready)
+        self._serving_info()
         if len(self._streams) >= self.config.max_num_streams:
             raise Overloaded(
                 f"{len(self._streams)} streams are live (--max-num-streams "
@@ -164,6 +162,17 @@ class EngineClient:
     def on_session(self, info: WorkerInfo, max_model_len: int, session: int) -> None:
         self._info, self._max_model_len, self._session = info, max_model_len, session
         self.on_ready_change(self.ready)
+
+    def _serving_info(self) -> WorkerInfo:
+        if self._info is None:
+            raise Unavailable("no worker answers: the server is not ready")
+        return self._info
+
+    def engine_gone(self) -> None:
+        """The engine process exited: every live request fails, readiness turns off for good."""
+        self._info = None
+        self.on_ready_change(False)
+        self._streams.fail_all(Unavailable("the engine process exited"), session=self._session)
 
     def on_lost(self, reason: str, session: int, stats: ServerStats) -> None:
         self._info = None

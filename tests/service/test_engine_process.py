@@ -62,6 +62,6 @@ def test_a_dead_engine_fails_live_requests_and_the_service_exits_non_zero(
         os.kill(engine_pid, signal.SIGKILL)
         killed_at = time.monotonic()
         reader.join(10)
-        assert errors == [(grpc.StatusCode.UNAVAILABLE, "worker lost: the engine process exited")]
+        assert errors == [(grpc.StatusCode.UNAVAILABLE, "the engine process exited")]
         assert s.scheduler.proc.wait(10) == 1
         assert time.monotonic() - killed_at < 10
