@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,17 +53,22 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(corpus_path: Path = CORPUS_PATH) -> Tokenizer:
     """Train the byte-level BPE; the special tokens get ids 0, 1, 2 in SPECIAL_TOKENS order."""
+    return bpe_tokenizer([corpus_path.read_text(encoding="utf-8")], TARGET_VOCAB_SIZE)
+
+
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of vocab_size trained on texts, SPECIAL_TOKENS first (ids 0, 1, 2)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TARGET_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         show_progress=False,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator([corpus_path.read_text(encoding="utf-8")], trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
 
