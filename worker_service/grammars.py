@@ -61,7 +61,11 @@ class GrammarCache:
         return xgr.GrammarCompiler(info)
 
     def compile(self, constraint: Constraint) -> Any:
-        """The compiled grammar of ``constraint``; ValueError with the compiler's message."""
+        """The compiled grammar of ``constraint``; ValueError with the compiler's message. A hit
+        takes no lock: the step thread never waits while a check compiles another constraint."""
+        compiled = self._compiled.get(constraint)
+        if compiled is not None:
+            return compiled
         with self._lock:
             compiled = self._compiled.get(constraint)
             if compiled is None:
