@@ -173,6 +173,9 @@ class EngineClient:
         self._info = None
         self.on_ready_change(False)
         self._streams.fail_all(Unavailable("the engine process exited"), session=self._session)
+        for future in self._flushes.values():  # nothing will answer them
+            if not future.done():
+                future.set_result(False)
 
     def on_lost(self, reason: str, session: int, stats: ServerStats) -> None:
         self._info = None
