@@ -138,17 +138,18 @@ class BlockManager:
             return
         hashes = self._hashes_of(seq, num_full)
         self._num_committed[seq.seq_id] = num_full
-        stored: list[int] = []  # indexes whose hash became findable
+        recording = self.kv_events is not None
+        stored: list[int] = []  # indexes whose hash became findable (only while recording)
         for index in range(start, num_full):
             block_hash = hashes[index]
             block = self.blocks[seq.block_table[index]]
             if block.hash == _NO_HASH:
                 block.hash = block_hash
                 block.token_ids = seq.block_token_ids(index, self.block_size)
-                if block_hash not in self.hash_to_block:
+                if recording and block_hash not in self.hash_to_block:
                     stored.append(index)
                 self.hash_to_block[block_hash] = block.block_id
-        if self.kv_events is not None and stored:
+        if stored:
             self._record_stored(seq, hashes, stored)
 
     def _record_stored(self, seq: Sequence, hashes: list[int], indexes: list[int]) -> None:
