@@ -117,17 +117,24 @@ def replay(events: list[KvEvent]) -> set[int]:
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.integers(0, 3), st.integers(1, 14), st.booleans()), min_size=1, max_size=40
+        st.tuples(st.integers(0, 3), st.integers(1, 14), st.booleans(), st.booleans()),
+        min_size=1,
+        max_size=40,
     )
 )
-def test_replayed_events_equal_the_findable_hashes(ops: list[tuple[int, int, bool]]) -> None:
-    manager = BlockManager(num_blocks=6, block_size=BLOCK_SIZE)
+def test_replayed_events_equal_the_findable_hashes(ops: list[tuple[int, int, bool, bool]]) -> None:
+    """Twins (the same prompt allocated twice before either is computed) commit one hash into two
+    blocks: it is stored once, and removed once it can no longer be found."""
+    manager = BlockManager(num_blocks=12, block_size=BLOCK_SIZE)
     manager.kv_events = []
-    for seq_id, (prefix, length, flush) in enumerate(ops):
-        seq = make_seq(seq_id, [prefix] * 2 + list(range(length)))
-        if manager.allocate(seq):
+    for step, (prefix, length, twins, flush) in enumerate(ops):
+        tokens = [prefix] * 2 + list(range(length))
+        seqs = [make_seq(2 * step + i, tokens) for i in range(2 if twins else 1)]
+        allocated = [seq for seq in seqs if manager.allocate(seq)]
+        for seq in allocated:
             seq.num_computed_tokens = seq.num_tokens
             manager.commit(seq)
+        for seq in allocated:
             manager.free(seq)
         if flush:
             assert manager.reset_prefix_cache()
