@@ -8,7 +8,7 @@ corpus, with a tokenizer trained the way `models.tiny` trains its own. It writes
 style directory (float32 safetensors, config, tokenizer) plus `training.json`: the command, seed,
 final loss and held-out perplexity of the trained and of the untrained (random) model.
 
-On a 2-core CPU this takes about a quarter of an hour; a GPU is used when there is one (results
+On an idle 2-core CPU this takes about 15 minutes; a GPU is used when there is one (results
 then differ in the last bits). This module is not imported by the servers; they only load the files.
 """
 

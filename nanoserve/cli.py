@@ -4,7 +4,7 @@
   stop everything on Ctrl-C or SIGTERM.
 - ``generate "prompt"``: stream one completion from a running server to the terminal.
 - ``run``: generate for a few fixed prompts with the offline LLM, in this process.
-Without ``--model``, serve and run use the embedded tiny model (written to ``.tiny_model/``).
+Without ``--model``, serve and run use the committed tiny trained model (``models/tiny_trained/``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 DEFAULT_PORT = 50051
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / ".tiny_model"
-RUN_PROMPTS = (
-    "The capital of France is",
-    "Once upon a time",
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny_trained"
+RUN_PROMPTS = (  # the default model knows Python's standard library and a little English
     "def fibonacci(n):",
-    "The quick brown fox",
+    "class Stack:\n",
+    "Once upon a time",
+    "The capital of France is",
 )
 
 
@@ -56,18 +56,14 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate for a few fixed prompts offline (in-process)")
     run.add_argument("--model", help="model directory (default: the embedded tiny model)")
-    run.add_argument("--max-tokens", type=int, default=32)
+    run.add_argument("--max-tokens", type=int, default=48)
     run.add_argument("--temperature", type=float, default=0.0)
     run.set_defaults(func=cmd_run)
     return p
 
 
 def resolve_model(model: str | None) -> str:
-    if model:
-        return model
-    from models.tiny import write_tiny_model
-
-    return str(write_tiny_model(DEFAULT_MODEL_DIR))
+    return model or str(DEFAULT_MODEL_DIR)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

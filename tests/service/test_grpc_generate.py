@@ -1,6 +1,7 @@
 """Generation through the real services: one CPU worker process and the scheduler, over gRPC.
 
-Greedy output must match the in-process LLM and transformers token for token; streams must add up
+Greedy output must match the in-process LLM and transformers token for token (on the random tiny
+checkpoint and on the committed trained one); streams must add up
 to their Complete message and to what the same request gives without streaming; many concurrent clients must all finish while the scheduler preempts
 and hits the prefix cache; a cancelled or expired stream must give its KV blocks back at once.
 """
@@ -27,6 +28,7 @@ from tests.service_fixtures import (
 )
 
 NUM_KV_BLOCKS = 40  # small: 64 clients cannot all fit, so the scheduler must preempt
+TRAINED_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tiny_trained"
 PROMPTS = ["Once upon a time", "The quick brown fox", "def fibonacci(n):", "Hello"]
 
 
@@ -52,6 +54,16 @@ def test_greedy_outputs_equal_the_offline_llm_and_transformers(services: Service
         done = complete_of(generate(services.stub, text=prompt, sampling=greedy(12)))
         assert list(done.output_ids) == expected["token_ids"] == expected_ids
         assert done.text == expected["text"]
+
+
+def test_trained_model_greedy_outputs_equal_transformers(tmp_path: Path) -> None:
+    with running_services(TRAINED_MODEL_DIR, tmp_path / "run", NUM_KV_BLOCKS) as trained:
+        stub = trained.stub
+        prompt_ids = [list(stub.Tokenize(pb.TokenizeRequest(text=p)).token_ids) for p in PROMPTS]
+        reference = transformers_greedy(TRAINED_MODEL_DIR, prompt_ids)
+        for prompt, expected_ids in zip(PROMPTS, reference):
+            done = complete_of(generate(stub, text=prompt, sampling=greedy(12)))
+            assert list(done.output_ids) == expected_ids
 
 
 def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
