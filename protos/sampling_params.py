@@ -50,6 +50,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default=())
     logprobs: int = 0
     detokenize: bool = True  # False: token ids only, no text (saves the host's time)
+    include_stop_str_in_output: bool = False  # True: the text ends with the stop string it hit
+    skip_special_tokens: bool = True  # False: special tokens are decoded into the text too
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

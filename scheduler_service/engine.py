@@ -147,7 +147,9 @@ class EngineCore:
         seq = Sequence(next(self._seq_ids), prompt_token_ids, params)
         detok = None
         if self.tokenizer is not None and self.config.detokenize and params.detokenize:
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+            )
         request = _Request(request_id, seq, detok)
         self._requests[request_id] = request
         self._by_seq_id[seq.seq_id] = request
@@ -257,18 +259,20 @@ class EngineCore:
     def _take_text(request: _Request, finishing: bool) -> tuple[str, bool]:
         """Return the text ready to send and whether a stop string ended the request.
 
-        The text is cut before the first stop string (which is not returned). While streaming,
-        the last ``len(longest stop) - 1`` characters are held back, since they may begin one.
+        The text is cut at the first stop string: before it, or after it with
+        ``include_stop_str_in_output`` (the earliest match wins; at one position, the first stop
+        listed). While streaming, the last ``len(longest stop) - 1`` characters are held back,
+        since they may begin one.
         """
-        stops = request.seq.params.stop
-        hold = max((len(s) for s in stops), default=1) - 1
+        params = request.seq.params
+        hold = max((len(s) for s in params.stop), default=1) - 1
         search_from = max(0, request.num_checked_chars - hold)
-        cut = min(
-            (i for i in (request.text.find(s, search_from) for s in stops) if i >= 0), default=-1
-        )
+        found = [(i, len(s)) for s in params.stop if (i := request.text.find(s, search_from)) >= 0]
         request.num_checked_chars = len(request.text)
-        if cut >= 0:
-            request.text = request.text[:cut]
+        cut = -1
+        if found:
+            cut, length = min(found, key=lambda match: match[0])
+            request.text = request.text[: cut + length * params.include_stop_str_in_output]
             finishing = True
         end = (
             len(request.text)

@@ -28,7 +28,6 @@ def unsupported_field(request: vpb.GenerateRequest) -> str | None:
     checks: tuple[tuple[bool, str, object], ...] = (
         (sp.HasField("logprobs") and sp.logprobs < 0, "sampling_params.logprobs", sp.logprobs),
         (sp.HasField("prompt_logprobs"), "sampling_params.prompt_logprobs", sp.prompt_logprobs),
-        (sp.include_stop_str_in_output, "sampling_params.include_stop_str_in_output", True),
         (sp.HasField("truncate_prompt_tokens"), "sampling_params.truncate_prompt_tokens",
          sp.truncate_prompt_tokens),
         (constraint == "structural_tag", "sampling_params.structural_tag", "(structured output)"),
@@ -60,6 +59,7 @@ def sampling_from_pb(msg: vpb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         logprobs=msg.logprobs if msg.HasField("logprobs") else 0,
         detokenize=bool(msg.stop),  # the gateway detokenizes; we need text only to match stops
+        include_stop_str_in_output=msg.include_stop_str_in_output,
         presence_penalty=msg.presence_penalty,
         frequency_penalty=msg.frequency_penalty,
         repetition_penalty=msg.repetition_penalty or 1.0,

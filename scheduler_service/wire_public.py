@@ -33,6 +33,8 @@ OPTIONAL_SAMPLING_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
 )
 FINISH_REASONS = {
     FinishReason.STOP: pb.STOP,

@@ -158,7 +158,6 @@ def set_request(name: str, value: object = None) -> Callable[[vpb.GenerateReques
 UNSUPPORTED = {
     "sampling_params.logprobs": set_sampling(logprobs=-1),
     "sampling_params.prompt_logprobs": set_sampling(prompt_logprobs=1),
-    "sampling_params.include_stop_str_in_output": set_sampling(include_stop_str_in_output=True),
     "sampling_params.truncate_prompt_tokens": set_sampling(truncate_prompt_tokens=4),
     # The other constraints are served (tests/service/test_structured_output_grpc.py).
     "sampling_params.structural_tag": set_sampling(structural_tag="{}"),

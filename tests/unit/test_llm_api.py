@@ -104,6 +104,31 @@ def test_stop_string_cuts_the_text(llm) -> None:
     assert out[0]["text"] == first[: first.index(stop)]
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string(llm) -> None:
+    first = llm.generate(["q"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0][
+        "text"
+    ]
+    stop = first[3:5]
+    params = SamplingParams(temperature=0, max_tokens=12, stop=[stop, first[4:6]])
+    params.include_stop_str_in_output = True
+    out = llm.generate(["q"], params, use_tqdm=False)
+    assert out[0]["text"] == first[: first.index(stop) + len(stop)]  # the earliest match
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens_decides_whether_they_add_text(llm, skip: bool) -> None:
+    special = min(llm.tokenizer.special_token_ids)
+    params = SamplingParams(
+        temperature=0, max_tokens=3, ignore_eos=True, logit_bias={special: 100.0}
+    )
+    params.skip_special_tokens = skip
+    out = llm.generate(["q"], params, use_tqdm=False)[0]
+    assert out["token_ids"] == [special] * 3
+    expected = "" if skip else llm.tokenizer.decode([special] * 3, skip_special_tokens=False)
+    assert expected or skip
+    assert out["text"] == expected
+
+
 def test_min_tokens_holds_back_eos(llm) -> None:
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=20, min_tokens=20)
     out = llm.generate(["hi"] * 4, params, use_tqdm=False)
