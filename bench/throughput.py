@@ -152,6 +152,12 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, help="default: the services' own")
     parser.add_argument("--max-model-len", type=int, help="default: the model's (config.json)")
     parser.add_argument("--passes", type=int, default=2, help="grpc engines: passes timed")
+    parser.add_argument(
+        "--constrained-fraction",
+        type=float,
+        default=0.0,
+        help="grpc engines: this share of requests get a JSON schema (bench/user_path.py)",
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-async", action="store_true", help="synchronous scheduling")

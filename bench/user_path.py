@@ -80,11 +80,15 @@ async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int,
             tokens = sum(n for n, _ in done)
             gaps = [b - a for _, t in done for a, b in zip(t, t[1:])]
             ttfts = [t[0] - start for _, t in done if t]
+            free = [
+                t for (_, t), r in zip(done, batch) if r.sampling.WhichOneof("constraint") is None
+            ]
             res = {"pass": i + 1, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
             res |= {
                 "started_at": started_at,
                 "ttft_ms": quantiles(ttfts),
                 "itl_ms": quantiles(gaps),
+                "free_itl_ms": quantiles([b - a for t in free for a, b in zip(t, t[1:])]),
             }
             results.append(res)
             line = {k: v for k, v in res.items() if not k.endswith("_ms")}
@@ -92,6 +96,29 @@ async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int,
                 line["itl_p50_ms"], line["itl_p99_ms"] = res["itl_ms"][100], res["itl_ms"][198]
             print(json.dumps(line), flush=True)
     return results
+
+
+SCHEMA = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "pattern": "^[a-z ]{1,40}$"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 8},
+        },
+        "required": ["name", "age", "tags"],
+    }
+)
+
+
+def constrain(requests: list[pb.GenerateRequest], fraction: float) -> None:
+    """Every ``1 / fraction``-th request gets a JSON schema (and may end early: no ignore_eos)."""
+    if fraction <= 0:
+        return
+    step = max(1, round(1 / fraction))
+    for r in requests[::step]:
+        r.sampling.json_schema = SCHEMA
+        r.sampling.ClearField("ignore_eos")
 
 
 def run_services(model_dir: str, prompts, max_tokens, sampling, args, engine: str) -> dict:
@@ -112,6 +139,7 @@ def run_services(model_dir: str, prompts, max_tokens, sampling, args, engine: st
         )
         for prompt, m in zip(prompts, max_tokens)
     ]
+    constrain(requests, getattr(args, "constrained_fraction", 0.0))
     try:
         results = asyncio.run(passes(addr, requests, args.passes, vocab))
     finally:
@@ -136,6 +164,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, help="cap every request's max_tokens")
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--no-stream", action="store_true", help="non-streaming requests")
+    p.add_argument(
+        "--constrained-fraction",
+        type=float,
+        default=0.0,
+        help="this share of the requests get a JSON schema; free_itl_ms is the others' ITL",
+    )
     p.add_argument("--max-model-len", type=int, help="given to both services (default: none)")
     p.add_argument("--step-trace", metavar="PATH", help="the services trace every step here")
     p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-user")
