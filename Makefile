@@ -7,6 +7,11 @@ TRAINED_MODEL := models/tiny_trained
 MODEL ?= $(TINY_MODEL)
 TP ?= 1
 PORT ?= 50051
+# `make serve GATEWAY=1`: REPLICAS replicas behind the SMG gateway, the OpenAI API on GATEWAY_PORT
+GATEWAY ?=
+REPLICAS ?= 2
+GATEWAY_PORT ?= 8000
+GATEWAY_FLAGS := $(if $(filter 1,$(GATEWAY)),--gateway --replicas $(REPLICAS) --gateway-port $(GATEWAY_PORT))
 
 .PHONY: setup protos tiny-model train-tiny run serve test test-compose test-gpu bench bench-cpu soak lint clean
 
@@ -35,7 +40,7 @@ run: protos
 	$(BIN)/python -m nanoserve run --model $(MODEL)
 
 serve: protos
-	$(BIN)/python -m nanoserve serve --model $(MODEL) --port $(PORT) --tp $(TP)
+	$(BIN)/python -m nanoserve serve --model $(MODEL) --port $(PORT) --tp $(TP) $(GATEWAY_FLAGS)
 
 test: protos
 	# The fast in-process tests first, then the ones that start real services.

@@ -1,7 +1,9 @@
 """The ``python -m nanoserve`` command line: serve, generate, run.
 
 - ``serve``: start one worker per GPU (or one CPU worker) and the scheduler, print the address,
-  stop everything on Ctrl-C or SIGTERM.
+  stop everything on Ctrl-C or SIGTERM. With ``--gateway``: ``--replicas`` such replicas (each
+  ``--tp`` GPUs of its own, or a CPU worker) on loopback ports and the SMG gateway in front, the
+  OpenAI HTTP API on ``--gateway-port`` (nanoserve/gateway.py).
 - ``generate "prompt"``: stream one completion from a running server to the terminal.
 - ``run``: generate for a few fixed prompts with the offline LLM, in this process.
 Without ``--model``, serve and run use the committed tiny trained model (``models/tiny_trained/``).
@@ -44,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--scheduler-arg", action="append", default=[], help="passed to the scheduler"
     )
+    serve.add_argument("--gateway", action="store_true", help="replicas behind the SMG gateway")
+    serve.add_argument("--replicas", type=int, default=2, help="with --gateway (default: 2)")
+    serve.add_argument("--gateway-port", type=int, default=8000, help="the OpenAI API's port")
+    serve.add_argument("--policy", default="cache_aware", help="SMG's routing policy")
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="stream a completion from a running server")
@@ -72,33 +78,82 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model_dir = resolve_model(args.model)
     device, world_size = _devices(args.device, args.tp)
     run_dir = launcher.make_run_dir()
-    dist_addr = f"127.0.0.1:{launcher.free_port()}" if world_size > 1 else None
-    services = []
-    env = launcher.secret_env()  # the scheduler proves itself to the workers with it
+    services: list[launcher.ServiceProcess] = []
     stop = _stop_on_signals()
     try:
-        for rank in range(world_size):
-            wargs = launcher.worker_args(
-                model_dir, 0, device, rank, world_size, dist_addr, args.worker_arg
+        if args.gateway:
+            _serve_gateway(args, model_dir, device, world_size, run_dir, services)
+        else:
+            addr = _start_replica(args, model_dir, device, world_size, run_dir, services)
+            print(
+                f"nanoserve ready on {addr}  (model {model_dir}, {world_size} {device} worker(s))"
             )
-            worker = launcher.spawn(f"worker{rank}", "worker_service", wargs, run_dir, env=env)
-            services.append(worker)
-        worker_addrs = ",".join(f"127.0.0.1:{w.wait_for_port(600)}" for w in services)
-        sargs = ["--model", model_dir, "--workers", worker_addrs, "--host", args.host]
-        sargs += ["--port", str(args.port), *args.scheduler_arg]
-        scheduler = launcher.spawn("scheduler", "scheduler_service", sargs, run_dir, env=env)
-        services.append(scheduler)
-        scheduler.wait_for_port(60)
-        addr = f"{'localhost' if args.host in ('127.0.0.1', '0.0.0.0') else args.host}:{scheduler.port}"
-        launcher.wait_until_serving(addr, 600)
-        print(f"nanoserve ready on {addr}  (model {model_dir}, {world_size} {device} worker(s))")
-        print(f"  try: python -m nanoserve generate 'Hello' --addr {addr}   (logs: {run_dir})")
+            print(f"  try: python -m nanoserve generate 'Hello' --addr {addr}   (logs: {run_dir})")
         while not stop() and (exited := launcher.first_exited(services)) is None:
             time.sleep(0.2)
         if not stop():
             print(f"{exited.name} exited with {exited.proc.returncode}; stopping", file=sys.stderr)
     finally:
         launcher.stop_all(services)
+
+
+def _start_replica(
+    args: argparse.Namespace, model_dir: str, device: str, world_size: int, run_dir: Path,
+    services: list, index: int | None = None,
+) -> str:  # fmt: skip
+    """Start a replica's workers and scheduler (added to ``services``); its address once SERVING.
+    A replica with an ``index`` (under --gateway) listens on a loopback port chosen by the OS and
+    has GPUs ``index * world_size`` onwards to itself."""
+    from nanoserve import launcher
+
+    prefix = "" if index is None else f"replica{index}-"
+    gpus = _gpus_of(index, world_size) if index is not None and device == "cuda" else {}
+    env = {**gpus, **launcher.secret_env()}  # the scheduler proves itself to its workers with it
+    dist_addr = f"127.0.0.1:{launcher.free_port()}" if world_size > 1 else None
+    workers = []
+    for rank in range(world_size):
+        wargs = launcher.worker_args(
+            model_dir, 0, device, rank, world_size, dist_addr, args.worker_arg
+        )
+        workers.append(
+            launcher.spawn(f"{prefix}worker{rank}", "worker_service", wargs, run_dir, env=env)
+        )
+        services.append(workers[-1])
+    worker_addrs = ",".join(f"127.0.0.1:{w.wait_for_port(600)}" for w in workers)
+    host, port = (args.host, args.port) if index is None else ("127.0.0.1", 0)
+    sargs = ["--model", model_dir, "--workers", worker_addrs, "--host", host]
+    sargs += ["--port", str(port), *args.scheduler_arg]
+    scheduler = launcher.spawn(f"{prefix}scheduler", "scheduler_service", sargs, run_dir, env=env)
+    services.append(scheduler)
+    scheduler.wait_for_port(60)
+    addr = f"{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{scheduler.port}"
+    launcher.wait_until_serving(addr, 600)
+    return addr
+
+
+def _gpus_of(index: int, world_size: int) -> dict[str, str]:
+    first = index * world_size
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(first, first + world_size))}
+
+
+def _serve_gateway(
+    args: argparse.Namespace, model_dir: str, device: str, world_size: int, run_dir: Path,
+    services: list,
+) -> None:  # fmt: skip
+    from nanoserve.gateway import spawn_gateway, wait_until_ready
+
+    addrs = [
+        _start_replica(args, model_dir, device, world_size, run_dir, services, index)
+        for index in range(args.replicas)
+    ]
+    gateway = spawn_gateway(addrs, model_dir, args.host, args.gateway_port, args.policy, run_dir)
+    services.append(gateway)
+    wait_until_ready(gateway, 120)
+    host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
+    print(f"nanoserve ready: the OpenAI API on http://{host}:{args.gateway_port}/v1  (SMG, "
+          f"{args.policy}, {args.replicas} replicas of {world_size} {device} worker(s): "
+          f"{', '.join(addrs)})")  # fmt: skip
+    print(f"  try: curl http://{host}:{args.gateway_port}/v1/models   (logs: {run_dir})")
 
 
 def _stop_on_signals():
