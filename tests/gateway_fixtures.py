@@ -2,8 +2,8 @@
 
 ``running_gateway`` starts it on an OS-chosen loopback port with the given policy and worker
 addresses, waits until ``/readiness`` answers 200 (its ``/health`` answers before any worker is
-registered), yields the OpenAI API's base URL and stops it afterwards; its log goes to the run
-directory and is shown when it fails to start.
+registered), yields its OpenAI API's base URL and its Prometheus metrics (``Gateway``) and stops
+it afterwards; its log goes to the run directory and is shown when it fails to start.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -32,6 +33,24 @@ def smg_binary() -> str:
     return found
 
 
+class Gateway(NamedTuple):
+    base_url: str  # the OpenAI API: http://127.0.0.1:PORT/v1
+    metrics_url: str
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a Prometheus series' samples whose labels include ``labels`` (0 if none)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
+            text = reply.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            if series.split("{")[0] == name and all(
+                f'{k}="{v}"' in series for k, v in labels.items()
+            ):
+                total += float(value)
+        return total
+
+
 @contextmanager
 def running_gateway(
     worker_addrs: Sequence[str],
@@ -39,7 +58,7 @@ def running_gateway(
     run_dir: Path,
     policy: str,
     extra: Sequence[str] = (),
-) -> Iterator[str]:
+) -> Iterator[Gateway]:
     port, metrics_port = launcher.free_port(), launcher.free_port()
     log_path = run_dir / f"smg-{policy}.log"
     args = [
@@ -52,7 +71,7 @@ def running_gateway(
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_readiness(f"http://127.0.0.1:{port}/readiness", proc, log_path)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield Gateway(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         proc.terminate()
         try:

@@ -4,9 +4,9 @@ Real processes, nothing mocked: two replicas (a CPU worker and a scheduler each,
 loopback ports) and ``smg launch`` in front, reached with the ``openai`` client. The workload is
 prefix_share-style: 4 long shared prefixes x 8 requests each, in a fixed shuffled order, sent
 one at a time so each request's replica shows in the replicas' GetServerStatus counters.
-With ``--policy cache_aware`` every prefix stays on one replica, the prefixes spread over both
-(the gateway learns each replica's blocks from SubscribeKvEvents), and the cached fraction of the
-prompt tokens beats round_robin's on the same requests (both printed; each run starts on flushed
+With ``--policy cache_aware`` every prefix stays on one replica, the gateway's KV index holds
+blocks of both replicas learnt from their SubscribeKvEvents streams (SMG's own metrics), and the
+cached fraction of the prompt tokens beats round_robin's on the same requests (both printed; each run starts on flushed
 caches). After ``kill -9`` of one replica, requests are answered by the other.
 """
 
@@ -145,9 +145,18 @@ def test_cache_aware_keeps_each_prefix_on_one_replica_and_caches_more_than_round
         for replica in replicas:
             replica.flush()
         addrs = [r.addr for r in replicas]
-        with running_gateway(addrs, tiny_model_dir, tmp_path, policy) as base_url:
-            client = OpenAI(base_url=base_url, api_key="x", timeout=60)
+        with running_gateway(addrs, tiny_model_dir, tmp_path, policy) as gateway:
+            client = OpenAI(base_url=gateway.base_url, api_key="x", timeout=60)
             placements[policy] = run_workload(client, replicas)
+            if policy == "cache_aware":  # it routed on the replicas' own KV events
+                for addr in addrs:
+                    worker = f"grpc://{addr}"
+                    assert gateway.metric("smg_kv_index_blocks", worker=worker) > 0, worker
+                    applied = gateway.metric(
+                        "smg_kv_event_batches_total", worker=worker, disposition="applied"
+                    )
+                    assert applied > 0, worker
+                assert gateway.metric("smg_kv_event_parentless_blocks_total") == 0
     for policy, placement in placements.items():
         per_replica = [sum(1 for _, r in placement.replica_of if r == i) for i in range(2)]
         print(
@@ -158,10 +167,7 @@ def test_cache_aware_keeps_each_prefix_on_one_replica_and_caches_more_than_round
     for prefix in range(NUM_PREFIXES):
         homes = {r for p, r in cache_aware.replica_of if p == prefix}
         assert len(homes) == 1, f"prefix {prefix} went to replicas {homes}"
-    # the prefixes spread over both: SMG learns each replica's blocks from SubscribeKvEvents (with
-    # no events it piles every prefix onto one replica)
-    assert {r for _, r in cache_aware.replica_of} == {0, 1}
-    assert {r for _, r in round_robin.replica_of} == {0, 1}
+    assert {r for _, r in round_robin.replica_of} == {0, 1}  # control: both replicas serve
     assert cache_aware.cached_fraction > round_robin.cached_fraction
 
 
@@ -169,8 +175,8 @@ def test_after_kill_9_of_one_replica_the_other_answers(
     replicas: list[Replica], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     addrs = [r.addr for r in replicas]
-    with running_gateway(addrs, tiny_model_dir, tmp_path, "round_robin") as base_url:
-        client = OpenAI(base_url=base_url, api_key="x", timeout=60, max_retries=0)
+    with running_gateway(addrs, tiny_model_dir, tmp_path, "round_robin") as gateway:
+        client = OpenAI(base_url=gateway.base_url, api_key="x", timeout=60, max_retries=0)
         model = client.models.list().data[0].id
         for q in range(4):  # both serve
             client.completions.create(
