@@ -2,9 +2,9 @@
 
 The scheduler service is two processes (engine_process.py): the front end (gRPC servicers,
 request streams: engine_client.py) and the engine process, whose engine thread runs this loop.
-It applies queued commands (add, abort, flush), steps while there is work, pings the workers while idle,
-and on worker loss drops the engine and keeps trying to reconnect and start a fresh session. A
-fresh session is warmed up (warm_up.py: every kernel variant the limits allow compiles and runs
+It applies queued commands (add, abort, flush), steps while there is work, pings the workers
+while idle, and on worker loss drops the engine and keeps trying to reconnect and start a fresh
+session. A fresh session is warmed up (warm_up.py: every kernel variant the limits allow compiles and runs
 once) before it is announced, so readiness turns SERVING only once a first request runs at speed.
 
 What the front end must hear goes to ``events`` (``EngineEvents``), all from this thread: one
@@ -13,8 +13,8 @@ add the engine cannot take, ``flushed`` with each flush's outcome (False with no
 ``kv_events`` with the BlockManager's KV events of a step (only while ``kv_events(True)``, i.e. a
 subscriber exists; a fresh session starts with ``CacheCleared``), ``session`` once a session
 serves and ``lost`` when it is gone. ``add``, ``abort``, ``flush``, ``kv_events`` and ``stop`` may
-be called from any thread. Whenever the engine falls idle it
-checks that every KV block is free (``kv_cache_violation``) and logs an error if not.
+be called from any thread. Whenever the engine falls idle it checks that every KV block is free
+(``kv_cache_violation``) and logs an error if not.
 
 Not here: protobuf, tokenization, the per-request streams (engine_client.py), what a command does
 to the engine (engine_commands.py), and scheduling itself (EngineCore).
@@ -235,10 +235,10 @@ class EngineLoop:
         applied = apply_commands(engine, commands)
         for request_id, error in applied.refused:
             self.events.refused(request_id, error)
+        self._num_adds += applied.num_adds
+        self._publish(engine, applied.aborted, None)  # a flush's removals reach subscribers first
         for flush_id, done in applied.flushed:
             self.events.flushed(flush_id, done)
-        self._num_adds += applied.num_adds
-        self._publish(engine, applied.aborted, None)
 
     def _step(self, engine: EngineCore) -> None:
         num_before, num_answers = engine.num_generated_tokens, engine.timings["steps"]
