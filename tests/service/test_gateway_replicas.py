@@ -7,7 +7,8 @@ one at a time so each request's replica shows in the replicas' GetServerStatus c
 With ``--policy cache_aware`` every prefix stays on one replica, the gateway's KV index holds
 blocks of both replicas learnt from their SubscribeKvEvents streams (SMG's own metrics), and the
 cached fraction of the prompt tokens beats round_robin's on the same requests (both printed; each run starts on flushed
-caches). After ``kill -9`` of one replica, requests are answered by the other.
+caches). After ``kill -9`` of the replica holding a prefix, every request (that prefix's first)
+is answered 200 by the other.
 """
 
 from __future__ import annotations
@@ -109,23 +110,22 @@ class Placement:
     cached_fraction: float  # prompt tokens served from the prefix cache / prompt tokens
 
 
-def run_workload(client: OpenAI, replicas: list[Replica]) -> Placement:
+def serve_one(client: OpenAI, replicas: list[Replica], prompt: str) -> int:
+    """Complete ``prompt`` through the gateway; the index of the replica that served it."""
+    counts = [r.status().num_prefix_cache_query_tokens for r in replicas]
     model = client.models.list().data[0].id
+    completion = client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=2)
+    assert completion.choices[0].finish_reason in ("length", "stop")
+    grown = [
+        i for i, r in enumerate(replicas) if r.status().num_prefix_cache_query_tokens > counts[i]
+    ]
+    assert len(grown) == 1, f"the request should show on exactly one replica: {grown}"
+    return grown[0]
+
+
+def run_workload(client: OpenAI, replicas: list[Replica]) -> Placement:
     before = [r.status() for r in replicas]
-    replica_of = []
-    for prefix, prompt in workload():
-        counts = [r.status().num_prefix_cache_query_tokens for r in replicas]
-        completion = client.completions.create(
-            model=model, prompt=prompt, temperature=0, max_tokens=2
-        )
-        assert completion.choices[0].finish_reason in ("length", "stop")
-        grown = [
-            i
-            for i, r in enumerate(replicas)
-            if r.status().num_prefix_cache_query_tokens > counts[i]
-        ]
-        assert len(grown) == 1, f"the request should show on exactly one replica: {grown}"
-        replica_of.append((prefix, grown[0]))
+    replica_of = [(prefix, serve_one(client, replicas, prompt)) for prefix, prompt in workload()]
     after = [r.status() for r in replicas]
     hits = [
         a.num_prefix_cache_hit_tokens - b.num_prefix_cache_hit_tokens for a, b in zip(after, before)
@@ -171,23 +171,24 @@ def test_cache_aware_keeps_each_prefix_on_one_replica_and_caches_more_than_round
     assert cache_aware.cached_fraction > round_robin.cached_fraction
 
 
-def test_after_kill_9_of_one_replica_the_other_answers(
+def test_after_kill_9_of_the_replica_holding_a_prefix_the_other_answers(
     replicas: list[Replica], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    for replica in replicas:
+        replica.flush()
     addrs = [r.addr for r in replicas]
-    with running_gateway(addrs, tiny_model_dir, tmp_path, "round_robin") as gateway:
+    with running_gateway(addrs, tiny_model_dir, tmp_path, "cache_aware") as gateway:
         client = OpenAI(base_url=gateway.base_url, api_key="x", timeout=60, max_retries=0)
         model = client.models.list().data[0].id
-        for q in range(4):  # both serve
-            client.completions.create(
-                model=model, prompt=f"Question {q}", temperature=0, max_tokens=2
-            )
-        replicas[0].kill()
-        survivor_before = replicas[1].status().num_prefix_cache_query_tokens
-        for q in range(8):
+        requests = workload()
+        victim = serve_one(client, replicas, requests[0][1])  # now holds that prefix's blocks
+        replicas[victim].kill()
+        survivor = replicas[1 - victim]
+        before = survivor.status().num_prefix_cache_query_tokens
+        for prefix, prompt in requests[:8]:  # the dead replica's prefix first
             response = client.completions.with_raw_response.create(
-                model=model, prompt=f"After the loss, question {q}", temperature=0, max_tokens=2
+                model=model, prompt=prompt, temperature=0, max_tokens=2
             )
-            assert response.status_code == 200
-            assert response.parse().choices[0].text is not None
-        assert replicas[1].status().num_prefix_cache_query_tokens > survivor_before
+            assert response.status_code == 200, prefix
+            assert response.parse().choices[0].finish_reason in ("length", "stop")
+        assert survivor.status().num_prefix_cache_query_tokens > before
