@@ -36,12 +36,16 @@ def spawn_gateway(
     port: int,
     policy: str,
     run_dir: Path,
+    metrics_port: int = 0,
+    extra: Sequence[str] = (),
 ) -> launcher.ServiceProcess:
+    """``metrics_port``: SMG's Prometheus port (0: a free one); ``extra``: more ``smg launch``
+    flags."""
     args = [
         smg_binary(), "launch", "--host", host, "--port", str(port),
         "--worker-urls", *[f"grpc://{addr}" for addr in worker_addrs],
         "--model-path", model_dir, "--policy", policy,
-        "--prometheus-port", str(launcher.free_port()),
+        "--prometheus-port", str(metrics_port or launcher.free_port()), *extra,
     ]  # fmt: skip
     log_path = run_dir / "gateway.log"
     log = open(log_path, "ab")  # noqa: SIM115 (closed by ServiceProcess.stop())

@@ -170,18 +170,20 @@ class EngineClient:
 
     def engine_gone(self) -> None:
         """The engine process exited: every live request fails, readiness turns off for good."""
-        self._info = None
-        self.on_ready_change(False)
-        self._streams.fail_all(Unavailable("the engine process exited"), session=self._session)
+        self._stop_serving(Unavailable("the engine process exited"), self._session)
         for future in self._flushes.values():  # nothing will answer them
             if not future.done():
                 future.set_result(False)
 
     def on_lost(self, reason: str, session: int, stats: ServerStats) -> None:
-        self._info = None
         self._stats = stats
+        self._stop_serving(Unavailable(f"worker lost: {reason}"), session)
+
+    def _stop_serving(self, error: Exception, session: int) -> None:
+        """Readiness off; the streams of ``session`` and earlier fail with ``error``."""
+        self._info = None
         self.on_ready_change(False)
-        self._streams.fail_all(Unavailable(f"worker lost: {reason}"), session)
+        self._streams.fail_all(error, session)
 
     def on_refused(self, request_id: str, error: Exception) -> None:
         self._streams.fail(request_id, error)

@@ -24,6 +24,7 @@ server's statistics (engine_loop.py); the blocks they leave in the prefix cache 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from protos.sampling_params import SamplingParams
 from scheduler_service.engine import EngineCore
@@ -63,8 +64,8 @@ def warm_up(engine: EngineCore) -> None:
         for i, prompt in enumerate(batch):
             base = SAMPLING[i % len(SAMPLING)]
             max_tokens = min(MAX_TOKENS, engine.max_model_len - len(prompt))
-            params = SamplingParams(**{**vars(base), "max_tokens": max_tokens, "detokenize": False})
-            params.min_tokens = min(params.min_tokens, max_tokens)
+            min_tokens = min(base.min_tokens, max_tokens)
+            params = replace(base, max_tokens=max_tokens, min_tokens=min_tokens, detokenize=False)
             engine.add_request(f"warm-up-{wave}-{i}", prompt, params)
         while engine.has_unfinished:
             engine.step()

@@ -8,10 +8,6 @@ it afterwards; its log goes to the run directory and is shown when it fails to s
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -21,16 +17,15 @@ from typing import NamedTuple
 
 import pytest
 
-from nanoserve import launcher
-
-SMG = Path(sys.executable).parent / "smg"
+from nanoserve import gateway, launcher
 
 
 def smg_binary() -> str:
-    found = str(SMG) if SMG.exists() else shutil.which("smg")
-    if found is None:
+    """The gateway's binary (nanoserve.gateway's lookup); the test is skipped without one."""
+    try:
+        return gateway.smg_binary()
+    except SystemExit:
         pytest.skip("the smg gateway binary is not installed (pip install smg)")
-    return found
 
 
 class Gateway(NamedTuple):
@@ -59,40 +54,13 @@ def running_gateway(
     policy: str,
     extra: Sequence[str] = (),
 ) -> Iterator[Gateway]:
+    smg_binary()  # skips the test where smg is not installed
     port, metrics_port = launcher.free_port(), launcher.free_port()
-    log_path = run_dir / f"smg-{policy}.log"
-    args = [
-        smg_binary(), "launch", "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", *[f"grpc://{addr}" for addr in worker_addrs],
-        "--model-path", str(model_dir), "--policy", policy,
-        "--prometheus-port", str(metrics_port), *extra,
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    smg = gateway.spawn_gateway(
+        worker_addrs, str(model_dir), "127.0.0.1", port, policy, run_dir, metrics_port, extra
+    )
     try:
-        wait_for_readiness(f"http://127.0.0.1:{port}/readiness", proc, log_path)
+        gateway.wait_until_ready(smg, 60)
         yield Gateway(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_for_readiness(
-    url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 60
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"smg exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"smg not ready after {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+        smg.stop()

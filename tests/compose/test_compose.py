@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,27 +170,43 @@ def _host_torch_version() -> str:
     return version("torch").split("+")[0]
 
 
-@pytest.fixture(scope="module")
-def deployment(docker_ready: list[str], images: dict[str, str]) -> Iterator[Deployment]:
-    port = free_port()
-    project = f"nanoserve-test-{os.getpid()}"
-    env = {**os.environ, **images, "NANOSERVE_PORT": str(port)}
-    compose = [*docker_ready, "-p", project, "--profile", "cpu"]
-    deployment = Deployment(compose, env, f"127.0.0.1:{port}")
+@contextmanager
+def compose_up(
+    docker_ready: list[str],
+    profile: str,
+    env: dict[str, str],
+    addr: str,
+    healthy: str,
+    timeout_s: float = HEALTHY_TIMEOUT_S,
+) -> Iterator[Deployment]:
+    """``compose --profile PROFILE up`` under a project of its own, until service ``healthy``'s
+    health check passes; ``down -v`` however it ends."""
+    project = f"nanoserve-{profile}-test-{os.getpid()}"
+    env = {**os.environ, **env}
+    compose = [*docker_ready, "-p", project, "--profile", profile]
+    deployment = Deployment(compose, env, addr)
     t0 = time.monotonic()
     try:
         up = run([*compose, "up", "-d", "--no-build"], cwd=ROOT, env=env, timeout=600)
         assert up.returncode == 0, f"compose up failed:\n{up.stderr}\n{deployment.logs()}"
-        deadline = time.monotonic() + HEALTHY_TIMEOUT_S
-        while deployment.health(SCHEDULER) != "healthy":
+        deadline = time.monotonic() + timeout_s
+        while deployment.health(healthy) != "healthy":
             assert time.monotonic() < deadline, f"not healthy in time:\n{deployment.logs()}"
             time.sleep(1)
-        print(f"compose up to healthy: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        print(f"{profile} profile up to healthy: {time.monotonic() - t0:.0f} s", file=sys.stderr)
         yield deployment
     finally:
         down = run([*compose, "down", "-v", "--remove-orphans"], cwd=ROOT, env=env, timeout=300)
         if down.returncode != 0:
             print(f"compose down failed: {down.stderr}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def deployment(docker_ready: list[str], images: dict[str, str]) -> Iterator[Deployment]:
+    port = free_port()
+    env = {**images, "NANOSERVE_PORT": str(port)}
+    with compose_up(docker_ready, "cpu", env, f"127.0.0.1:{port}", SCHEDULER) as deployment:
+        yield deployment
 
 
 def grpcurl(addr: str, *args: str, data: dict | None = None) -> str:

@@ -12,9 +12,6 @@ runs in every ``make test``.
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +25,7 @@ from tests.compose.test_compose import (
     Deployment,
     build_image,
     compose_command,
+    compose_up,
     free_port,
     run,
 )
@@ -51,24 +49,10 @@ def gateway_images(images: dict[str, str], base_image: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def gateway(docker_ready: list[str], gateway_images: dict[str, str]) -> Iterator[Deployment]:
     port = free_port()
-    project = f"nanoserve-gateway-test-{os.getpid()}"
-    env = {**os.environ, **gateway_images, "NANOSERVE_GATEWAY_PORT": str(port)}
-    compose = [*docker_ready, "-p", project, "--profile", "gateway"]
-    deployment = Deployment(compose, env, f"127.0.0.1:{port}")
-    t0 = time.monotonic()
-    try:
-        up = run([*compose, "up", "-d", "--no-build"], cwd=ROOT, env=env, timeout=600)
-        assert up.returncode == 0, f"compose up failed:\n{up.stderr}\n{deployment.logs()}"
-        deadline = time.monotonic() + HEALTHY_TIMEOUT_S
-        while deployment.health(GATEWAY) != "healthy":
-            assert time.monotonic() < deadline, f"not healthy in time:\n{deployment.logs()}"
-            time.sleep(1)
-        print(f"gateway profile up to healthy: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    env = {**gateway_images, "NANOSERVE_GATEWAY_PORT": str(port)}
+    addr = f"127.0.0.1:{port}"
+    with compose_up(docker_ready, "gateway", env, addr, GATEWAY, HEALTHY_TIMEOUT_S) as deployment:
         yield deployment
-    finally:
-        down = run([*compose, "down", "-v", "--remove-orphans"], cwd=ROOT, env=env, timeout=300)
-        if down.returncode != 0:
-            print(f"compose down failed: {down.stderr}", file=sys.stderr)
 
 
 def test_gateway_profile_starts_both_replicas_and_the_gateway_healthy(gateway: Deployment) -> None:

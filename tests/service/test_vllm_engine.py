@@ -10,12 +10,6 @@ with a token-id prompt and with text, and a streamed chat, equal nanoserve's own
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,7 +20,7 @@ from openai import OpenAI
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
-from nanoserve import launcher
+from tests.gateway_fixtures import running_gateway
 from tests.service_fixtures import (
     Services,
     assert_kv_cache_clean,
@@ -41,7 +35,6 @@ NUM_KV_BLOCKS = 64
 MAX_TOKENS_TO_ABORT = 1000  # about 5 s of the tiny model on a CPU: far longer than an abort takes
 PROMPT = "Once upon a time"
 VLLM_SERVICE = "vllm.grpc.engine.VllmEngine"
-SMG = Path(sys.executable).parent / "smg"
 
 
 @pytest.fixture(scope="module")
@@ -234,45 +227,10 @@ def test_abort_ends_a_live_stream_with_finish_reason_abort(
 @pytest.fixture(scope="module")
 def gateway(services: Services) -> Iterator[str]:
     """``smg launch`` in front of the scheduler; its OpenAI API's base URL once /readiness is 200."""
-    if not SMG.exists() and shutil.which("smg") is None:
-        pytest.skip("the smg gateway binary is not installed (pip install smg)")
-    port, metrics_port = launcher.free_port(), launcher.free_port()
-    log_path = services.run_dir / "smg.log"
-    args = [
-        str(SMG if SMG.exists() else shutil.which("smg")), "launch",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", f"grpc://{services.addr}",
-        "--model-path", str(services.model_dir),
-        "--policy", "round_robin",
-        "--prometheus-port", str(metrics_port),
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_readiness(f"http://127.0.0.1:{port}/readiness", proc, log_path)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_for_readiness(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"smg exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"smg not ready after 60 s:\n{log_path.read_text()[-4000:]}")
+    with running_gateway(
+        [services.addr], services.model_dir, services.run_dir, "round_robin"
+    ) as gw:
+        yield gw.base_url
 
 
 @pytest.fixture(scope="module")
