@@ -25,10 +25,11 @@ if [ "${ONLY:-tests}" = tests ]; then
   step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider --continue-on-collection-errors tests
 fi
 if [ "${ONLY:-bench}" = bench ]; then
-  # The headline: services by their documented commands, default flags, empty compile caches.
+  # The headline: services by their documented commands, default flags, empty compile caches,
+  # untraced (add --step-trace DIR to see where the time goes).
   step nano_bench $PY -m bench.throughput --arch qwen3-0.6b \
       --engines ${ENGINES:-grpc-stream,grpc,inprocess,transformers} \
-      --hf-limit 32 --hf-batch-size 32 --out "$OUT_DIR/nano_bench.json" --step-trace "$OUT_DIR"
+      --hf-limit 32 --hf-batch-size 32 --out "$OUT_DIR/nano_bench.json"
   for len in 2048 4096; do  # the same at other max_model_len (the default is the model's 40,960)
     step "user_path_$len" $PY -m bench.user_path --max-model-len $len --out "$OUT_DIR/sweep.jsonl"
   done
