@@ -38,6 +38,8 @@ def start_services(
     common = engine_flags(args)
     if args.enforce_eager:
         common.append("--enforce-eager")
+    if getattr(args, "attention_backend", None):
+        common += ["--attention-backend", args.attention_backend]
     common += getattr(args, "worker_args", "").split()  # e.g. "--dtype float32"
     tp = getattr(args, "tp", 1)
     dist_addr = f"127.0.0.1:{launcher.free_port()}" if tp > 1 else None

@@ -43,6 +43,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
 
     limits = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens")}
     limits["max_model_len"] = args.max_model_len
+    limits["attention_backend"] = getattr(args, "attention_backend", None)
     llm = LLM(
         model_dir,
         enable_prefix_caching=not args.no_prefix_caching,
@@ -157,6 +158,9 @@ def main() -> None:
         type=float,
         default=0.0,
         help="grpc engines: this share of requests get a JSON schema (bench/user_path.py)",
+    )
+    parser.add_argument(
+        "--attention-backend", help="the workers' --attention-backend (default: theirs, auto)"
     )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")

@@ -1,4 +1,5 @@
-"""Shared test setup: the GPU marker, Triton's CPU interpreter, and the tiny model fixture."""
+"""Shared test setup: the GPU marker, Triton's CPU interpreter, the GPU tests' attention backend
+(``--attention-backend``), and the tiny model fixture."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ pytest_plugins = [
     "tests.kv_invariants"
 ]  # every in-process engine ends each test with no block held
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--attention-backend",
+        default="auto",
+        help="the GPU engine tests' worker attention backend (e.g. flash-attn; default auto)",
+    )
+
+
+@pytest.fixture(scope="session")
+def attention_backend(request: pytest.FixtureRequest) -> str:
+    """What the GPU engine tests pass as ``--attention-backend`` (pytest --attention-backend)."""
+    return request.config.getoption("--attention-backend")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

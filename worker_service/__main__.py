@@ -49,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-num-seqs", type=int, default=WorkerConfig.max_num_seqs)
     p.add_argument("--max-model-len", type=int, help="default: the model's context length")
-    p.add_argument("--attention-backend", default=WorkerConfig.attention_backend)
+    p.add_argument(
+        "--attention-backend",
+        default=WorkerConfig.attention_backend,
+        help="auto|triton|flash-attn|torch, or per phase: prefill=flash-attn,decode=triton "
+        "(auto: the faster one per phase as measured on this GPU architecture; docs/gpu.md)",
+    )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel size")
@@ -73,10 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def use_compile_cache(directory: str | None, environ: MutableMapping[str, str]) -> None:
-    """Point Triton's kernel cache at ``directory`` (made if missing); before Triton is imported."""
+    """Point Triton's kernel cache at ``directory`` (made if missing), and FlashAttention 4's
+    (CuTe DSL) at its ``flash_attn`` folder; before either is imported."""
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)
         environ["TRITON_CACHE_DIR"] = directory
+        environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+        environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = str(Path(directory) / "flash_attn")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -186,6 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     use_compile_cache(args.compile_cache_dir, os.environ)
     config = config_from_args(args)
+    from worker_service.attention_backends import check_backend  # imports triton: after the cache
+
+    try:
+        check_backend(config.attention_backend)
+    except ValueError as e:
+        raise SystemExit(f"--attention-backend: {e}") from None
     secret = os.environ.get(WORKER_SECRET_ENV) or None
     if secret is None and not _is_loopback(args.host):
         raise SystemExit(f"--host {args.host} is not loopback: set ${WORKER_SECRET_ENV} first")

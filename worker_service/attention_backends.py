@@ -1,4 +1,4 @@
-"""The two attention backends, and the choice between them, made once at worker start.
+"""The attention backends, and the choice between them, made once at worker start.
 
 ``TorchRefBackend`` (``torch``): the pure-torch reference on any device; ``store_kvcache_ref``,
 then ``paged_attention_ref`` for every kind of step. The ground truth the kernels are tested
@@ -7,15 +7,17 @@ may fuse into its q/k-norm + RoPE kernel on CUDA, ``fuses_kv_store``), then per 
 ``paged_decode_attention`` when every sequence has one query token, else
 ``paged_prefill_attention`` (plain and chunked prefill, prefix-cache hits, mixed batches). Both
 attend densely over the step's own K/V with ``dense_causal_varlen_ref`` while no cache is bound
-(the memory-profiling forward). There is no flash-attn backend.
+(the memory-profiling forward). ``flash-attn``: FlashAttention 4 over the same cache
+(worker_service/flash_attn_backend.py). ``PhasedBackend``: one backend for decode steps, another
+for the rest ("prefill=flash-attn,decode=triton").
 
-``select_backend`` resolves ``auto`` by device only: ``triton`` on CUDA, ``torch`` elsewhere; the
-phase of a step picks the kernel inside the Triton backend, never the backend. The Triton
-attention kernels' modules are imported when a ``TritonBackend`` is built; this module imports
-only ``kernels.store_kvcache`` (for its reference). Nothing compiles at import: Triton compiles a
-kernel at its first launch for each new dtype and specialization, on CUDA mostly at worker start
-(the decode kernel and the fused store while the decode CUDA graphs are captured; the prefill
-kernel, which the profiling forward does not reach, at the first prefill step).
+``select_backend`` resolves ``auto``: torch off CUDA; on CUDA, where flash-attn 4 imports, the
+backend measured faster for each phase on that architecture (``AUTO_WITH_FLASH_ATTN``), else
+Triton. Backend modules are imported when a backend is built; this module imports only
+``kernels.store_kvcache`` (for its reference). Nothing compiles at import: Triton (and
+FlashAttention's CuTe DSL) compile a kernel at its first launch for each new variant, on CUDA
+at worker start (decode while the CUDA graphs are captured) and in the scheduler's warm-up
+(prefill), before the service reports SERVING.
 """
 
 from __future__ import annotations
@@ -146,7 +148,85 @@ class TritonBackend:
         )
 
 
-BACKEND_NAMES = ("auto", "torch", "triton")
+class PhasedBackend:
+    """Decode steps to one backend, every other step (prefill, chunked, mixed) to another.
+
+    Both store K/V with the same Triton store into the same cache layout, so either reads what
+    the other wrote; the profiling forward (no cache bound) goes to the prefill backend.
+    """
+
+    fuses_kv_store = True
+
+    def __init__(self, prefill: AttentionBackend, decode: AttentionBackend) -> None:
+        self.prefill, self.decode = prefill, decode
+        self.name = f"prefill={prefill.name},decode={decode.name}"
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_store: KVStore) -> None:
+        self.prefill.store_kv(k, v, kv_store)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        backend = self.decode if meta.is_decode and k_cache.numel() else self.prefill
+        return backend.forward(q, k, v, k_cache, v_cache, meta, scale)
+
+
+BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
+PHASES = ("prefill", "decode")
+PHASE_BACKENDS = ("triton", "flash-attn")  # what "prefill=X,decode=Y" may name
+# What ``auto`` picks per compute capability (major) when flash-attn 4 imports: the faster
+# backend of each phase as measured (docs/gpu.md, "Attention backends"). Unmeasured: Triton.
+AUTO_WITH_FLASH_ATTN = {9: {"prefill": "flash-attn", "decode": "triton"}}
+
+
+def parse_backend(spec: str | None) -> dict[str, str] | str:
+    """``spec`` as a backend name (``BACKEND_NAMES``, None = auto) or as
+    {"prefill": name, "decode": name} from "prefill=X,decode=Y"; ValueError naming the choices."""
+    if spec is None or spec in BACKEND_NAMES:
+        return spec or "auto"
+    allowed = (
+        ", ".join(BACKEND_NAMES)
+        + ", or prefill=X,decode=Y with X, Y in "
+        + "/".join(PHASE_BACKENDS)
+    )
+    phases = dict(part.partition("=")[::2] for part in spec.split(","))
+    if set(phases) != {"prefill", "decode"} or not set(phases.values()) <= set(PHASE_BACKENDS):
+        raise ValueError(f"unknown attention backend {spec!r}; allowed: {allowed}")
+    return phases
+
+
+def check_backend(spec: str | None) -> None:
+    """At start, before anything loads: ValueError if ``spec`` is unknown or names flash-attn
+    where flash-attn 4 does not import (the message names the package)."""
+    from worker_service.flash_attn_backend import import_flash_attn
+
+    choice = parse_backend(spec)
+    names = set(choice.values()) if isinstance(choice, dict) else {choice}
+    if "flash-attn" in names:
+        try:
+            import_flash_attn()
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+
+
+def auto_backends(device: torch.device) -> dict[str, str] | str:
+    """``auto`` resolved: torch off CUDA; on CUDA flash-attn for the phases it measured faster
+    on this architecture when ``flash_attn.cute`` imports, Triton for the rest."""
+    from worker_service.flash_attn_backend import flash_attn_available
+
+    if device.type != "cuda":
+        return "torch"
+    if not flash_attn_available():
+        return "triton"
+    major = torch.cuda.get_device_capability(device)[0]
+    return AUTO_WITH_FLASH_ATTN.get(major, "triton")
 
 
 def select_backend(
@@ -155,26 +235,37 @@ def select_backend(
     max_context_len: int | None = None,
     max_num_seqs: int | None = None,
 ) -> AttentionBackend:
-    """Pick the attention backend for ``device``; ``forced`` names one of ``BACKEND_NAMES``.
+    """The attention backend for ``device``; ``forced`` as ``parse_backend`` reads it.
 
-    ``auto`` (or None): Triton on CUDA, torch elsewhere. "flash-attn" is refused with a message
-    of its own: there is no such backend. "triton" on CPU needs ``TRITON_INTERPRET=1`` set before
-    the kernels are first imported.
+    ``auto`` (or None): see ``auto_backends``. "triton" on CPU needs ``TRITON_INTERPRET=1``
+    set before the kernels are first imported; "flash-attn" needs CUDA and the flash-attn-4
+    package (ValueError naming it).
     """
-    if forced not in (None, *BACKEND_NAMES):
-        if forced == "flash-attn":
-            raise ValueError(
-                "attention backend 'flash-attn' is not implemented yet; use one of "
-                + ", ".join(BACKEND_NAMES)
+    choice = parse_backend(forced)
+    if choice == "auto":
+        choice = auto_backends(device)
+    if isinstance(choice, dict):
+        if choice["prefill"] == choice["decode"]:
+            choice = choice["prefill"]
+        else:
+            return PhasedBackend(
+                *(_build(choice[p], device, max_context_len, max_num_seqs) for p in PHASES)
             )
-        raise ValueError(
-            f"unknown attention backend {forced!r}; allowed: {', '.join(BACKEND_NAMES)}"
-        )
-    name = (
-        forced if forced not in (None, "auto") else ("triton" if device.type == "cuda" else "torch")
-    )
+    return _build(choice, device, max_context_len, max_num_seqs)
+
+
+def _build(
+    name: str, device: torch.device, max_context_len: int | None, max_num_seqs: int | None
+) -> AttentionBackend:
     if name == "torch":
         return TorchRefBackend()
+    if name == "flash-attn":
+        from worker_service.flash_attn_backend import FlashAttnBackend
+
+        check_backend(name)
+        if device.type != "cuda":
+            raise ValueError(f"attention backend 'flash-attn' needs CUDA, not {device.type}")
+        return FlashAttnBackend()
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"attention backend 'triton' on {device.type} needs TRITON_INTERPRET=1 (the Triton interpreter)"

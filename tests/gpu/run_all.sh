@@ -12,6 +12,9 @@ cd "$(dirname "$0")/../.."
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # --target skips .pth files: the CuTe DSL (flash-attn 4) finds its packages through this one.
+  [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] &&
+    export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, triton, grpc; print('torch', torch.__version__, 'triton', triton.__version__, 'grpcio', grpc.__version__)"
@@ -19,10 +22,29 @@ fi
 
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-# ONLY=tests or ONLY=bench runs one half (each fits one 10-minute call).
+# ONLY=tests, bench, attention or structured runs one part (each fits one 10-minute call).
+# ATTENTION_BACKEND=flash-attn runs the GPU engine tests on that backend (default: auto).
 if [ "${ONLY:-tests}" = tests ]; then
   # Modules whose imports the GPU image lacks (openai, smg) hold no GPU test: collect past them.
-  step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider --continue-on-collection-errors tests
+  step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider --continue-on-collection-errors \
+      --attention-backend "${ATTENTION_BACKEND:-auto}" tests
+fi
+if [ "${ONLY:-attention}" = attention ]; then
+  # The attention backends side by side: kernels, then both workloads end to end per backend.
+  step attention_bench $PY -m bench.attention_bench --out "$OUT_DIR/attention_bench.json"
+  for workload in nano_bench_256 prefix_share_256; do
+    for backend in triton flash-attn auto; do
+      step "e2e_${workload}_$backend" $PY -m bench.throughput --arch qwen3-0.6b \
+          --workload $workload --engines inprocess --attention-backend $backend
+    done
+  done
+fi
+if [ "${ONLY:-structured}" = structured ]; then
+  # Structured output's cost to the free requests beside it: 10% constrained against none.
+  for fraction in 0 0.1; do
+    step "constrained_$fraction" $PY -m bench.throughput --arch qwen3-0.6b --engines grpc-stream \
+        --passes 1 --constrained-fraction $fraction
+  done
 fi
 if [ "${ONLY:-bench}" = bench ]; then
   # The headline: services by their documented commands, default flags, empty compile caches,
@@ -45,11 +67,13 @@ fi
 echo
 echo "== summary =="
 [ -f "$OUT_DIR/pytest_gpu.log" ] && grep -E "^FAILED|^ERROR|passed|failed" "$OUT_DIR/pytest_gpu.log" | tail -6
-for f in nano_bench prefix_on prefix_off; do
+for f in nano_bench prefix_on prefix_off constrained_0 constrained_0.1 \
+    $(cd "$OUT_DIR" && ls e2e_*.log 2>/dev/null | sed 's/[.]log$//'); do
   [ -f "$OUT_DIR/$f.log" ] && grep -A8 "^engine" "$OUT_DIR/$f.log" | sed "s/^/$f: /"
 done
 for len in 2048 4096; do
   [ -f "$OUT_DIR/user_path_$len.log" ] && grep '"pass"' "$OUT_DIR/user_path_$len.log" | sed "s/^/max_model_len $len: /"
 done
 [ -f "$OUT_DIR/online.log" ] && tail -n 5 "$OUT_DIR/online.log"
+[ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
 exit 0

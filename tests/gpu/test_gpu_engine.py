@@ -51,6 +51,15 @@ def checkpoint(tmp_path_factory):
     return out, prompts
 
 
+@pytest.fixture(scope="module")
+def engine_options(attention_backend) -> dict:
+    """The GPU engine tests' common settings, on the session's attention backend."""
+    return dict(
+        device="cuda", block_size=16, max_num_seqs=16, num_kv_blocks=512,
+        attention_backend=attention_backend,
+    )  # fmt: skip
+
+
 def hf_greedy_bf16(model_dir, prompts):
     model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     return hf_greedy(model, prompts, NUM_NEW_TOKENS)
@@ -59,10 +68,11 @@ def hf_greedy_bf16(model_dir, prompts):
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
 
 
-def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint) -> None:
+def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint, engine_options) -> None:
     model_dir, prompts = checkpoint
     expected = hf_greedy_bf16(model_dir, prompts)
-    llm = LLM(str(model_dir), device="cuda", block_size=16, max_num_seqs=16, num_kv_blocks=512)
+    llm = LLM(str(model_dir), **engine_options)
+    print(f"attention backend: {llm.engine.info.attention_backend}")
     got = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     matched = [
         next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), NUM_NEW_TOKENS)
@@ -83,12 +93,10 @@ def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint) -> Non
         assert gap <= TIE_TOLERANCE * logits.abs().max().item()
 
 
-def generate_once(model_dir, prompts, params, **options):
-    """Generate with a fresh engine (the GPU tests' common settings plus ``options``), then free
-    its GPU memory for the next one. Returns the engine's outputs and its CUDA graphs (or None)."""
-    llm = LLM(
-        str(model_dir), device="cuda", block_size=16, max_num_seqs=16, num_kv_blocks=512, **options
-    )
+def generate_once(model_dir, prompts, params, engine_options, **options):
+    """Generate with a fresh engine (``engine_options`` plus ``options``), then free its GPU
+    memory for the next one. Returns the engine's outputs and its CUDA graphs (or None)."""
+    llm = LLM(str(model_dir), **(engine_options | options))
     outputs = llm.generate(prompts, params, use_tqdm=False)
     graphs = llm.worker.runner.graphs
     del llm
@@ -97,15 +105,15 @@ def generate_once(model_dir, prompts, params, **options):
     return outputs, graphs
 
 
-def test_async_scheduling_output_equals_synchronous_output(checkpoint) -> None:
+def test_async_scheduling_output_equals_synchronous_output(checkpoint, engine_options) -> None:
     model_dir, prompts = checkpoint
     params = [
         SamplingParams(temperature=0.7, seed=i, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
         for i in range(len(prompts))
     ]
-    with_async, _ = generate_once(model_dir, prompts, params, async_scheduling=True)
-    two_ahead, _ = generate_once(model_dir, prompts, params, pipeline_depth=2)
-    without, _ = generate_once(model_dir, prompts, params, async_scheduling=False)
+    with_async, _ = generate_once(model_dir, prompts, params, engine_options, async_scheduling=True)
+    two_ahead, _ = generate_once(model_dir, prompts, params, engine_options, pipeline_depth=2)
+    without, _ = generate_once(model_dir, prompts, params, engine_options, async_scheduling=False)
     assert with_async == two_ahead == without
 
 
@@ -143,11 +151,11 @@ SAMPLINGS = {"greedy": lambda n: GREEDY, "mixed": _mixed_params, "penalties": _p
 
 
 @pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
-def test_cuda_graph_output_equals_eager_output(checkpoint, sampling) -> None:
+def test_cuda_graph_output_equals_eager_output(checkpoint, sampling, engine_options) -> None:
     model_dir, prompts = checkpoint
     params = SAMPLINGS[sampling](len(prompts))
-    graphed, graphs = generate_once(model_dir, prompts, params, enforce_eager=False)
-    eager, no_graphs = generate_once(model_dir, prompts, params, enforce_eager=True)
+    graphed, graphs = generate_once(model_dir, prompts, params, engine_options, enforce_eager=False)
+    eager, no_graphs = generate_once(model_dir, prompts, params, engine_options, enforce_eager=True)
     assert graphs is not None and no_graphs is None
     assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
 
@@ -163,19 +171,12 @@ SEEDED_TOKENS = 48
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
 def test_a_seeded_request_generates_the_same_tokens_beside_any_mate(
-    checkpoint, enforce_eager
+    checkpoint, enforce_eager, engine_options
 ) -> None:
     """[seeded, mate A] against [seeded, mate B]: the batch size is fixed, only the mate's
     sampling differs (a plain mate takes the graph's kernel draw, a filtered one the redraw)."""
     model_dir, prompts = checkpoint
-    llm = LLM(
-        str(model_dir),
-        device="cuda",
-        block_size=16,
-        max_num_seqs=16,
-        num_kv_blocks=512,
-        enforce_eager=enforce_eager,
-    )
+    llm = LLM(str(model_dir), **(engine_options | {"enforce_eager": enforce_eager}))
     failures = []
     for temperature in (0.0, 0.8):
         seeded = SamplingParams(

@@ -17,7 +17,8 @@ from tests.kernel_helpers import (
     make_paged_kv,
     seq_lens_tensor,
 )
-from worker_service import attention_backends
+from worker_service import attention_backends, flash_attn_backend
+from worker_service.flash_attn_backend import flash_attn_available
 
 # ---------------------------------------------------------------- backend
 
@@ -94,10 +95,73 @@ def test_triton_backend_without_cache_attends_densely() -> None:
 
 
 def test_select_backend_names_the_allowed_backends_for_unknown_ones() -> None:
-    with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
-        attention_backends.select_backend(torch.device("cpu"), "xformers")
-    with pytest.raises(ValueError, match="flash-attn"):
-        attention_backends.select_backend(torch.device("cpu"), "flash-attn")
+    for spec in ("xformers", "prefill=triton", "prefill=torch,decode=triton", "decode=x,prefill=y"):
+        with pytest.raises(
+            ValueError, match="allowed: auto, torch, triton, flash-attn, or prefill"
+        ):
+            attention_backends.select_backend(torch.device("cpu"), spec)
+
+
+CUDA = torch.device("cuda")  # never touched: every path below decides before using the device
+
+
+@pytest.mark.skipif(flash_attn_available(), reason="flash-attn 4 is installed here")
+def test_forcing_flash_attn_without_the_package_names_the_package() -> None:
+    for spec in ("flash-attn", "prefill=flash-attn,decode=triton"):
+        with pytest.raises(ValueError, match="needs the flash-attn-4 package"):
+            attention_backends.select_backend(CUDA, spec)
+
+
+def test_auto_on_cuda_without_flash_attn_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flash_attn_backend, "flash_attn_available", lambda: False)
+    assert attention_backends.auto_backends(CUDA) == "triton"
+    assert attention_backends.auto_backends(torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), {"prefill": "flash-attn", "decode": "triton"}), ((8, 0), "triton")],
+    ids=["hopper-as-measured", "unmeasured-arch"],
+)
+def test_auto_with_flash_attn_picks_the_measured_backend_per_phase(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: object
+) -> None:
+    monkeypatch.setattr(flash_attn_backend, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    assert attention_backends.auto_backends(CUDA) == expected
+
+
+class Recorder:
+    """A stand-in backend that says which phase it was asked for."""
+
+    fuses_kv_store = True
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls = name, []
+
+    def store_kv(self, k, v, kv_store) -> None:
+        self.calls.append("store")
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        self.calls.append("decode" if meta.is_decode else "prefill")
+        return q
+
+
+def test_phased_backend_sends_decode_steps_to_one_backend_and_the_rest_to_the_other() -> None:
+    prefill, decode = Recorder("flash-attn"), Recorder("triton")
+    phased = attention_backends.PhasedBackend(prefill, decode)
+    assert phased.name == "prefill=flash-attn,decode=triton"
+    tables = torch.zeros(2, 1, dtype=torch.int32)
+    cache, empty = torch.zeros(4, 16, 1, 8), torch.empty(0)
+    q = torch.zeros(2, 1, 8)
+    for cached_and_new in ([(3, 1), (0, 1)], [(0, 1), (4, 2)]):
+        meta = make_step_metadata(cached_and_new, tables, 16)
+        phased.forward(q, q, q, cache, cache, meta, 1.0)
+    decode_meta = make_step_metadata([(0, 1)], tables[:1], 16)
+    phased.forward(q, q, q, empty, empty, decode_meta, 1.0)  # profiling: no cache, the prefill one
+    phased.store_kv(q, q, KVStore(cache, cache, decode_meta.slot_mapping))
+    assert decode.calls == ["decode"]
+    assert prefill.calls == ["prefill", "decode", "store"]
 
 
 def test_select_backend_on_cpu_is_torch_unless_triton_is_forced_under_the_interpreter(
@@ -111,3 +175,13 @@ def test_select_backend_on_cpu_is_torch_unless_triton_is_forced_under_the_interp
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         attention_backends.select_backend(cpu, "triton")
+
+
+@pytest.mark.skipif(flash_attn_available(), reason="flash-attn 4 is installed here")
+def test_the_worker_refuses_flash_attn_at_start_naming_the_package() -> None:
+    from worker_service.__main__ import main
+
+    with pytest.raises(SystemExit, match="--attention-backend: .*needs the flash-attn-4 package"):
+        main(["--model", "not-loaded", "--device", "cpu", "--attention-backend", "flash-attn"])
+    with pytest.raises(SystemExit, match="--attention-backend: unknown attention backend 'x'"):
+        main(["--model", "not-loaded", "--device", "cpu", "--attention-backend", "x"])

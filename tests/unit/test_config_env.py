@@ -58,7 +58,11 @@ def test_the_compile_cache_dir_becomes_tritons_cache(
     args = parse_args(["--model", "m"])
     environ: dict[str, str] = {}
     use_compile_cache(args.compile_cache_dir, environ)
-    assert environ == {"TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    assert environ == {
+        "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+        "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
+        "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(tmp_path / "triton" / "flash_attn"),
+    }
     assert (tmp_path / "triton").is_dir()
     untouched: dict[str, str] = {}
     use_compile_cache(
