@@ -1,15 +1,20 @@
-"""Train the tiny default model: a few-million-parameter Qwen3 on Python sources and English.
+"""Train the tiny default model: a few-million-parameter Qwen3 on children's books and Python.
 
-    python -m models.train_tiny --out models/tiny_trained
+    python -m models.train_tiny --write-tokens out/tiny_tokens.npz   # tokenize (CPU, a minute)
+    python -m models.train_tiny --tokens out/tiny_tokens.npz --out models/tiny_trained
 
 Trains transformers' Qwen3ForCausalLM (the architecture our engine runs, same config.json) from a
-fixed seed for a fixed token budget (NUM_STEPS x BATCH_SIZE x SEQ_LEN) on `models.tiny_data`'s
-corpus, with a tokenizer trained the way `models.tiny` trains its own. It writes a Hugging Face
-style directory (float32 safetensors, config, tokenizer) plus `training.json`: the command, seed,
-final loss and held-out perplexity of the trained and of the untrained (random) model.
+fixed seed for a fixed token budget (num_steps x batch_size x SEQ_LEN) on `models.tiny_data`'s
+corpus, with a tokenizer trained the way `models.tiny` trains its own. ENGLISH_FRACTION of every
+batch's rows come from the English (stories and tiny_corpus.txt), the rest from Python sources.
+Without --tokens the corpus is read and tokenized in the same run; with it, the run depends only
+on that file (not on the machine's standard library), so it can be tokenized here and trained on
+a GPU elsewhere. It writes a Hugging Face style directory (float32 safetensors, config,
+tokenizer) plus `training.json` and README.md: the command, seed, loss curve and held-out
+perplexity of the trained and of the untrained (random) model.
 
-On an idle 2-core CPU this takes about 15 minutes; a GPU is used when there is one (results
-then differ in the last bits). This module is not imported by the servers; they only load the files.
+On one GPU (bf16 autocast, float32 weights) the default budget takes a few minutes; on CPU use
+--steps and --batch-size for a smoke run. This module is not imported by the servers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from models import tiny, tiny_data
 
@@ -42,14 +49,15 @@ ARCHITECTURE = {
     "max_window_layers": 4,
 }
 SEQ_LEN = 256
-BATCH_SIZE = 16
-NUM_STEPS = 700
+BATCH_SIZE = 64
+NUM_STEPS = 1500
 PEAK_LR = 3e-3
-WARMUP_STEPS = 30
+WARMUP_STEPS = 100
 WEIGHT_DECAY = 0.1
-ENGLISH_REPEATS = 24  # the English is small next to the standard library; show it more often
-TOKENIZER_TEXT_CHARS = 6_000_000
+ENGLISH_FRACTION = 0.75
+TOKENIZER_PYTHON_CHARS = 3_000_000
 EVAL_NUM_WINDOWS = 64
+NUM_CURVE_POINTS = 10
 METRICS_NAME = "training.json"
 MODEL_FILES = (
     "config.json",
@@ -60,15 +68,26 @@ MODEL_FILES = (
 )
 
 
-def build_tokenizer(corpus: tiny_data.Corpus, english: tiny_data.Corpus) -> Tokenizer:
-    """The byte-level BPE of models.tiny, trained on the English and the start of the sources."""
-    texts, num_chars = list(english.train), 0
-    for document in corpus.train:
-        if num_chars >= TOKENIZER_TEXT_CHARS:
+def build_tokenizer(corpora: dict[str, tiny_data.Corpus]) -> Tokenizer:
+    """The byte-level BPE of models.tiny, trained on all the English and the start of the sources."""
+    texts = corpora["stories"].train + corpora["english"].train
+    num_chars = 0
+    for document in corpora["python"].train:
+        if num_chars >= TOKENIZER_PYTHON_CHARS:
             break
         texts.append(document)
         num_chars += len(document)
     return tiny.bpe_tokenizer(texts, VOCAB_SIZE)
+
+
+def tokenize_corpus(stories: Path) -> tiny_data.TokenizedCorpus:
+    """Read every kind of text, train the tokenizer on it and encode it."""
+    corpora = {
+        "stories": tiny_data.stories_corpus(stories),
+        "english": tiny_data.english_corpus(),
+        "python": tiny_data.python_corpus(),
+    }
+    return tiny_data.TokenizedCorpus.encode(build_tokenizer(corpora), corpora, stories)
 
 
 def model_config(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -90,66 +109,90 @@ def build_model(config: dict[str, Any], seed: int = SEED) -> Qwen3ForCausalLM:
     return model.to(torch.float32)
 
 
-def learning_rate(step: int) -> float:
+def learning_rate(step: int, num_steps: int) -> float:
     """Linear warm-up to PEAK_LR, then cosine decay to a tenth of it."""
-    if step < WARMUP_STEPS:
-        return PEAK_LR * (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, NUM_STEPS - WARMUP_STEPS)
+    warmup = min(WARMUP_STEPS, max(1, num_steps // 10))
+    if step < warmup:
+        return PEAK_LR * (step + 1) / warmup
+    progress = (step - warmup) / max(1, num_steps - warmup)
     return PEAK_LR * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: Qwen3ForCausalLM, token_ids: torch.Tensor, seed: int = SEED) -> float:
-    """NUM_STEPS AdamW steps on random SEQ_LEN windows of token_ids ([N]); the last steps' mean loss."""
+def training_streams(data: tiny_data.TokenizedCorpus) -> tuple[np.ndarray, np.ndarray]:
+    """The English (stories then tiny_corpus) and the Python train ids, each [N] int64."""
+    english = np.concatenate([data.train_ids["stories"], data.train_ids["english"]])
+    return english.astype(np.int64), data.train_ids["python"].astype(np.int64)
+
+
+def sample_batch(
+    streams: list[torch.Tensor], num_rows: list[int], generator: torch.Generator
+) -> torch.Tensor:
+    """num_rows[i] random SEQ_LEN windows of streams[i] ([N_i], on the model's device): [B, S]."""
+    import torch
+
+    rows = []
+    for ids, n in zip(streams, num_rows):
+        starts = torch.randint(0, len(ids) - SEQ_LEN, (n, 1), generator=generator)
+        rows.append(ids[(starts + torch.arange(SEQ_LEN)).to(ids.device)])  # [n, S]
+    return torch.cat(rows)
+
+
+def train(
+    model: Qwen3ForCausalLM,
+    streams: list[torch.Tensor],
+    num_steps: int,
+    batch_size: int,
+    seed: int = SEED,
+) -> list[tuple[int, float]]:
+    """AdamW steps on batches mixing the streams; the loss curve as (step, mean loss) points."""
     import torch
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)
+    num_english = round(batch_size * ENGLISH_FRACTION)
+    num_rows = [num_english, batch_size - num_english]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY
     )
+    use_bf16 = model.device.type == "cuda"
+    every = max(1, num_steps // NUM_CURVE_POINTS)
+    curve, window = [], []
     model.train()
-    recent: list[float] = []
-    bar = tqdm(range(NUM_STEPS), desc="train", unit="step")
+    bar = tqdm(range(num_steps), desc="train", unit="step", mininterval=2.0)
     for step in bar:
-        starts = torch.randint(0, len(token_ids) - SEQ_LEN, (BATCH_SIZE,), generator=generator)
-        batch = torch.stack([token_ids[s : s + SEQ_LEN] for s in starts.tolist()])  # [B, S]
-        batch = batch.to(model.device)
+        batch = sample_batch(streams, num_rows, generator)  # [B, S]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step)
-        loss = model(input_ids=batch, labels=batch).loss
+            group["lr"] = learning_rate(step, num_steps)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        recent = (recent + [loss.item()])[-20:]
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{learning_rate(step):.1e}")
+        window.append(loss.detach())
+        if step % 25 == 0:  # .item() waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{learning_rate(step, num_steps):.1e}")
+        if (step + 1) % every == 0 or step + 1 == num_steps:
+            curve.append((step + 1, round(torch.stack(window).mean().item(), 4)))
+            window = []
     model.eval()
-    return sum(recent) / len(recent)
+    return curve
 
 
-def perplexity(
-    model: Qwen3ForCausalLM, token_ids: list[int], num_windows: int, seq_len: int
-) -> float:
+def perplexity(model: Qwen3ForCausalLM, token_ids: Any, num_windows: int, seq_len: int) -> float:
     """exp(mean next-token loss) over the first num_windows consecutive seq_len windows."""
     import torch
 
     usable = min(num_windows, len(token_ids) // seq_len) * seq_len
-    windows = torch.tensor(token_ids[:usable]).view(-1, seq_len).to(model.device)  # [W, S]
+    ids = np.asarray(token_ids[:usable], dtype=np.int64)
+    windows = torch.from_numpy(ids).view(-1, seq_len).to(model.device)  # [W, S]
     with torch.no_grad():
-        losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
-    return math.exp(sum(losses) / len(losses))
+        losses = [model(input_ids=w, labels=w).loss.item() for w in windows.split(16)]
+    sizes = [len(w) for w in windows.split(16)]
+    return math.exp(sum(loss * n for loss, n in zip(losses, sizes)) / sum(sizes))
 
 
-def held_out_ids(
-    tokenizer: Tokenizer, corpus: tiny_data.Corpus, english: tiny_data.Corpus
-) -> dict[str, list[int]]:
-    return {
-        "python": tiny_data.encode_documents(tokenizer, corpus.held_out),
-        "english": tiny_data.encode_documents(tokenizer, english.held_out),
-    }
-
-
-def evaluate(model: Qwen3ForCausalLM, held_out: dict[str, list[int]]) -> dict[str, float]:
+def evaluate(model: Qwen3ForCausalLM, held_out: dict[str, np.ndarray]) -> dict[str, float]:
     """Held-out perplexity per kind of text, rounded for the record."""
     return {
         kind: round(perplexity(model, ids, EVAL_NUM_WINDOWS, SEQ_LEN), 2)
@@ -177,23 +220,26 @@ def save(
 def write_model_card(out: Path, metrics: dict) -> None:
     """README.md beside the weights: what this model is, how it was made, how well it does."""
     ppl = metrics["held_out_perplexity"]
-    rows = [f"| {k} | {ppl['trained'][k]} | {ppl['random'][k]} |" for k in sorted(ppl["trained"])]
+    rows = [f"| {k} | {ppl['trained'][k]} | {ppl['random'][k]} |" for k in ppl["trained"]]
+    curve = ", ".join(f"{step}: {loss}" for step, loss in metrics["loss_curve"])
     lines = [
         "# tiny_trained: the default model",
         "",
-        f"A {metrics['num_parameters']:,}-parameter Qwen3 (float32) trained on this machine's",
-        f"Python {metrics['python']} standard library sources and `models/tiny_corpus.txt`, so that",
-        "`make run` shows real completions. Written by `models/train_tiny.py`; do not edit by hand.",
+        f"A {metrics['num_parameters']:,}-parameter Qwen3 (float32) trained on public-domain",
+        "children's books (`models/corpus/`), `models/tiny_corpus.txt` and the Python",
+        f"{metrics['python']} standard library's sources, so that `make run` shows real completions.",
+        "Written by `models/train_tiny.py`; do not edit by hand.",
         "",
-        f"- command: `{metrics['command']}` (or `make train-tiny`)",
-        f"- seed: {metrics['seed']}, device: {metrics['device']}",
-        f"- tokens seen: {metrics['num_train_tokens_seen']:,} "
-        f"(corpus: {metrics['num_corpus_tokens']:,} tokens)",
-        f"- final training loss: {metrics['final_loss']}",
+        f"- command: `{metrics['command']}`",
+        f"- seed: {metrics['seed']}, device: {metrics['device']}, torch {metrics['torch']}",
+        f"- tokens seen: {metrics['num_train_tokens_seen']:,} ({metrics['num_steps']} steps of "
+        f"{metrics['batch_size']} x {metrics['seq_len']}, {metrics['english_fraction']:.0%} English)",
+        f"- corpus tokens: {metrics['num_corpus_tokens']}",
+        f"- loss by step: {curve}",
         f"- wall time: {metrics['train_seconds']} s",
         "",
-        "Held-out perplexity (standard-library files and English paragraphs never trained on; "
-        "the random model is the same config at its initialisation):",
+        "Held-out perplexity (book passages, English paragraphs and standard-library files never",
+        "trained on; the random model is the same config at its initialisation):",
         "",
         "| text | trained | random |",
         "|---|---|---|",
@@ -203,49 +249,78 @@ def write_model_card(out: Path, metrics: dict) -> None:
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="directory to write the model into")
+    parser.add_argument("--tokens", type=Path, help="train on this --write-tokens file")
+    parser.add_argument("--write-tokens", type=Path, help="write the tokenized corpus here")
+    parser.add_argument("--stories", type=Path, default=tiny_data.STORIES_PATH)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--steps", type=int, default=NUM_STEPS)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    args = parser.parse_args(argv)
+    if args.out is None and args.write_tokens is None:
+        parser.error("nothing to do: give --out, --write-tokens or both")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory to write the model into")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    started = time.monotonic()
+    data = (
+        tiny_data.TokenizedCorpus.load(args.tokens)
+        if args.tokens
+        else tokenize_corpus(args.stories)
+    )
+    sizes = {kind: len(ids) for kind, ids in data.train_ids.items()}
+    print(f"train tokens {sizes}, held-out { ({k: len(v) for k, v in data.held_out_ids.items()}) }")
+    if args.write_tokens:
+        data.save(args.write_tokens)
+        print(f"wrote {args.write_tokens} ({args.write_tokens.stat().st_size:,} bytes)")
+    if args.out is None:
+        return
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    started = time.monotonic()
-    corpus, english = tiny_data.python_corpus(), tiny_data.english_corpus()
-    tokenizer = build_tokenizer(corpus, english)
-    config = model_config(tokenizer)
-    train_ids = tiny_data.encode_documents(
-        tokenizer, corpus.train + english.train * ENGLISH_REPEATS
-    )
-    held_out = held_out_ids(tokenizer, corpus, english)
-    print(
-        f"{len(corpus.train)} train / {len(corpus.held_out)} held-out files, {len(train_ids):,} tokens"
-    )
+    config = model_config(data.tokenizer)
     model: Any = build_model(config)
     model = model.to(device)
-    random_ppl = evaluate(model, held_out)
-    final_loss = train(model, torch.tensor(train_ids))
-    trained_ppl = evaluate(model, held_out)
-    save(model, tokenizer, config, args.out)
+    random_ppl = evaluate(model, data.held_out_ids)
+    streams = [torch.from_numpy(ids).to(device) for ids in training_streams(data)]
+    train_started = time.monotonic()
+    curve = train(model, streams, args.steps, args.batch_size)
+    train_seconds = time.monotonic() - train_started
+    trained_ppl = evaluate(model, data.held_out_ids)
+    save(model, data.tokenizer, config, args.out)
+    num_tokens = args.steps * args.batch_size * SEQ_LEN
     metrics = {
         "command": "python -m models.train_tiny "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": SEED,
-        "device": device,
-        "python": sys.version.split()[0],
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "python": data.sources["python"],
+        "stories_sha256": data.sources["stories_sha256"],
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_train_tokens_seen": NUM_STEPS * BATCH_SIZE * SEQ_LEN,
-        "num_corpus_tokens": len(train_ids),
-        "final_loss": round(final_loss, 4),
+        "num_steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": SEQ_LEN,
+        "english_fraction": ENGLISH_FRACTION,
+        "num_train_tokens_seen": num_tokens,
+        "num_corpus_tokens": sizes,
+        "loss_curve": curve,
+        "final_loss": curve[-1][1],
         "held_out_perplexity": {"trained": trained_ppl, "random": random_ppl},
+        "train_tokens_per_second": round(num_tokens / train_seconds),
         "train_seconds": round(time.monotonic() - started),
     }
     tiny._write_json(args.out / METRICS_NAME, metrics)
     write_model_card(args.out, metrics)
-    print(json.dumps(metrics, indent=2))
+    print("loss curve:", "  ".join(f"{step}:{loss:.3f}" for step, loss in curve))
+    print(json.dumps(metrics["held_out_perplexity"], indent=2))
+    print(f"{metrics['train_tokens_per_second']:,} tokens/s, {metrics['train_seconds']} s in all")
 
 
 if __name__ == "__main__":
