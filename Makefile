@@ -34,7 +34,7 @@ tiny-model:
 
 # Retrain it, then `make tiny-model` to use it: the corpus (models/corpus/ and this Python's
 # standard library) is tokenized into out/tiny_tokens.npz, the one file the training reads, so it
-# can be carried to a GPU machine (a few minutes there; hours on a 2-core CPU).
+# can be carried to a GPU machine (a few minutes there; about 1.5 hours on a 2-core CPU).
 train-tiny: $(BIN)/python
 	$(BIN)/python -m models.train_tiny --write-tokens out/tiny_tokens.npz
 	$(BIN)/python -m models.train_tiny --tokens out/tiny_tokens.npz --out $(TRAINED_MODEL)
