@@ -80,15 +80,19 @@ async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int,
             tokens = sum(n for n, _ in done)
             gaps = [b - a for _, t in done for a, b in zip(t, t[1:])]
             ttfts = [t[0] - start for _, t in done if t]
-            free = [
-                t for (_, t), r in zip(done, batch) if r.sampling.WhichOneof("constraint") is None
-            ]
+            is_free = [r.sampling.WhichOneof("constraint") is None for r in batch]
+            free = [t for (_, t), f in zip(done, is_free) if f]
+            free_done = [(n, t) for (n, t), f in zip(done, is_free) if f and n > 1 and t]
+            constrained_ttfts = [t[0] - start for (_, t), f in zip(done, is_free) if t and not f]
             res = {"pass": i + 1, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
             res |= {
                 "started_at": started_at,
                 "ttft_ms": quantiles(ttfts),
                 "itl_ms": quantiles(gaps),
                 "free_itl_ms": quantiles([b - a for t in free for a, b in zip(t, t[1:])]),
+                "constrained_ttft_ms": quantiles(constrained_ttfts),
+                # per free request: (last token's arrival - first's) / (tokens - 1), vLLM's TPOT
+                "free_tpot_ms": quantiles([(t[-1] - t[0]) / (n - 1) for n, t in free_done]),
             }
             results.append(res)
             line = {k: v for k, v in res.items() if not k.endswith("_ms")}

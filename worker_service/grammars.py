@@ -2,7 +2,7 @@
 
 ``GrammarCache`` compiles each distinct ``Constraint`` once against the model's vocabulary (an
 xgrammar ``TokenizerInfo`` built from the model directory's tokenizer files through transformers,
-on first use) and keeps it. ``SequenceGrammar`` is one sequence's matcher: before each draw it
+in a background thread from worker start) and keeps it. ``SequenceGrammar`` is one sequence's matcher: before each draw it
 accepts the sequence's output tokens it has not seen yet (so a matcher made late, or kept across
 a preemption, replays the output) and fills the sequence's row of next-token bitmask. Only rank 0
 samples, so only rank 0 builds matchers. Not here: applying the bitmask (grammar_mask.py) and
@@ -49,6 +49,22 @@ class GrammarCache:
         self._compiler: Any = None
         self._compiled: dict[Constraint, Any] = {}
         self._lock = threading.Lock()
+
+    def start_compiler(self) -> None:
+        """Build the compiler now, in a background thread: the tokenizer's vocabulary for
+        xgrammar takes seconds on a large vocabulary, mostly holding the GIL. Built on first use
+        instead, the first constrained request waited for it and the steps beside it stalled."""
+        if not (self.model_dir / "tokenizer.json").is_file():
+            return  # no tokenizer, no constraints: a check says so when one comes
+        threading.Thread(target=self._build_compiler, name="grammar-compiler", daemon=True).start()
+
+    def _build_compiler(self) -> None:
+        with self._lock:
+            if self._compiler is None:
+                try:
+                    self._compiler = self._make_compiler()
+                except Exception as e:  # noqa: BLE001 - compile() tries again and reports it
+                    log.warning("grammar compiler not built at start: %s", e)
 
     def _make_compiler(self) -> Any:
         import transformers

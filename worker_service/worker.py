@@ -118,6 +118,7 @@ class Worker:
         self.grammars = GrammarCache(
             config.model_dir, self.model_config.vocab_size, self.model_config.eos_token_ids
         )
+        self.grammars.start_compiler()
         self.runner = ModelRunner(
             self.model,
             config.block_size,

@@ -94,3 +94,24 @@ def test_a_constraint_that_does_not_compile_names_the_field_and_the_compilers_me
         llm.generate("x", SamplingParams(constraint=constraint), use_tqdm=False)
     assert "/project/cpp" not in str(raised.value)  # the C++ source location is cut
     assert not llm.engine.has_unfinished
+
+
+def test_the_grammar_compiler_is_built_at_start_not_by_the_first_check(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built on first use, it made the first constrained request wait seconds and stalled the
+    steps beside it; started with the worker, the first check only compiles its grammar."""
+    import time
+
+    from models.config import ModelConfig
+    from worker_service.grammars import GrammarCache
+
+    config = ModelConfig.from_dir(tiny_model_dir)
+    cache = GrammarCache(tiny_model_dir, config.vocab_size, config.eos_token_ids)
+    cache.start_compiler()
+    deadline = time.monotonic() + 120
+    while cache._compiler is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache._compiler is not None
+    monkeypatch.setattr(cache, "_make_compiler", lambda: pytest.fail("compiler built again"))
+    assert cache.error(Constraint("regex", "(ab)+")) == ""
