@@ -181,9 +181,12 @@ class PhasedBackend:
 BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
 PHASES = ("prefill", "decode")
 PHASE_BACKENDS = ("triton", "flash-attn")  # what "prefill=X,decode=Y" may name
-# What ``auto`` picks per compute capability (major) when flash-attn 4 imports: the faster
-# backend of each phase as measured (docs/gpu.md, "Attention backends"). Unmeasured: Triton.
-AUTO_WITH_FLASH_ATTN = {9: {"prefill": "flash-attn", "decode": "triton"}}
+# What ``auto`` picks per compute capability (major) where flash-attn 4 imports, as measured
+# (docs/gpu.md, "Attention backends"); an architecture not listed gets Triton. On an H200 (9.0)
+# flash-attn 4's prefill kernel wins alone at 8k+ tokens, but Triton won both workloads end to
+# end with either phase on flash-attn (its per-call host cost, and decode without K/V splits),
+# so no architecture picks it yet.
+AUTO_WITH_FLASH_ATTN: dict[int, dict[str, str] | str] = {9: "triton"}
 
 
 def parse_backend(spec: str | None) -> dict[str, str] | str:

@@ -120,14 +120,22 @@ def test_auto_on_cuda_without_flash_attn_is_triton(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize(
     ("capability", "expected"),
-    [((9, 0), {"prefill": "flash-attn", "decode": "triton"}), ((8, 0), "triton")],
-    ids=["hopper-as-measured", "unmeasured-arch"],
+    [
+        ((9, 0), "triton"),
+        ((8, 0), "triton"),
+        ((10, 0), {"prefill": "flash-attn", "decode": "triton"}),
+    ],
+    ids=["hopper-as-measured", "unlisted-arch", "an-arch-listed-per-phase"],
 )
 def test_auto_with_flash_attn_picks_the_measured_backend_per_phase(
     monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: object
 ) -> None:
     monkeypatch.setattr(flash_attn_backend, "flash_attn_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    table = attention_backends.AUTO_WITH_FLASH_ATTN | {
+        10: {"prefill": "flash-attn", "decode": "triton"}
+    }
+    monkeypatch.setattr(attention_backends, "AUTO_WITH_FLASH_ATTN", table)
     assert attention_backends.auto_backends(CUDA) == expected
 
 
