@@ -19,6 +19,8 @@ if not ON_GPU:
 
 import triton.language as tl  # noqa: E402
 
+from models.layers.attention import AttentionMetadata  # noqa: E402
+
 if not ON_GPU and type(tl.cdiv).__name__ != "InterpretedFunction":
     raise RuntimeError(
         "triton was imported in compiled mode before this module could set TRITON_INTERPRET=1; "
@@ -86,3 +88,25 @@ def seq_lens_tensor(seq_lens: list[int]) -> torch.Tensor:
 
 def cu_seqlens(q_lens: list[int]) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE)
+
+
+def make_step_metadata(
+    cached_and_new: list[tuple[int, int]], block_tables: torch.Tensor, block_size: int
+) -> AttentionMetadata:
+    """Metadata of one step in which each sequence computes ``new`` tokens after ``cached``."""
+    seq_lens = [cached + new for cached, new in cached_and_new]
+    q_lens = [new for _, new in cached_and_new]
+    slots = []
+    for b, (cached, new) in enumerate(cached_and_new):
+        for pos in range(cached, cached + new):
+            slots.append(int(block_tables[b, pos // block_size]) * block_size + pos % block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        cu_seqlens_q=cu_seqlens(q_lens),
+        seq_lens=seq_lens_tensor(seq_lens),
+        block_tables=block_tables,
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(seq_lens),
+        is_decode=all(n == 1 for n in q_lens),
+        is_plain_prefill=all(c == 0 for c, _ in cached_and_new),
+    )

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from kernels.paged_attention import paged_attention_ref
-from models.layers.attention import AttentionMetadata, KVStore
+from models.layers.attention import KVStore
 from tests.kernel_helpers import (
     DEVICE,
     NAN,
     assert_close_rel,
-    cu_seqlens,
     make_paged_kv,
-    seq_lens_tensor,
+    make_step_metadata,
 )
 from worker_service.attention_backends import TorchRefBackend
 from worker_service.flash_attn_backend import flash_attn_available
@@ -36,21 +35,6 @@ def backend():
     return FlashAttnBackend()
 
 
-def step_metadata(cached_and_new, block_tables) -> AttentionMetadata:
-    q_lens = [n for _, n in cached_and_new]
-    seq_lens = [c + n for c, n in cached_and_new]
-    return AttentionMetadata(
-        slot_mapping=torch.empty(0, dtype=torch.int64, device=DEVICE),
-        cu_seqlens_q=cu_seqlens(q_lens),
-        seq_lens=seq_lens_tensor(seq_lens),
-        block_tables=block_tables,
-        max_seqlen_q=max(q_lens),
-        max_seqlen_k=max(seq_lens),
-        is_decode=all(n == 1 for n in q_lens),
-        is_plain_prefill=all(c == 0 for c, _ in cached_and_new),
-    )
-
-
 def check_against_reference(cached_and_new, block_size, num_kv_heads, group, head_dim=128):
     """The backend's output on a step whose context is already in the cache (every slot no
     sequence uses is NaN) against the float32 reference."""
@@ -58,7 +42,7 @@ def check_against_reference(cached_and_new, block_size, num_kv_heads, group, hea
     k_cache, v_cache, tables = make_paged_kv(seq_lens, block_size, num_kv_heads, head_dim, DTYPE)
     if block_size == 128:  # pages load by TMA, whole tiles: rows past a sequence must be finite
         k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
-    meta = step_metadata(cached_and_new, tables)
+    meta = make_step_metadata(cached_and_new, tables, block_size)
     num_tokens = sum(n for _, n in cached_and_new)
     q = torch.randn(num_tokens, num_kv_heads * group, head_dim, dtype=DTYPE, device=DEVICE)
     scale = head_dim**-0.5
@@ -95,14 +79,8 @@ def test_flash_attn_step_stores_then_attends_like_the_torch_backend() -> None:
     v_pool = torch.randn(shape, dtype=DTYPE, device=DEVICE)
     k_pool[8], v_pool[8] = NAN, NAN  # a block no sequence uses
     tables = torch.tensor([[3, 7, -1], [1, 9, -1], [4, 5, 11]], dtype=torch.int32, device=DEVICE)
-    slots = [
-        int(tables[b, pos // block_size]) * block_size + pos % block_size
-        for b, (cached, new) in enumerate(cached_and_new)
-        for pos in range(cached, cached + new)
-    ]
-    meta = step_metadata(cached_and_new, tables)
-    meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
-    num_tokens = len(slots)
+    meta = make_step_metadata(cached_and_new, tables, block_size)
+    num_tokens = len(meta.slot_mapping)
     q = torch.randn(num_tokens, num_kv_heads * group, head_dim, dtype=DTYPE, device=DEVICE)
     k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
     v = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
@@ -120,7 +98,8 @@ def test_flash_attn_step_stores_then_attends_like_the_torch_backend() -> None:
 def test_flash_attn_without_cache_attends_densely() -> None:
     """The memory-profiling forward: no cache bound, this step's own K/V."""
     cached_and_new = [(0, 50), (0, 300)]
-    meta = step_metadata(cached_and_new, torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
+    tables = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
+    meta = make_step_metadata(cached_and_new, tables, block_size=512)
     q, k, v = (torch.randn(350, 4, 128, dtype=DTYPE, device=DEVICE) for _ in range(3))
     k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
     empty = torch.empty(0, dtype=DTYPE, device=DEVICE)
@@ -147,7 +126,7 @@ def test_flash_attn_decode_in_a_cuda_graph_equals_eager_after_new_lengths_and_ta
 
     fa = backend()
     q, lens, tables = (t.clone() for t in random_step())
-    meta = step_metadata([(1, 1)] * num_seqs, tables)
+    meta = make_step_metadata([(1, 1)] * num_seqs, tables, block_size)
     meta.seq_lens = lens
     fa.forward(q, q, q, k_cache, v_cache, meta, 0.088)  # compile before capturing
     torch.cuda.synchronize()

@@ -8,41 +8,18 @@ import math
 import pytest
 import torch
 
-from models.layers.attention import AttentionMetadata, KVStore
+from models.layers.attention import KVStore
 from tests.kernel_helpers import (
     DEVICE,
     NAN,
     assert_close_rel,
-    cu_seqlens,
     make_paged_kv,
-    seq_lens_tensor,
+    make_step_metadata,
 )
 from worker_service import attention_backends, flash_attn_backend
 from worker_service.flash_attn_backend import flash_attn_available
 
 # ---------------------------------------------------------------- backend
-
-
-def make_step_metadata(
-    cached_and_new: list[tuple[int, int]], block_tables: torch.Tensor, block_size: int
-) -> AttentionMetadata:
-    """Metadata of one step in which each sequence computes ``new`` tokens after ``cached``."""
-    seq_lens = [cached + new for cached, new in cached_and_new]
-    q_lens = [new for _, new in cached_and_new]
-    slots = []
-    for b, (cached, new) in enumerate(cached_and_new):
-        for pos in range(cached, cached + new):
-            slots.append(int(block_tables[b, pos // block_size]) * block_size + pos % block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
-        cu_seqlens_q=cu_seqlens(q_lens),
-        seq_lens=seq_lens_tensor(seq_lens),
-        block_tables=block_tables,
-        max_seqlen_q=max(q_lens),
-        max_seqlen_k=max(seq_lens),
-        is_decode=all(n == 1 for n in q_lens),
-        is_plain_prefill=all(c == 0 for c, _ in cached_and_new),
-    )
 
 
 @pytest.mark.parametrize(
