@@ -56,6 +56,8 @@ if [ "${ONLY:-bench}" = bench ]; then
     step "user_path_$len" $PY -m bench.user_path --max-model-len $len --out "$OUT_DIR/sweep.jsonl"
   done
   step online $PY -m bench.online --arch qwen3-0.6b --rates 4,16,64 --num-requests 200
+  # One user: one streaming request at a time (100-token prompt, 1,024 greedy tokens).
+  step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 5
   if [ -z "${QUICK:-}" ]; then
     step prefix_on $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 --engines inprocess
     step prefix_off $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 \
@@ -75,5 +77,6 @@ for len in 2048 4096; do
   [ -f "$OUT_DIR/user_path_$len.log" ] && grep '"pass"' "$OUT_DIR/user_path_$len.log" | sed "s/^/max_model_len $len: /"
 done
 [ -f "$OUT_DIR/online.log" ] && tail -n 5 "$OUT_DIR/online.log"
+[ -f "$OUT_DIR/single_stream.log" ] && tail -n 1 "$OUT_DIR/single_stream.log" | cut -c1-400
 [ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
 exit 0

@@ -1,0 +1,119 @@
+"""Single-user latency as a user sees it: one streaming request at a time through the services.
+
+    python -m bench.single_stream [--arch qwen3-0.6b] [--requests 5] [--prompt-tokens 100]
+                                  [--max-tokens 1024] [--step-trace PATH]
+
+The worker and the scheduler start by their documented commands with default flags (as
+bench.user_path starts them); after SERVING, each request (a random prompt of ``--prompt-tokens``
+ids, greedy, ``--max-tokens`` tokens, ignore_eos) is sent alone and streamed to its end before the
+next. Reported: TTFT per request, inter-token latency (the gap between consecutive streamed
+chunks, each chunk counted once per token it carries) p50 / p99 / max over all requests, the
+stalls (gaps over 3x the median) with the token position they came at, and tokens per second of
+one stream. ``--step-trace`` makes the services trace every step (bench.step_report reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from nanoserve import launcher
+from protos.nanoserve.v1 import generation_pb2 as pb
+from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
+
+
+async def stream_one(stub, request: pb.GenerateRequest) -> tuple[float, list[tuple[float, int]]]:
+    """Send one request, read it to its end: (send time, [(arrival, tokens in the chunk)])."""
+    start = time.perf_counter()
+    arrivals = []
+    async for reply in stub.Generate(request):
+        if reply.HasField("chunk") and reply.chunk.token_ids:
+            arrivals.append((time.perf_counter(), len(reply.chunk.token_ids)))
+    return start, arrivals
+
+
+async def run(addr: str, requests: list[pb.GenerateRequest]) -> list:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        return [await stream_one(stub, r) for r in requests]
+
+
+def summarize(results: list) -> dict:
+    ttfts, gaps, stalls, rates = [], [], [], []
+    for start, arrivals in results:
+        ttfts.append(1e3 * (arrivals[0][0] - start))
+        position = arrivals[0][1]
+        for (a, _), (b, n) in zip(arrivals, arrivals[1:]):
+            gaps += [1e3 * (b - a) / n] * n
+            stalls.append((1e3 * (b - a), position))
+            position += n
+        tokens = sum(n for _, n in arrivals)
+        rates.append(tokens / (arrivals[-1][0] - start))
+    ordered = sorted(gaps)
+    p50 = ordered[len(ordered) // 2]
+    return {
+        "ttft_ms": [round(t, 2) for t in ttfts],
+        "itl_p50_ms": round(p50, 3),
+        "itl_p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 3),
+        "itl_max_ms": round(ordered[-1], 3),
+        "stalls": [(round(ms, 1), pos) for ms, pos in stalls if ms > 3 * p50][:40],
+        "tok_s_per_stream": [round(r) for r in rates],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
+    p.add_argument("--model", help="checkpoint dir (default: a random --arch checkpoint)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--requests", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--step-trace", metavar="PATH", help="the services trace every step here")
+    p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-user")
+    p.add_argument("--out", help="append the results as one JSON line here")
+    args = p.parse_args()
+    model = args.model or str(
+        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
+    )
+    os.environ.pop("NANOSERVE_STEP_TRACE", None)
+    if args.step_trace:
+        Path(args.step_trace).parent.mkdir(parents=True, exist_ok=True)
+        os.environ["NANOSERVE_STEP_TRACE"] = args.step_trace
+    from bench.grpc_client import start_services
+
+    args.tp, args.enforce_eager, args.no_prefix_caching = 1, False, False
+    started = time.perf_counter()
+    services, addr = start_services(model, args, args.device)
+    print(f"process start to SERVING: {time.perf_counter() - started:.1f} s", flush=True)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    rng = random.Random(0)
+    requests = [
+        pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[rng.randrange(vocab) for _ in range(args.prompt_tokens)]),
+            stream=True,
+            sampling=pb.SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True),
+        )
+        for _ in range(args.requests)
+    ]
+    try:
+        results = asyncio.run(run(addr, requests))
+    finally:
+        launcher.stop_all(services)
+    summary = summarize(results)
+    print(json.dumps(summary), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"arch": args.arch, "model": model, **summary}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
