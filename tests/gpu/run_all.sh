@@ -63,6 +63,7 @@ if [ "${ONLY:-bench}" = bench ]; then
     step prefix_off $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 \
         --engines inprocess --no-prefix-caching
     step kernels $PY bench/kernel_bench.py
+    step gemms $PY -m bench.gemm_bench --out "$OUT_DIR/gemms.json"
   fi
 fi
 
