@@ -220,16 +220,17 @@ def check_backend(spec: str | None) -> None:
 
 
 def auto_backends(device: torch.device) -> dict[str, str] | str:
-    """``auto`` resolved: torch off CUDA; on CUDA flash-attn for the phases it measured faster
-    on this architecture when ``flash_attn.cute`` imports, Triton for the rest."""
+    """``auto`` resolved: torch off CUDA; on CUDA the table's entry for this architecture
+    (Triton if none), Triton too where that entry names flash-attn and ``flash_attn.cute`` does
+    not import. An entry of Triton does not import flash-attn at all (its import takes seconds)."""
     from worker_service.flash_attn_backend import flash_attn_available
 
     if device.type != "cuda":
         return "torch"
-    if not flash_attn_available():
+    choice = AUTO_WITH_FLASH_ATTN.get(torch.cuda.get_device_capability(device)[0], "triton")
+    if choice == "triton" or not flash_attn_available():
         return "triton"
-    major = torch.cuda.get_device_capability(device)[0]
-    return AUTO_WITH_FLASH_ATTN.get(major, "triton")
+    return choice
 
 
 def select_backend(

@@ -91,8 +91,19 @@ def test_forcing_flash_attn_without_the_package_names_the_package() -> None:
 
 def test_auto_on_cuda_without_flash_attn_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flash_attn_backend, "flash_attn_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (10, 0))
+    table = {10: {"prefill": "flash-attn", "decode": "triton"}}  # even where it would be chosen
+    monkeypatch.setattr(attention_backends, "AUTO_WITH_FLASH_ATTN", table)
     assert attention_backends.auto_backends(CUDA) == "triton"
     assert attention_backends.auto_backends(torch.device("cpu")) == "torch"
+
+
+def test_auto_does_not_import_flash_attn_where_the_table_says_triton(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(flash_attn_backend, "flash_attn_available", lambda: pytest.fail("imported"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert attention_backends.auto_backends(CUDA) == "triton"
 
 
 @pytest.mark.parametrize(
