@@ -146,7 +146,12 @@ def _serve_gateway(
         _start_replica(args, model_dir, device, world_size, run_dir, services, index)
         for index in range(args.replicas)
     ]
-    gateway = spawn_gateway(addrs, model_dir, args.host, args.gateway_port, args.policy, run_dir)
+    try:
+        gateway = spawn_gateway(
+            addrs, model_dir, args.host, args.gateway_port, args.policy, run_dir
+        )
+    except FileNotFoundError as e:  # smg is not installed
+        raise SystemExit(str(e)) from None
     services.append(gateway)
     wait_until_ready(gateway, 120)
     host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host

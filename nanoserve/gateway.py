@@ -10,7 +10,6 @@ Not here: starting the replicas (cli.py, launcher.py).
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import time
 import urllib.error
@@ -22,10 +21,13 @@ from nanoserve import launcher
 
 
 def smg_binary() -> str:
+    """The ``smg`` binary's path; FileNotFoundError where it is not installed."""
     beside = Path(sys.executable).parent / "smg"
     found = str(beside) if beside.exists() else shutil.which("smg")
     if found is None:
-        raise SystemExit("the smg gateway is not installed: pip install smg (requirements-dev.txt)")
+        raise FileNotFoundError(
+            "the smg gateway is not installed: pip install smg (requirements-dev.txt)"
+        )
     return found
 
 
@@ -47,11 +49,8 @@ def spawn_gateway(
         "--model-path", model_dir, "--policy", policy,
         "--prometheus-port", str(metrics_port or launcher.free_port()), *extra,
     ]  # fmt: skip
-    log_path = run_dir / "gateway.log"
-    log = open(log_path, "ab")  # noqa: SIM115 (closed by ServiceProcess.stop())
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    port_file = run_dir / "gateway.port"  # smg writes none: the port is chosen here
-    return launcher.ServiceProcess("gateway", proc, port_file, log_path, host, port, _log=log)
+    # smg writes no port file: the port is chosen here
+    return launcher.spawn_command("gateway", args, run_dir, host=host, port=port)
 
 
 def wait_until_ready(gateway: launcher.ServiceProcess, timeout_s: float) -> None:

@@ -34,11 +34,12 @@ def secret_env() -> dict[str, str]:
 
 @dataclass
 class ServiceProcess:
-    """One service subprocess; ``port`` is known once it has written its port file."""
+    """One service subprocess; ``port`` is known once it has written its port file (or, without
+    one, from the start: the caller chose it)."""
 
     name: str
     proc: subprocess.Popen
-    port_file: Path
+    port_file: Path | None
     log_path: Path | None = None
     host: str = "127.0.0.1"
     port: int = 0
@@ -49,6 +50,8 @@ class ServiceProcess:
         return f"{self.host}:{self.port}"
 
     def wait_for_port(self, timeout_s: float) -> int:
+        if self.port_file is None:
+            return self.port
         deadline = time.monotonic() + timeout_s
         while not self.port_file.exists():
             if self.proc.poll() is not None:
@@ -89,17 +92,34 @@ def spawn(
 
     ``env`` is added to this process's environment for the child.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     port_file = run_dir / f"{name}.port"
     port_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", module, *args, "--port-file", str(port_file)]
+    return spawn_command(name, cmd, run_dir, port_file, log_to_file=log_to_file, env=env)
+
+
+def spawn_command(
+    name: str,
+    cmd: Sequence[str],
+    run_dir: Path,
+    port_file: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    log_to_file: bool = True,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """``cmd`` with output to ``run_dir/name.log`` (or inherited); ``env`` as for ``spawn``.
+
+    ``port_file``: where the child writes its port; None where the caller chose ``port``.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"{name}.log" if log_to_file else None
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed by stop())
-    cmd = [sys.executable, "-m", module, *args, "--port-file", str(port_file)]
     child_env = {**os.environ, **env} if env else None
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=child_env
     )
-    return ServiceProcess(name, proc, port_file, log_path, _log=log)
+    return ServiceProcess(name, proc, port_file, log_path, host, port, _log=log)
 
 
 def worker_args(

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CONSTRAINT_KINDS = ("json_schema", "regex", "grammar", "json_object", "choice")
-
 
 @dataclass(frozen=True)
 class Constraint:
     """Structured output: what the generated text must match (hashable: the grammar cache's key).
 
-    ``kind`` is one of CONSTRAINT_KINDS (the wire's oneof field); ``spec`` the schema, regex or
-    EBNF text ("" for json_object and choice); ``choices`` the strings of a choice.
+    ``kind`` is one of "json_schema", "regex", "grammar", "json_object", "choice" (the wire's
+    oneof field); ``spec`` the schema, regex or EBNF text ("" for json_object and choice);
+    ``choices`` the strings of a choice.
     """
 
     kind: str

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nanoserve import gateway, launcher
 
@@ -24,7 +25,7 @@ def smg_binary() -> str:
     """The gateway's binary (nanoserve.gateway's lookup); the test is skipped without one."""
     try:
         return gateway.smg_binary()
-    except SystemExit:
+    except FileNotFoundError:
         pytest.skip("the smg gateway binary is not installed (pip install smg)")
 
 
@@ -36,14 +37,12 @@ class Gateway(NamedTuple):
         """The sum of a Prometheus series' samples whose labels include ``labels`` (0 if none)."""
         with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
             text = reply.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            series, _, value = line.rpartition(" ")
-            if series.split("{")[0] == name and all(
-                f'{k}="{v}"' in series for k, v in labels.items()
-            ):
-                total += float(value)
-        return total
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
 
 @contextmanager
