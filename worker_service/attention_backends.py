@@ -266,10 +266,13 @@ def _build(
     if name == "flash-attn":
         from worker_service.flash_attn_backend import FlashAttnBackend
 
-        check_backend(name)
+        try:
+            backend = FlashAttnBackend()
+        except ImportError as e:  # the message names the package
+            raise ValueError(str(e)) from e
         if device.type != "cuda":
             raise ValueError(f"attention backend 'flash-attn' needs CUDA, not {device.type}")
-        return FlashAttnBackend()
+        return backend
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"attention backend 'triton' on {device.type} needs TRITON_INTERPRET=1 (the Triton interpreter)"

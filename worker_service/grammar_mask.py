@@ -27,14 +27,6 @@ class GrammarMask(Generic[A]):
     rows: A  # [R] int64: the sampling rows that are constrained
     bitmask: A  # [R, ceil(V / 32)] int32: bit set = allowed
 
-    def to(self, device: torch.device) -> GrammarMask[torch.Tensor]:
-        assert isinstance(self.rows, torch.Tensor) and isinstance(self.bitmask, torch.Tensor)
-        pin = device.type == "cuda"
-        rows, bitmask = (t.pin_memory() if pin else t for t in (self.rows, self.bitmask))
-        return GrammarMask(
-            rows.to(device, non_blocking=True), bitmask.to(device, non_blocking=True)
-        )
-
 
 def build_grammar_mask(
     seqs: list[WorkerSequence], rows: tuple[int, ...], grammars: GrammarCache
@@ -47,7 +39,7 @@ def build_grammar_mask(
         if seq.grammar is None:
             assert seq.params.constraint is not None
             seq.grammar = grammars.matcher(seq.params.constraint)
-        seq.grammar.catch_up(seq.token_ids[seq.num_prompt_tokens :])
+        seq.grammar.catch_up(seq.token_ids, seq.num_prompt_tokens)
         seq.grammar.fill(bitmask, index)
     return GrammarMask(torch.tensor(rows, dtype=torch.int64), bitmask)
 

@@ -130,13 +130,14 @@ class SequenceGrammar:
         self.matcher = matcher
         self.num_accepted = 0
 
-    def catch_up(self, output_ids: list[int]) -> None:
-        """Accept the output tokens not seen yet (all known: none PENDING). A token after the
-        grammar ended (a wasted token of async scheduling) changes nothing."""
-        for token_id in output_ids[self.num_accepted :]:
+    def catch_up(self, token_ids: list[int], num_prompt_tokens: int) -> None:
+        """Accept the output tokens (``token_ids`` past the prompt) not seen yet, all known: none
+        PENDING. A token after the grammar ended (a wasted token of async scheduling) changes
+        nothing."""
+        for token_id in token_ids[num_prompt_tokens + self.num_accepted :]:
             if not self.matcher.is_terminated() and not self.matcher.accept_token(token_id):
                 log.warning("the grammar matcher refused token %d", token_id)
-        self.num_accepted = len(output_ids)
+        self.num_accepted = len(token_ids) - num_prompt_tokens
 
     def fill(self, bitmask: torch.Tensor, index: int) -> None:
         """Row ``index`` of ``bitmask`` [R, ceil(V / 32)] int32: the tokens the grammar allows

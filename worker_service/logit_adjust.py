@@ -22,6 +22,7 @@ to the device (model_runner.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
@@ -42,14 +43,15 @@ class AdjustArrays(Generic[A]):
     presence: A  # [R] float32, 0 = off
     frequency: A  # [R] float32, 0 = off
     repetition: A  # [R] float32, 1 = off
-    prompt_ids: A  # [R, Lp] int64, V = padding (only rows with a repetition penalty fill it)
+    prompt_ids: A  # [R, Lp] int64: each prompt's distinct ids, V = padding (only rows with a
+    # repetition penalty fill it)
     output_ids: A  # [R, Lo] int64, V = padding, PENDING = the token at prev_tokens[pending_rows]
     pending_rows: A  # [R] int64: the prev_tokens row of a PENDING output token, else 0
     bias_ids: A  # [R, K] int64, V = padding
     bias_values: A  # [R, K] float32
 
 
-def _padded(lists: list[list[int]], pad: int) -> np.ndarray:
+def _padded(lists: Sequence[Sequence[int] | np.ndarray], pad: int) -> np.ndarray:
     """[len(lists), longest (at least 1)] int64, ``pad`` past each list's end."""
     out = np.full((len(lists), max(1, max(map(len, lists), default=0))), pad, dtype=np.int64)
     for row, ids in enumerate(lists):
@@ -65,9 +67,8 @@ def build_adjust_arrays(
     chosen = [seqs[row] for row in rows]
     params = [s.params for s in chosen]
     outputs = [s.token_ids[s.num_prompt_tokens :] for s in chosen]
-    prompts = [
-        s.token_ids[: s.num_prompt_tokens] if p.repetition_penalty != 1.0 else []
-        for s, p in zip(chosen, params)
+    prompts: list[np.ndarray | list[int]] = [
+        s.prompt_token_set if p.repetition_penalty != 1.0 else [] for s, p in zip(chosen, params)
     ]
     pending_rows = [
         prev_rows[s.seq_id] if out and out[-1] == PENDING else 0 for s, out in zip(chosen, outputs)
@@ -117,7 +118,7 @@ def apply_adjust(logits: torch.Tensor, x: AdjustArrays[torch.Tensor]) -> torch.T
     repetition = torch.where(seen, x.repetition[:, None], 1.0)
     z = torch.where(z > 0, z / repetition, z * repetition)
     z -= x.frequency[:, None] * output_counts + x.presence[:, None] * in_output
-    return logits.float().index_copy(0, x.rows, z)
+    return logits.to(torch.float32, copy=True).index_copy_(0, x.rows, z)
 
 
 def apply_adjust_ref(

@@ -22,7 +22,7 @@ from models.qwen3 import Qwen3ForCausalLM
 from protos.step_plan import PENDING, StepResult
 from worker_service.batch_inputs import HostStep, build_host_step, named, pack, pack_step, unpack
 from worker_service.cuda_graphs import DecodeGraphs
-from worker_service.grammar_mask import build_grammar_mask
+from worker_service.grammar_mask import GrammarMask, build_grammar_mask
 from worker_service.grammars import GrammarCache
 from worker_service.logit_adjust import AdjustArrays, build_adjust_arrays, resolve_pending
 from worker_service.sampling import (
@@ -164,7 +164,8 @@ class ModelRunner:
             self._write_tokens(previous)
         assert self.grammars is not None, "a constrained sequence on a worker without grammars"
         mask = build_grammar_mask(seqs, rows, self.grammars)
-        return sampling.with_grammar(mask.to(self.device))
+        host = {"rows": mask.rows.numpy(), "bitmask": mask.bitmask.numpy()}
+        return sampling.with_grammar(unpack(GrammarMask, pack(host, self.device)))
 
     def _forward_and_sample(
         self, host: HostStep, sampling: SamplingInput[np.ndarray], seqs: list[WorkerSequence]
@@ -172,20 +173,18 @@ class ModelRunner:
         """Queue the forward and the draw: the tokens [B_s] (on other ranks than 0, a buffer for
         rank 0's) and, if asked for, their logprobs."""
         graphs = self.graphs
+        tokens: torch.Tensor | None = None
         if graphs is not None and graphs.can_run(host, sampling):
             tokens, logits, sampling_gpu = graphs.run(host, sampling)  # drawn in the graph
-            if logits is not None and sampling.constrained_rows:
-                sampling_gpu = self._with_grammar(sampling_gpu, seqs)
-            if logits is not None and sampling.needs_more_than_the_kernel:
-                tokens = sample(logits, sampling_gpu)
         else:
             logits, sampling_gpu = self._run_eager(host, sampling)
-            if logits is not None and sampling.constrained_rows:
+        if logits is not None:
+            if sampling.constrained_rows:
                 sampling_gpu = self._with_grammar(sampling_gpu, seqs)
-            if logits is None:
-                tokens = torch.empty(len(host.sample_rows), dtype=torch.int64, device=self.device)
-            else:
+            if tokens is None or sampling.needs_more_than_the_kernel:
                 tokens = sample(logits, sampling_gpu)  # [B_s]
+        elif tokens is None:
+            tokens = torch.empty(len(host.sample_rows), dtype=torch.int64, device=self.device)
         logprobs = None
         if logits is not None and sampling.num_top:
             logprobs = compute_logprobs(logits, tokens, sampling.num_top)

@@ -58,6 +58,12 @@ class WorkerSequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @cached_property
+    def prompt_token_set(self) -> np.ndarray:
+        """Its prompt's distinct token ids, int64 (what a repetition penalty looks at; the prompt
+        never changes)."""
+        return np.unique(np.asarray(self.token_ids[: self.num_prompt_tokens], dtype=np.int64))
+
+    @cached_property
     def params_record(self) -> tuple[float, int, float, float, bool, int, int, int, bool, bool]:
         """``params`` as a ``PARAMS_DTYPE`` record (they never change for a sequence)."""
         p = self.params
