@@ -15,6 +15,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from protos.sampling_params import SamplingParams
 from protos.wire_constraint import constraint_from_pb
 from scheduler_service.engine import RequestOutput
+from scheduler_service.request_checks import MAX_SEED
 from scheduler_service.stop_checker import FinishReason
 
 DEFAULT_MAX_TOKENS = 16  # vLLM's, when the request leaves max_tokens unset
@@ -85,13 +86,16 @@ def parallel_samples(
 ) -> list[tuple[str, SamplingParams]]:
     """The requests of n parallel samples of one prompt: (request id, params) each. One sample
     keeps the request's id; n > 1 derive ``{index}_{request_id}`` and, for a seeded request,
-    seed + index (vLLM's child requests), so the samples differ and each one is reproducible."""
+    seed + index (vLLM's child requests), so the samples differ and each one is reproducible;
+    wrapped into the seed range, which the request's own seed was checked against."""
     if n == 1:
         return [(request_id, params)]
     return [
         (
             f"{index}_{request_id}",
-            params if params.seed is None else replace(params, seed=params.seed + index),
+            params
+            if params.seed is None
+            else replace(params, seed=(params.seed + index) % MAX_SEED),
         )
         for index in range(n)
     ]
