@@ -76,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from nanoserve import launcher
 
     model_dir = resolve_model(args.model)
-    device, world_size = _devices(args.device, args.tp)
+    device, world_size = _devices(args.device, args.tp, args.replicas if args.gateway else 1)
     run_dir = launcher.make_run_dir()
     services: list[launcher.ServiceProcess] = []
     stop = _stop_on_signals()
@@ -172,8 +172,9 @@ def _stop_on_signals():
     return lambda: stopping[0]
 
 
-def _devices(device: str, tp: int | None) -> tuple[str, int]:
-    """(device, tensor-parallel size): every GPU by default, else one CPU worker."""
+def _devices(device: str, tp: int | None, replicas: int = 1) -> tuple[str, int]:
+    """(device, tensor-parallel size per replica): the GPUs shared evenly between the replicas by
+    default (every GPU for one), else one CPU worker."""
     if device == "auto":
         import torch
 
@@ -182,7 +183,7 @@ def _devices(device: str, tp: int | None) -> tuple[str, int]:
         if device == "cuda":
             import torch
 
-            tp = torch.cuda.device_count()
+            tp = max(1, torch.cuda.device_count() // replicas)
         else:
             tp = 1
     return device, tp
