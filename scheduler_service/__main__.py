@@ -29,7 +29,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2
 
 from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from protos.nanoserve.v1 import generation_pb2
-from scheduler_service.config import SchedulerServiceConfig
+from scheduler_service.config import SchedulerServiceConfig, configure_logging
 from scheduler_service.constraint_checks import ConstraintChecker
 from scheduler_service.engine_client import EngineClient
 from scheduler_service.engine_process import EngineProcess
@@ -163,9 +163,7 @@ def _write_port_file(path: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     config = SchedulerServiceConfig.from_args(argv).with_secrets(os.environ)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(config)
     sys.exit(asyncio.run(serve(config)))  # the engine process writes the step trace
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -126,6 +127,13 @@ class SchedulerServiceConfig:
             auth_token=environ.get(AUTH_TOKEN_ENV) or None,
             worker_secret=environ.get(WORKER_SECRET_ENV) or None,
         )
+
+
+def configure_logging(config: SchedulerServiceConfig) -> None:
+    """The log format and ``config.log_level``, for the front end and the engine process alike."""
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 _POSITIVE_LIMITS = (

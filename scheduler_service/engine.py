@@ -73,6 +73,26 @@ class RequestOutput:
     num_cached_tokens: int
     new_logprobs: list[list[tuple[int, float]]] | None = None
 
+    def __reduce__(self) -> tuple[type[RequestOutput], tuple[object, ...]]:
+        # Sent over the engine process's pipe every step: the constructor and the field values
+        # pickle in about half the time of the default (a dict per object). Fields in declaration
+        # order, listed by hand (a loop over dataclasses.fields dumps slower than the default);
+        # test_request_output_pickle.py checks that none is left out.
+        return (
+            RequestOutput,
+            (
+                self.request_id,
+                self.new_token_ids,
+                self.new_text,
+                self.finished,
+                self.finish_reason,
+                self.num_prompt_tokens,
+                self.num_output_tokens,
+                self.num_cached_tokens,
+                self.new_logprobs,
+            ),
+        )
+
 
 class _Request:
     def __init__(self, request_id: str, seq: Sequence, detok: IncrementalDetokenizer | None):

@@ -44,7 +44,6 @@ from scheduler_service.engine_commands import (
 from scheduler_service.request_streams import Unavailable
 from scheduler_service.server_stats import (
     ServerStats,
-    counter_fields,
     counters,
     kv_cache_violation,
     minus,
@@ -109,7 +108,9 @@ class EngineLoop:
         self._commands: list[Command] = []
         self._stopping = False
         self._kv_events_wanted = False  # a subscriber exists: the BlockManager collects events
-        self._base = ServerStats()  # counters of the sessions before the current one
+        # Counters of the sessions before the current one; never ready, gauges zero: the stats
+        # sent as they are while no session is up.
+        self._base = ServerStats()
         self._num_adds = 0  # engine thread only
         self._num_failed_starts = 0  # engine thread only
         self._idle_checked = False  # engine thread only: KV invariants checked since last step
@@ -221,8 +222,7 @@ class EngineLoop:
             self.events.flushed(flush.flush_id, False)
         if adds:
             self._num_adds += len(adds)
-            stats = ServerStats(ready=False, **counter_fields(self._base))
-            self.events.update([], stats, self._num_adds, None)
+            self.events.update([], self._base, self._num_adds, None)
 
     def _apply_commands(self, engine: EngineCore) -> None:
         blocks = engine.scheduler.block_manager
@@ -257,7 +257,7 @@ class EngineLoop:
         if blocks.kv_events:  # one message per step, sent only while someone subscribes
             kv_events, blocks.kv_events = blocks.kv_events, []
             self.events.kv_events(kv_events)
-        self.events.update(outputs, snapshot(engine, self._base, True), self._num_adds, step)
+        self.events.update(outputs, snapshot(engine, self._base), self._num_adds, step)
 
     def _wait_for_commands(self, timeout: float) -> bool:
         """Block until a command arrives (True) or ``timeout`` passes (False)."""
@@ -274,5 +274,4 @@ class EngineLoop:
         self._engine = None
         if engine is not None:
             self._base = counters(engine, self._base)
-        stats = ServerStats(ready=False, **counter_fields(self._base))
-        self.events.lost(reason, self._session, stats)
+        self.events.lost(reason, self._session, self._base)

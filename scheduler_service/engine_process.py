@@ -32,7 +32,7 @@ from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
 from protos.step_trace import SCHEDULER_SUFFIX, open_trace
 from scheduler_service.block_manager import KvEvent
-from scheduler_service.config import SchedulerServiceConfig
+from scheduler_service.config import SchedulerServiceConfig, configure_logging
 from scheduler_service.engine import RequestOutput
 from scheduler_service.engine_loop import EngineLoop, StepReport
 from scheduler_service.server_stats import ServerStats
@@ -146,9 +146,7 @@ def _engine_main(config: SchedulerServiceConfig, conn: Connection) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(config)
     trace_path = config.step_trace and config.step_trace + SCHEDULER_SUFFIX
     with open_trace(trace_path) as trace:
         tokenizer = Tokenizer.from_dir(config.model_dir)

@@ -43,10 +43,11 @@ def counters(engine: EngineCore, base: ServerStats) -> ServerStats:
     )
 
 
-def snapshot(engine: EngineCore, base: ServerStats, ready: bool) -> ServerStats:
+def snapshot(engine: EngineCore, base: ServerStats) -> ServerStats:
+    """A live session's gauges and counters; EngineClient.stats overrides ``ready`` (draining)."""
     blocks = engine.scheduler.block_manager
     return ServerStats(
-        ready=ready,
+        ready=True,
         num_waiting=len(engine.scheduler.waiting),
         num_running=len(engine.scheduler.running),
         total_blocks=blocks.num_blocks,

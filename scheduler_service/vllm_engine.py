@@ -94,7 +94,7 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     async def HealthCheck(
         self, request: vpb.HealthCheckRequest, context: Context
     ) -> vpb.HealthCheckResponse:
-        if self.engine_loop.stats.ready:
+        if self.engine_loop.ready:
             return vpb.HealthCheckResponse(healthy=True, message="ready")
         return vpb.HealthCheckResponse(healthy=False, message="no worker session is up")
 
