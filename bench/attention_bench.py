@@ -19,12 +19,12 @@ import json
 import torch
 import triton.testing
 
-from bench.kernel_bench import copy_bandwidth, paged_kv
+from bench.kernel_bench import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, copy_bandwidth, paged_kv
 from models.layers.attention import AttentionMetadata
 from worker_service.attention_backends import TritonBackend
 from worker_service.flash_attn_backend import FlashAttnBackend
 
-NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
+BLOCK_SIZE = 256
 MAX_MODEL_LEN, MAX_NUM_SEQS = 40960, 256  # the Triton decode splits by the engine's limits
 PEAK_BF16_TFLOPS = {"NVIDIA H200": 989.0, "NVIDIA H100 80GB HBM3": 989.0}  # dense, no sparsity
 DECODE_SEQS, DECODE_CONTEXTS = (1, 16, 64, 256), (1024, 4096, 16384)

@@ -17,12 +17,13 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
+ENGINE_LIMITS = ("max_num_batched_tokens", "max_num_seqs", "max_model_len")  # both services' flags
 
 
 def engine_flags(args) -> list[str]:
     """The engine limits a benchmark was given (none by default: the services' own defaults)."""
     flags = []
-    for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+    for name in ENGINE_LIMITS:
         value = getattr(args, name, None)
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
@@ -36,7 +37,7 @@ def start_services(
     address. ``worker_extra`` goes to rank 0 only (e.g. its --profile-steps)."""
     run_dir = launcher.make_run_dir()
     common = engine_flags(args)
-    if args.enforce_eager:
+    if getattr(args, "enforce_eager", False):
         common.append("--enforce-eager")
     if getattr(args, "attention_backend", None):
         common += ["--attention-backend", args.attention_backend]
@@ -63,7 +64,7 @@ def start_services(
         "0",
         *engine_flags(args),
     ]
-    if args.no_prefix_caching:
+    if getattr(args, "no_prefix_caching", False):
         scheduler_flags.append("--no-prefix-caching")
     scheduler = launcher.spawn("scheduler", "scheduler_service", scheduler_flags, run_dir)
     scheduler.wait_for_port(120)

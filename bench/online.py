@@ -84,7 +84,6 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out")
     args = parser.parse_args()
-    args.enforce_eager = args.no_prefix_caching = args.no_async = False
 
     model_dir = args.model or str(
         write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import time
 from pathlib import Path
 
 import grpc
 
+from bench import user_path
 from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
 from nanoserve import launcher
 from protos.nanoserve.v1 import generation_pb2 as pb
@@ -84,17 +84,8 @@ def main() -> None:
     model = args.model or str(
         write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
     )
-    os.environ.pop("NANOSERVE_STEP_TRACE", None)
-    if args.step_trace:
-        Path(args.step_trace).parent.mkdir(parents=True, exist_ok=True)
-        os.environ["NANOSERVE_STEP_TRACE"] = args.step_trace
-    from bench.grpc_client import start_services
-
-    args.tp, args.enforce_eager, args.no_prefix_caching = 1, False, False
-    started = time.perf_counter()
-    services, addr = start_services(model, args, args.device)
-    print(f"process start to SERVING: {time.perf_counter() - started:.1f} s", flush=True)
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    user_path.trace_steps_to(args.step_trace)
+    services, addr, vocab, _ = user_path.start(model, args, args.device)
     rng = random.Random(0)
     requests = [
         pb.GenerateRequest(

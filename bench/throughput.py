@@ -23,6 +23,8 @@ import torch
 
 from bench.bound import copy_bandwidth, decode_bytes
 from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.grpc_client import ENGINE_LIMITS
+from nanoserve.llm import STEP_TRACE_ENV
 
 WORKLOADS = Path(__file__).parent / "workloads"
 
@@ -41,15 +43,17 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     from nanoserve import LLM, SamplingParams
     from scheduler_service.warm_up import warm_up
 
-    limits = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens")}
-    limits["max_model_len"] = args.max_model_len
-    limits["attention_backend"] = getattr(args, "attention_backend", None)
+    limits = {
+        k: v
+        for k in (*ENGINE_LIMITS, "attention_backend")
+        if (v := getattr(args, k, None)) is not None
+    }
     llm = LLM(
         model_dir,
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
         async_scheduling=not args.no_async,
-        **{k: v for k, v in limits.items() if v is not None},
+        **limits,
     )
     params = [SamplingParams(max_tokens=m, **sampling) for m in max_tokens]
     warm_up(llm.engine)  # what the scheduler service runs before SERVING: no workload prompt
@@ -228,14 +232,14 @@ def fresh_compile_cache(engine: str) -> None:
 
 def _start_trace(trace_dir: str | None, engine: str) -> Path | None:
     """Workers started from here on (in this process or spawned) trace their steps to a file."""
-    os.environ.pop("NANOSERVE_STEP_TRACE", None)
+    os.environ.pop(STEP_TRACE_ENV, None)
     if not trace_dir or engine == "transformers":
         return None
     path = Path(trace_dir) / f"steps_{engine}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     Path(f"{path}.scheduler").unlink(missing_ok=True)
-    os.environ["NANOSERVE_STEP_TRACE"] = str(path)
+    os.environ[STEP_TRACE_ENV] = str(path)
     return path
 
 

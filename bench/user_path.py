@@ -19,13 +19,16 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
 
 from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.grpc_client import start_services
 from bench.throughput import load_workload
 from nanoserve import launcher
+from nanoserve.llm import STEP_TRACE_ENV
 from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -58,6 +61,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _gaps(arrival_lists: Iterable[list[float]]) -> list[float]:
+    """The time between consecutive arrivals, over every request's arrival times."""
+    return [b - a for t in arrival_lists for a, b in zip(t, t[1:])]
+
+
 def quantiles(values: list[float], n: int = 200) -> list[float]:
     """``n + 1`` evenly spaced quantiles of ``values`` (for a distribution plot), in ms."""
     ordered = sorted(values)
@@ -78,7 +86,7 @@ async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int,
             done = await asyncio.gather(*(one(stub, r) for r in batch))
             seconds = time.perf_counter() - start
             tokens = sum(n for n, _ in done)
-            gaps = [b - a for _, t in done for a, b in zip(t, t[1:])]
+            gaps = _gaps(t for _, t in done)
             ttfts = [t[0] - start for _, t in done if t]
             is_free = [r.sampling.WhichOneof("constraint") is None for r in batch]
             free = [t for (_, t), f in zip(done, is_free) if f]
@@ -89,7 +97,7 @@ async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int,
                 "started_at": started_at,
                 "ttft_ms": quantiles(ttfts),
                 "itl_ms": quantiles(gaps),
-                "free_itl_ms": quantiles([b - a for t in free for a, b in zip(t, t[1:])]),
+                "free_itl_ms": quantiles(_gaps(free)),
                 "constrained_ttft_ms": quantiles(constrained_ttfts),
                 # per free request: (last token's arrival - first's) / (tokens - 1), vLLM's TPOT
                 "free_tpot_ms": quantiles([(t[-1] - t[0]) / (n - 1) for n, t in free_done]),
@@ -125,16 +133,30 @@ def constrain(requests: list[pb.GenerateRequest], fraction: float) -> None:
         r.sampling.ClearField("ignore_eos")
 
 
-def run_services(model_dir: str, prompts, max_tokens, sampling, args, engine: str) -> dict:
-    """bench.throughput's ``grpc-stream`` / ``grpc`` engines: start, time the passes, stop."""
-    from bench.grpc_client import start_services
+def trace_steps_to(path: str | None) -> None:
+    """Services started from here on trace every step to ``path`` (None: they do not)."""
+    os.environ.pop(STEP_TRACE_ENV, None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        os.environ[STEP_TRACE_ENV] = path
 
-    device = getattr(args, "device", None) or ("cuda" if _has_cuda() else "cpu")
+
+def start(
+    model_dir: str, args, device: str
+) -> tuple[list[launcher.ServiceProcess], str, int, float]:
+    """Start the services and wait for SERVING: (services, address, vocab size, seconds it took)."""
     started = time.perf_counter()
     services, addr = start_services(model_dir, args, device)
     ready_s = time.perf_counter() - started
     print(f"process start to SERVING: {ready_s:.1f} s", flush=True)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    return services, addr, vocab, ready_s
+
+
+def run_services(model_dir: str, prompts, max_tokens, sampling, args, engine: str) -> dict:
+    """bench.throughput's ``grpc-stream`` / ``grpc`` engines: start, time the passes, stop."""
+    device = getattr(args, "device", None) or ("cuda" if _has_cuda() else "cpu")
+    services, addr, vocab, ready_s = start(model_dir, args, device)
     requests = [
         pb.GenerateRequest(
             token_ids=pb.TokenIds(ids=[t % vocab for t in prompt]),
@@ -179,17 +201,13 @@ def main() -> None:
     p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-user")
     p.add_argument("--out", help="append the results as one JSON line here")
     args = p.parse_args()
-    args.enforce_eager = args.no_prefix_caching = False
     model = args.model or str(
         write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
     )
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     if args.max_tokens:
         max_tokens = [min(m, args.max_tokens) for m in max_tokens]
-    os.environ.pop("NANOSERVE_STEP_TRACE", None)
-    if args.step_trace:
-        Path(args.step_trace).parent.mkdir(parents=True, exist_ok=True)
-        os.environ["NANOSERVE_STEP_TRACE"] = args.step_trace
+    trace_steps_to(args.step_trace)
     engine = "grpc" if args.no_stream else "grpc-stream"
     res = run_services(model, prompts, max_tokens, sampling, args, engine)
     if args.out:

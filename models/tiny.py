@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
 MARKER_NAME = "nanoserve_tiny.json"
+MODEL_FILES = (  # what _write_files writes (the marker lists their hashes)
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
@@ -225,13 +232,7 @@ def _write_files(out_dir: Path) -> list[str]:
     from safetensors.torch import save_file  # needs torch, which random_weights has just imported
 
     save_file(weights, str(out_dir / "model.safetensors"), {"format": "pt"})
-    return [
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
+    return list(MODEL_FILES)
 
 
 def write_tiny_model(out_dir: Path) -> Path:

@@ -60,13 +60,6 @@ TOKENIZER_PYTHON_CHARS = 3_000_000
 EVAL_NUM_WINDOWS = 64
 NUM_CURVE_POINTS = 10
 METRICS_NAME = "training.json"
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
 
 
 def build_tokenizer(corpora: dict[str, tiny_data.Corpus]) -> Tokenizer:

@@ -4,6 +4,7 @@ them come out as they do with graphs off. Run on a GPU host (tests/gpu/run_all.s
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.gpu
 JSON = Constraint("json_schema", SCHEMA_TEXT)
 
 
+@functools.cache  # two tests read the same two runs: build each engine once
 def run(model_dir: Path, enforce_eager: bool, attention_backend: str) -> list[dict]:
     llm = LLM(
         str(model_dir), device="cuda", block_size=16, max_num_seqs=32, num_kv_blocks=512,

@@ -11,16 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.tiny import MARKER_NAME, SPECIAL_TOKENS, write_tiny_model
+from models.tiny import MARKER_NAME, MODEL_FILES, SPECIAL_TOKENS, write_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
 
 
 def _file_bytes(model_dir: Path) -> dict[str, bytes]:
