@@ -74,24 +74,14 @@ class RequestOutput:
     new_logprobs: list[list[tuple[int, float]]] | None = None
 
     def __reduce__(self) -> tuple[type[RequestOutput], tuple[object, ...]]:
-        # Sent over the engine process's pipe every step: the constructor and the field values
-        # pickle in about half the time of the default (a dict per object). Fields in declaration
-        # order, listed by hand (a loop over dataclasses.fields dumps slower than the default);
-        # test_request_output_pickle.py checks that none is left out.
-        return (
-            RequestOutput,
-            (
-                self.request_id,
-                self.new_token_ids,
-                self.new_text,
-                self.finished,
-                self.finish_reason,
-                self.num_prompt_tokens,
-                self.num_output_tokens,
-                self.num_cached_tokens,
-                self.new_logprobs,
-            ),
-        )
+        # Sent over the engine pipe every step: constructor + values pickle in about half the
+        # default's time (a loop over dataclasses.fields dumps slower than the default);
+        # test_request_output_pickle.py checks that no field is left out.
+        s = self
+        return RequestOutput, (
+            s.request_id, s.new_token_ids, s.new_text, s.finished, s.finish_reason,
+            s.num_prompt_tokens, s.num_output_tokens, s.num_cached_tokens, s.new_logprobs,
+        )  # fmt: skip
 
 
 class _Request:
