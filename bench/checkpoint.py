@@ -92,13 +92,16 @@ def write_random_checkpoint(out: Path, arch: str, seed: int = 0) -> Path:
         write_tokenizer(out)
     if (out / "model.safetensors").exists():
         return out
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn on the GPU where there is one: an 8B checkpoint's 8e9 numbers take minutes on a CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for name, shape in _shapes(cfg).items():
         if len(shape) == 1:
             tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            tensors[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            weight = torch.randn(shape, generator=gen, device=device) * 0.02
+            tensors[name] = weight.to(torch.bfloat16).cpu()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

@@ -29,6 +29,17 @@ class WeightLoader(Protocol):
     ) -> None: ...
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``; at decode batch sizes on CUDA, small weights through kernels.skinny_gemm
+    (cuBLAS reads them at a fraction of the copy bandwidth there)."""
+    if bias is None and x.is_cuda:
+        from kernels import skinny_gemm  # triton is imported only where it runs
+
+        if skinny_gemm.use_skinny(x, weight):
+            return skinny_gemm.skinny_gemm(x, weight)
+    return F.linear(x, weight, bias)
+
+
 def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
     setattr(param, WEIGHT_LOADER, loader)
 
@@ -108,7 +119,7 @@ class ColumnParallelLinear(_ParallelLinear):
         copy_rows(param.data, loaded_weight, self.parallel.rank * self.output_size_per_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, out / world]
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -212,4 +223,4 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in / world] -> [T, out]
         bias = self.bias if self.parallel.is_driver else None  # added once, by rank 0
-        return all_reduce(F.linear(x, self.weight, bias), self.parallel)
+        return all_reduce(linear(x, self.weight, bias), self.parallel)

@@ -22,7 +22,8 @@ fi
 
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-# ONLY=tests, bench, attention or structured runs one part (each fits one 10-minute call).
+# ONLY=tests, bench, attention, structured, limit or gemms runs one part (each fits one 10-minute
+# call).
 # ATTENTION_BACKEND=flash-attn runs the GPU engine tests on that backend (default: auto).
 if [ "${ONLY:-tests}" = tests ]; then
   # Modules whose imports the GPU image lacks (openai, smg) hold no GPU test: collect past them.
@@ -46,6 +47,21 @@ if [ "${ONLY:-structured}" = structured ]; then
         --passes 1 --constrained-fraction $fraction
   done
 fi
+if [ "${ONLY:-limit}" = limit ]; then
+  # The hardware limit: each decode step's kernels (batch 1 and 256; the 8B at batch 1), and one
+  # user's stream through the services with its step trace.
+  step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,256 \
+      --out "$OUT_DIR/decode_profile.jsonl"
+  step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
+      --step-trace "$OUT_DIR/single_stream.trace"
+  step single_stream_steps $PY -m bench.step_report "$OUT_DIR/single_stream.trace" \
+      --arch qwen3-0.6b --bandwidth-gbps 4200
+  step decode_profile_8b $PY -m bench.decode_profile --arch qwen3-8b --batch 1 \
+      --out "$OUT_DIR/decode_profile.jsonl"
+fi
+if [ "${ONLY:-gemms}" = gemms ]; then
+  step gemms $PY -m bench.gemm_bench --skinny --out "$OUT_DIR/gemms.json"
+fi
 if [ "${ONLY:-bench}" = bench ]; then
   # The headline: services by their documented commands, default flags, empty compile caches,
   # untraced (add --step-trace DIR to see where the time goes).
@@ -63,7 +79,6 @@ if [ "${ONLY:-bench}" = bench ]; then
     step prefix_off $PY -m bench.throughput --arch qwen3-0.6b --workload prefix_share_256 \
         --engines inprocess --no-prefix-caching
     step kernels $PY bench/kernel_bench.py
-    step gemms $PY -m bench.gemm_bench --out "$OUT_DIR/gemms.json"
   fi
 fi
 
@@ -79,5 +94,7 @@ for len in 2048 4096; do
 done
 [ -f "$OUT_DIR/online.log" ] && tail -n 5 "$OUT_DIR/online.log"
 [ -f "$OUT_DIR/single_stream.log" ] && tail -n 1 "$OUT_DIR/single_stream.log" | cut -c1-400
+[ -f "$OUT_DIR/decode_profile.log" ] && grep "^batch" "$OUT_DIR/decode_profile.log"
+[ -f "$OUT_DIR/decode_profile_8b.log" ] && grep "^batch" "$OUT_DIR/decode_profile_8b.log"
 [ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
 exit 0

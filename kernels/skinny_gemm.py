@@ -1,0 +1,210 @@
+"""Decode GEMM for few rows: ``y = x @ w.T`` with ``x: [M, K]``, M <= 16, ``w: [N, K]`` row-major.
+
+At decode batch sizes a linear layer is a stream over its weight: M rows of activations against
+N x K weights, whose bytes are all that matter. Program ``(n, s)`` owns ``BLOCK_N`` output
+columns and the ``s``-th of ``SPLIT_K`` slices of K; it walks its slice in ``BLOCK_K`` tiles,
+each one ``tl.dot`` of the (padded to 16) activation rows against a weight tile, accumulating in
+float32. With one slice the program writes its columns; with several, each slice writes its
+float32 partial to a workspace and bumps a per-column-block counter, and the program that arrives
+last adds the slices in slice order (the sum does not depend on who came last) and writes the
+result, then resets the counter so that the next call (or graph replay) starts from zero.
+
+(Folding SiLU-and-mul into the down projection's loads was tried: on an H200 that kernel took
+15 us where SiLU-and-mul and this GEMM take 1.1 + 5.7 us, so the activation keeps its kernel.)
+
+``skinny_gemm_ref`` is ``F.linear``, what the layers run elsewhere; both accumulate in float32,
+so they differ by summation order only. Not a layer: ``models.layers.linear`` decides.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # one tl.dot tile of activation rows
+
+
+def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    partial_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1)
+    counter_ptr,  # [cdiv(N, BLOCK_N)] int32, zero between calls (SPLIT_K > 1)
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
+    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32)
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, 16)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    k_begin = split * K_PER_SPLIT
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        ks = k_begin + k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
+            mask=col_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        offsets = rows[:, None] * N + cols[None, :]
+        tl.store(partial_ptr + split * M * N + offsets, acc, mask=out_mask)
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the last slice of this column block: sum them in order
+            total = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(partial_ptr + s * M * N + offsets, mask=out_mask, other=0.0)
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
+
+
+class SkinnyGemmConfig:
+    """Launch shape of one (N, K): column block, K tile, K slices, warps and pipeline stages."""
+
+    def __init__(self, block_n: int, block_k: int, split_k: int, warps: int, stages: int) -> None:
+        self.block_n, self.block_k, self.split_k = block_n, block_k, split_k
+        self.warps, self.stages = warps, stages
+
+    def __repr__(self) -> str:
+        return (
+            f"SkinnyGemmConfig(block_n={self.block_n}, block_k={self.block_k}, "
+            f"split_k={self.split_k}, warps={self.warps}, stages={self.stages})"
+        )
+
+
+DEFAULT_CONFIG = SkinnyGemmConfig(block_n=32, block_k=256, split_k=1, warps=4, stages=4)
+# Weights up to this size go through skinny_gemm at M <= MAX_ROWS; larger ones reach the copy
+# bandwidth through cuBLAS already (docs/gpu.md, "Decode GEMMs").
+MAX_WEIGHT_BYTES = 32 * 2**20
+
+
+def config_for(n: int, k: int) -> SkinnyGemmConfig:
+    """The launch shape for an N x K weight, from bench.gemm_bench's sweep on an H200: wide
+    column blocks for wide outputs; narrow outputs (fewer than 64 column blocks for 132 SMs) split
+    K four ways."""
+    block_n = 64 if n >= 6144 else 32
+    split_k = 4 if triton.cdiv(n, block_n) < 64 and k >= 4 * 256 else 1
+    return SkinnyGemmConfig(block_n=block_n, block_k=256, split_k=split_k, warps=4, stages=4)
+
+
+def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x @ w.T`` goes through skinny_gemm: CUDA, few rows, a small half-precision
+    weight."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.shape[0] <= MAX_ROWS
+        and w.numel() * w.element_size() <= MAX_WEIGHT_BYTES
+        and x.dtype == w.dtype
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.stride(1) == 1
+        and w.stride(1) == 1
+    )
+
+
+class Workspace:
+    """The split-K partials and counters of each device, grown on demand. A buffer that is
+    outgrown is kept, never freed: a CUDA graph captured with it still reads and writes it."""
+
+    def __init__(self) -> None:
+        self.partials: dict[torch.device, torch.Tensor] = {}
+        self.counters: dict[torch.device, torch.Tensor] = {}
+        self._outgrown: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, floats: int, blocks: int) -> tuple[torch.Tensor, ...]:
+        partial = self.partials.get(device)
+        if partial is None or partial.numel() < floats:
+            if partial is not None:
+                self._outgrown.append(partial)
+            partial = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+            self.partials[device] = partial
+        counter = self.counters.get(device)
+        if counter is None or counter.numel() < blocks:
+            if counter is not None:
+                self._outgrown.append(counter)
+            counter = torch.zeros(max(blocks, 1), dtype=torch.int32, device=device)
+            self.counters[device] = counter
+        return partial, counter
+
+
+WORKSPACE = Workspace()
+
+
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K], M <= 16, rows may be strided
+    w: torch.Tensor,  # [N, K], contiguous in K
+    config: SkinnyGemmConfig | None = None,  # None: config_for(N, K)
+    out: torch.Tensor | None = None,  # [M, N]; fresh when None
+) -> torch.Tensor:
+    """``x @ w.T`` in x's dtype, as ``skinny_gemm_ref``. No host sync (CUDA-graph safe) once the
+    workspace is big enough for the shape (the first call of a shape allocates it)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x [M, K] and w [N, K] needed, got {tuple(x.shape)}, {tuple(w.shape)}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {x.shape[0]}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("x and w must be contiguous in K")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w must have one dtype, got {x.dtype}, {w.dtype}")
+    m, (n, k) = x.shape[0], w.shape
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    c = config or config_for(n, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, c.split_k), c.block_k) * c.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    blocks = triton.cdiv(n, c.block_n)
+    partial, counter = out, out
+    if split_k > 1:
+        partial, counter = WORKSPACE.get(x.device, split_k * m * n, blocks)
+    _skinny_gemm_kernel[(blocks, split_k)](
+        x,
+        w,
+        out,
+        partial,
+        counter,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        out.stride(0),
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        SPLIT_K=split_k,
+        K_PER_SPLIT=k_per_split,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=c.warps,
+        num_stages=c.stages,
+    )
+    return out

@@ -1,0 +1,122 @@
+"""kernels.skinny_gemm computes F.linear.
+
+On CPU the kernel runs in the Triton interpreter at small shapes, split-K included (its
+last-arriving slice sums the partials and resets the counter, so a second call must agree too);
+``@pytest.mark.gpu`` cases run Qwen3's decode shapes in bf16, inside a CUDA graph replayed twice,
+and check that the layers dispatch to it at decode batch sizes and not beyond.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import skinny_gemm as sg
+from models.layers.linear import linear
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NAN = float("nan")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double(), w.double())
+
+
+@pytest.mark.parametrize(
+    "rows, n, k, config",
+    [
+        (1, 64, 256, sg.SkinnyGemmConfig(32, 64, 1, 4, 2)),
+        (5, 80, 300, sg.SkinnyGemmConfig(32, 64, 3, 4, 2)),  # ragged N and K, three slices
+        (16, 48, 512, sg.SkinnyGemmConfig(16, 128, 2, 4, 2)),
+        (3, 40, 192, sg.SkinnyGemmConfig(16, 64, 8, 4, 2)),  # more slices asked than K has
+    ],
+)
+def test_skinny_gemm_matches_f_linear(rows, n, k, config) -> None:
+    torch.manual_seed(rows)
+    buffer = torch.full((rows, k + 5), NAN, device=DEVICE)  # strided rows, NaN beyond
+    buffer[:, :k] = torch.randn(rows, k, device=DEVICE)
+    x = buffer[:, :k]
+    w = torch.randn(n, k, device=DEVICE)
+    want = reference(x, w)
+    for _ in range(2):  # the second call finds the counters reset by the first
+        out = torch.full((rows, n), NAN, device=DEVICE)
+        got = sg.skinny_gemm(x, w, config, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_skinny_gemm_refuses_what_it_does_not_compute() -> None:
+    w = torch.randn(8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        sg.skinny_gemm(torch.randn(17, 32, device=DEVICE), w)
+    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[N, K\]"):
+        sg.skinny_gemm(torch.randn(2, 31, device=DEVICE), w)
+    with pytest.raises(ValueError, match="one dtype"):
+        sg.skinny_gemm(torch.randn(2, 32, device=DEVICE, dtype=torch.bfloat16), w)
+
+
+def test_config_splits_k_only_for_narrow_outputs() -> None:
+    assert sg.config_for(1024, 2048).split_k == 4  # Qwen3-0.6B o_proj: 32 column blocks
+    assert sg.config_for(1024, 3072).split_k == 4  # down_proj
+    assert sg.config_for(4096, 1024).split_k == 1  # fused qkv: 128 column blocks
+    assert sg.config_for(6144, 1024).block_n == 64  # fused gate_up
+
+
+def test_only_cuda_decode_rows_and_small_weights_take_the_kernel() -> None:
+    w = torch.randn(64, 32)
+    assert not sg.use_skinny(torch.randn(1, 32), w)  # CPU: F.linear
+    if DEVICE.type == "cuda":
+        w = w.to(DEVICE)
+        assert sg.use_skinny(torch.randn(16, 32, device=DEVICE), w)
+        assert not sg.use_skinny(torch.randn(17, 32, device=DEVICE), w)
+        big = torch.empty(sg.MAX_WEIGHT_BYTES // 4 + 1, 1, device=DEVICE)
+        assert not sg.use_skinny(torch.randn(1, 1, device=DEVICE), big)
+
+
+QWEN3_SHAPES = {  # (N, K): Qwen3-0.6B's fused qkv, o_proj, gate_up, down_proj
+    "qkv": (4096, 1024),
+    "o_proj": (1024, 2048),
+    "gate_up": (6144, 1024),
+    "down": (1024, 3072),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 7, 16])
+@pytest.mark.parametrize("name", sorted(QWEN3_SHAPES))
+def test_gpu_decode_shapes_in_a_graph_match_f_linear(name, rows) -> None:
+    n, k = QWEN3_SHAPES[name]
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    sg.skinny_gemm(x, w)  # compiles and sizes the workspace outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sg.skinny_gemm(x, w)
+    want = reference(x, w)
+    for _ in range(2):  # each replay must reset the split-K counters for the next
+        out.fill_(NAN)
+        graph.replay()
+        torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
+    # cuBLAS on the same bf16 inputs: the same sums in another order
+    cublas = F.linear(x, w)
+    assert (out.float() - cublas.float()).abs().max() <= 2 * cublas.float().abs().max() / 128
+
+
+@pytest.mark.gpu
+def test_gpu_layers_take_the_kernel_at_decode_rows_only(monkeypatch) -> None:
+    calls = []
+    real = sg.skinny_gemm
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sg, "skinny_gemm", counting)
+    w = (torch.randn(1024, 2048, device="cuda") * 0.02).to(torch.bfloat16)
+    for rows, expected in ((16, [w.shape]), (17, [])):
+        calls.clear()
+        x = torch.randn(rows, 2048, device="cuda").to(torch.bfloat16)
+        torch.testing.assert_close(linear(x, w, None), F.linear(x, w), rtol=1e-2, atol=1e-2)
+        assert calls == expected
