@@ -119,6 +119,22 @@ def upload(
     return out.copy_(host, non_blocking=True)
 
 
+class PinnedRing:
+    """Pinned host buffers handed out in turn as the targets of device-to-host copies (a fresh
+    pinned tensor per step cost tens of microseconds of host time). With at most two steps in
+    flight (async scheduling), a buffer comes round again long after its contents were read."""
+
+    def __init__(self, size: int, dtype: torch.dtype, count: int = 4, pin: bool = True) -> None:
+        self._buffers = [torch.empty(size, dtype=dtype, pin_memory=pin) for _ in range(count)]
+        self._num_copies = 0
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Start copying 1-D ``tensor`` into the next buffer; valid once the copy has run."""
+        buffer = self._buffers[self._num_copies % len(self._buffers)]
+        self._num_copies += 1
+        return buffer[: len(tensor)].copy_(tensor, non_blocking=True)
+
+
 def pack(arrays: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """``arrays`` on ``device``, through one buffer and one copy."""
     layout = Layout.of(arrays)

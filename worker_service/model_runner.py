@@ -20,7 +20,15 @@ from models.layers.attention import AttentionMetadata
 from models.parallel import SINGLE_RANK, ParallelContext, broadcast
 from models.qwen3 import Qwen3ForCausalLM
 from protos.step_plan import PENDING, StepResult
-from worker_service.batch_inputs import HostStep, build_host_step, named, pack, pack_step, unpack
+from worker_service.batch_inputs import (
+    HostStep,
+    PinnedRing,
+    build_host_step,
+    named,
+    pack,
+    pack_step,
+    unpack,
+)
 from worker_service.cuda_graphs import DecodeGraphs
 from worker_service.grammar_mask import GrammarMask, build_grammar_mask
 from worker_service.grammars import GrammarCache
@@ -29,6 +37,7 @@ from worker_service.sampling import (
     SamplingInput,
     build_sampling_input,
     compute_logprobs,
+    logprob_lists,
     sample,
 )
 from worker_service.sequence_table import SequenceTable, WorkerSequence
@@ -78,6 +87,7 @@ class ModelRunner:
         self.rng = np.random.default_rng(0)  # row seeds of unseeded requests
         # The last step's sampled tokens, where the next step's inputs gather them on the device.
         self.prev_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self._tokens_out = PinnedRing(max_rows, torch.int64) if device.type == "cuda" else None
         self.grammars = grammars
         self._launched: LaunchedStep | None = None  # the last step launched
         self._last_rows: dict[int, int] = {}  # seq_id -> row of its token in prev_tokens
@@ -231,7 +241,8 @@ class ModelRunner:
     ) -> LaunchedStep:
         if started is None:  # on CPU the tokens are already there
             return LaunchedStep(step_id, seqs, positions, tokens, None, logprobs, shape)
-        tokens_cpu = _pinned_copy(tokens)
+        assert self._tokens_out is not None, "device events without pinned buffers"
+        tokens_cpu = self._tokens_out.copy(tokens)
         if logprobs is not None:
             sampled, top_ids, top_lps = (_pinned_copy(t) for t in logprobs)
             logprobs = sampled, top_ids, top_lps
@@ -253,7 +264,7 @@ class ModelRunner:
         token_ids = self._write_tokens(step)
         logprobs = None
         if step.logprobs is not None:
-            logprobs = self._logprob_lists(step.seqs, token_ids, *step.logprobs)
+            logprobs = logprob_lists(step.seqs, token_ids, *step.logprobs)
         return StepResult(step.step_id, [s.seq_id for s in step.seqs], token_ids, logprobs)
 
     @staticmethod
@@ -278,21 +289,3 @@ class ModelRunner:
         self.device_seconds += busy_ms / 1e3
         if self.tracing:
             self.last_trace = (*shape, busy_ms, idle_ms)
-
-    @staticmethod
-    def _logprob_lists(
-        seqs: list[WorkerSequence],
-        token_ids: list[int],
-        sampled: torch.Tensor,
-        top_ids: torch.Tensor,
-        top_lps: torch.Tensor,
-    ) -> list[list[tuple[int, float]]]:
-        """Per sampled row: (sampled id, logprob) first, then the top-n (id, logprob) pairs."""
-        out = []
-        sampled_list, ids_list, lps_list = sampled.tolist(), top_ids.tolist(), top_lps.tolist()
-        for row, seq in enumerate(seqs):
-            n = seq.params.logprobs
-            pairs = [(token_ids[row], sampled_list[row])]
-            pairs += list(zip(ids_list[row][:n], lps_list[row][:n]))
-            out.append(pairs)
-        return out

@@ -216,3 +216,21 @@ def compute_logprobs(
     sampled = logprobs.gather(-1, tokens[:, None])[:, 0]
     top_lp, top_ids = logprobs.topk(num_top, dim=-1)
     return sampled, top_ids, top_lp
+
+
+def logprob_lists(
+    seqs: list[WorkerSequence],
+    token_ids: list[int],
+    sampled: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_lps: torch.Tensor,
+) -> list[list[tuple[int, float]]]:
+    """Per sampled row: (sampled id, logprob) first, then the top-n (id, logprob) pairs."""
+    out = []
+    sampled_list, ids_list, lps_list = sampled.tolist(), top_ids.tolist(), top_lps.tolist()
+    for row, seq in enumerate(seqs):
+        n = seq.params.logprobs
+        pairs = [(token_ids[row], sampled_list[row])]
+        pairs += list(zip(ids_list[row][:n], lps_list[row][:n]))
+        out.append(pairs)
+    return out

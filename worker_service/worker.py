@@ -85,11 +85,15 @@ def warm_up_forward(
         logits.float().softmax(-1).sort(dim=-1, descending=True)
 
 
+MEMORY_REFRESH_S = 0.25  # how stale the memory a step reports may be
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, trace: StepTrace | None = None) -> None:
         """``trace``: where each step's timing goes (benchmarks: rank 0's); its owner closes it."""
         self.config = config
         self.trace = trace
+        self._memory, self._memory_read_at = 0, -MEMORY_REFRESH_S
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", config.rank % max(1, torch.cuda.device_count()))
@@ -224,11 +228,18 @@ class Worker:
         )
 
     def memory_bytes(self) -> int:
-        """Memory this rank holds: device memory allocated on a GPU, resident set on CPU."""
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        """Memory this rank holds: device memory allocated on a GPU, resident set on CPU. Read
+        again at most every MEMORY_REFRESH_S: every step reports it, and on a GPU reading it
+        (the allocator's whole statistics dict) cost a fifth of a batch-1 decode step's host time."""
+        now = time.monotonic()
+        if now - self._memory_read_at >= MEMORY_REFRESH_S:
+            self._memory_read_at = now
+            if self.device.type == "cuda":
+                self._memory = torch.cuda.memory_allocated(self.device)
+            else:
+                with open("/proc/self/statm") as statm:
+                    self._memory = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return self._memory
 
     def check_constraint(self, constraint: Constraint) -> str:
         """Compile ``constraint`` now (cached for its sequences): the compiler's message, or ""."""
