@@ -2,7 +2,9 @@
 
 A decode step of M sequences multiplies [M, K] activations by every weight [N, K] once: at small
 M the weights' bytes dominate, so the figure is the weight bytes read per second, next to a
-device-to-device copy on the same GPU (bytes read + written per second). Shapes are each
+device-to-device copy on the same GPU (bytes read + written per second), for ``F.linear``
+(cuBLAS) and for the engine's ``models.layers.linear.linear`` (kernels/skinny_gemm.py where it
+takes over). Shapes are each
 architecture's fused QKV, o_proj, fused gate_up, down_proj and LM head; each is timed inside a
 CUDA graph (as the decode graphs replay it), cycling through enough copies of the weight that
 they do not fit in L2 (a model's layers each read their own weights: a benchmark that reads one
@@ -25,6 +27,7 @@ import triton.testing
 
 from bench.checkpoint import ARCHITECTURES
 from bench.kernel_bench import copy_bandwidth
+from models.layers.linear import linear
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -101,8 +104,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {copy_tbs:.2f} TB/s (read + write)")
     rows = []
     for arch in args.arch.split(","):
-        print(f"\n{arch}: weight TB/s (share of copy) by M")
-        print(f"{'gemm':10s}{'N x K':>16s}" + "".join(f"{'M=' + str(m):>18s}" for m in ms))
+        print(f"\n{arch}: weight TB/s, cuBLAS / the engine's linear (its share of copy), by M")
+        print(f"{'gemm':10s}{'N x K':>16s}" + "".join(f"{'M=' + str(m):>22s}" for m in ms))
         for name, (n, k) in shapes(ARCHITECTURES[arch]).items():
             ws = weights(n, k)
             cells = []
@@ -110,8 +113,11 @@ def main() -> None:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 us = time_us(F.linear, x, ws)
                 tbs = 2 * n * k / (us * 1e-6) / 1e12
+                e_us = time_us(lambda x, w: linear(x, w, None), x, ws)  # what the layers run
+                e_tbs = 2 * n * k / (e_us * 1e-6) / 1e12
                 row = {"arch": arch, "gemm": name, "n": n, "k": k, "m": m, "us": us, "tb_s": tbs}
-                cell = f"{tbs:7.2f} ({tbs / copy_tbs:4.0%})"
+                row |= {"engine_us": e_us, "engine_tb_s": e_tbs}
+                cell = f"{tbs:5.2f} / {e_tbs:5.2f} ({e_tbs / copy_tbs:4.0%})"
                 if args.skinny and m <= 16:
                     s_us, config = best_skinny(m, n, k, ws)
                     s_tbs = 2 * n * k / (s_us * 1e-6) / 1e12
@@ -119,7 +125,7 @@ def main() -> None:
                     cell += f" skinny {s_tbs:5.2f} {config}"
                 rows.append(row)
                 cells.append(cell)
-            print(f"{name:10s}{f'{n} x {k}':>16s}" + "".join(f"{c:>18s}" for c in cells))
+            print(f"{name:10s}{f'{n} x {k}':>16s}" + "".join(f"{c:>22s}" for c in cells))
             del ws
     if args.out:
         with open(args.out, "w") as f:

@@ -48,19 +48,21 @@ if [ "${ONLY:-structured}" = structured ]; then
   done
 fi
 if [ "${ONLY:-limit}" = limit ]; then
-  # The hardware limit: each decode step's kernels (batch 1 and 256; the 8B at batch 1), and one
-  # user's stream through the services with its step trace.
-  step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,256 \
-      --out "$OUT_DIR/decode_profile.jsonl"
+  # The hardware limit: one user's stream through the services (with its step trace), the
+  # headline workload in-process and streamed, each GEMM against the copy bandwidth, then the 8B
+  # at batch 1 (as one user, and each kernel of its step).
   step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
       --step-trace "$OUT_DIR/single_stream.trace"
   step single_stream_steps $PY -m bench.step_report "$OUT_DIR/single_stream.trace" \
       --arch qwen3-0.6b --bandwidth-gbps 4200
-  step decode_profile_8b $PY -m bench.decode_profile --arch qwen3-8b --batch 1 \
+  step limit_nano_bench $PY -m bench.throughput --arch qwen3-0.6b --engines inprocess,grpc-stream
+  step gemms $PY -m bench.gemm_bench --out "$OUT_DIR/gemms.json"
+  step single_stream_8b $PY -m bench.single_stream --arch qwen3-8b --requests 2 --max-tokens 512
+  step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16,256 \
       --out "$OUT_DIR/decode_profile.jsonl"
 fi
-if [ "${ONLY:-gemms}" = gemms ]; then
-  step gemms $PY -m bench.gemm_bench --skinny --out "$OUT_DIR/gemms.json"
+if [ "${ONLY:-gemms}" = gemms ]; then  # the skinny GEMM's launch shapes swept at M <= 16
+  step gemm_sweep $PY -m bench.gemm_bench --arch qwen3-0.6b --m 1,4,16 --skinny
 fi
 if [ "${ONLY:-bench}" = bench ]; then
   # The headline: services by their documented commands, default flags, empty compile caches,
@@ -85,7 +87,7 @@ fi
 echo
 echo "== summary =="
 [ -f "$OUT_DIR/pytest_gpu.log" ] && grep -E "^FAILED|^ERROR|passed|failed" "$OUT_DIR/pytest_gpu.log" | tail -6
-for f in nano_bench prefix_on prefix_off constrained_0 constrained_0.1 \
+for f in nano_bench limit_nano_bench prefix_on prefix_off constrained_0 constrained_0.1 \
     $(cd "$OUT_DIR" && ls e2e_*.log 2>/dev/null | sed 's/[.]log$//'); do
   [ -f "$OUT_DIR/$f.log" ] && grep -A8 "^engine" "$OUT_DIR/$f.log" | sed "s/^/$f: /"
 done
@@ -95,6 +97,6 @@ done
 [ -f "$OUT_DIR/online.log" ] && tail -n 5 "$OUT_DIR/online.log"
 [ -f "$OUT_DIR/single_stream.log" ] && tail -n 1 "$OUT_DIR/single_stream.log" | cut -c1-400
 [ -f "$OUT_DIR/decode_profile.log" ] && grep "^batch" "$OUT_DIR/decode_profile.log"
-[ -f "$OUT_DIR/decode_profile_8b.log" ] && grep "^batch" "$OUT_DIR/decode_profile_8b.log"
+[ -f "$OUT_DIR/single_stream_8b.log" ] && tail -n 1 "$OUT_DIR/single_stream_8b.log" | cut -c1-300
 [ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
 exit 0
