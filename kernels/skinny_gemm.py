@@ -101,7 +101,6 @@ class SkinnyGemmConfig:
         )
 
 
-DEFAULT_CONFIG = SkinnyGemmConfig(block_n=32, block_k=256, split_k=1, warps=4, stages=4)
 # Weights up to this size go through skinny_gemm at M <= MAX_ROWS; larger ones reach the copy
 # bandwidth through cuBLAS already (docs/gpu.md, "Decode GEMMs").
 MAX_WEIGHT_BYTES = 32 * 2**20
@@ -141,19 +140,18 @@ class Workspace:
         self._outgrown: list[torch.Tensor] = []
 
     def get(self, device: torch.device, floats: int, blocks: int) -> tuple[torch.Tensor, ...]:
-        partial = self.partials.get(device)
-        if partial is None or partial.numel() < floats:
-            if partial is not None:
-                self._outgrown.append(partial)
-            partial = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
-            self.partials[device] = partial
-        counter = self.counters.get(device)
-        if counter is None or counter.numel() < blocks:
-            if counter is not None:
-                self._outgrown.append(counter)
-            counter = torch.zeros(max(blocks, 1), dtype=torch.int32, device=device)
-            self.counters[device] = counter
+        """At least ``floats`` float32 partials and ``blocks`` zeroed int32 counters."""
+        partial = self._at_least(self.partials, device, floats, torch.float32, torch.empty)
+        counter = self._at_least(self.counters, device, blocks, torch.int32, torch.zeros)
         return partial, counter
+
+    def _at_least(self, store: dict, device: torch.device, size: int, dtype, make) -> torch.Tensor:
+        buffer = store.get(device)
+        if buffer is None or buffer.numel() < size:
+            if buffer is not None:
+                self._outgrown.append(buffer)
+            buffer = store[device] = make(max(size, 1), dtype=dtype, device=device)
+        return buffer
 
 
 WORKSPACE = Workspace()

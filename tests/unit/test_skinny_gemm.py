@@ -120,3 +120,13 @@ def test_gpu_layers_take_the_kernel_at_decode_rows_only(monkeypatch) -> None:
         x = torch.randn(rows, 2048, device="cuda").to(torch.bfloat16)
         torch.testing.assert_close(linear(x, w, None), F.linear(x, w), rtol=1e-2, atol=1e-2)
         assert calls == expected
+
+
+def test_an_outgrown_workspace_is_kept_for_the_graphs_captured_with_it() -> None:
+    workspace = sg.Workspace()
+    small, counter = workspace.get(DEVICE, 8, 2)
+    assert workspace.get(DEVICE, 4, 1)[0].data_ptr() == small.data_ptr()  # big enough: reused
+    bigger, _ = workspace.get(DEVICE, 64, 2)
+    assert bigger.numel() >= 64 and bigger.data_ptr() != small.data_ptr()
+    assert any(t is small for t in workspace._outgrown)  # never freed under a graph
+    assert counter.tolist() == [0, 0]
