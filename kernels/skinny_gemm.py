@@ -78,11 +78,15 @@ def _skinny_gemm_kernel(
     else:
         offsets = rows[:, None] * N + cols[None, :]
         tl.store(partial_ptr + split * M * N + offsets, acc, mask=out_mask)
+        # Every thread's partial is stored before the one thread doing the atomic releases them
+        # (the release orders only what that thread has seen: hence the barrier first).
+        tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last slice of this column block: sum them in order
             total = tl.zeros((16, BLOCK_N), dtype=tl.float32)
             for s in range(SPLIT_K):
-                total += tl.load(partial_ptr + s * M * N + offsets, mask=out_mask, other=0.0)
+                partial = partial_ptr + s * M * N + offsets  # written by other SMs: skip L1
+                total += tl.load(partial, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(counter_ptr + pid_n, 0)
 
