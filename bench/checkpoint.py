@@ -6,6 +6,7 @@ give the same throughput as the real checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -105,3 +106,21 @@ def write_random_checkpoint(out: Path, arch: str, seed: int = 0) -> Path:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def add_checkpoint_args(
+    parser: argparse.ArgumentParser,
+    arch: str = "qwen3-0.6b",
+    directory: str = "/tmp/nanoserve-bench",
+) -> None:
+    """``--arch``, ``--model`` and ``--checkpoint-dir``, as every benchmark takes them."""
+    parser.add_argument("--arch", default=arch, choices=sorted(ARCHITECTURES))
+    parser.add_argument("--model", help="checkpoint dir (default: a random --arch checkpoint)")
+    parser.add_argument("--checkpoint-dir", default=directory, help="where random ones go")
+
+
+def checkpoint_from_args(args: argparse.Namespace) -> str:
+    """``--model``, or the random ``--arch`` checkpoint under ``--checkpoint-dir`` (written once)."""
+    if args.model:
+        return args.model
+    return str(write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch))

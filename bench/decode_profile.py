@@ -20,13 +20,12 @@ import pstats
 import random
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bound import copy_bandwidth, weight_bytes
-from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.checkpoint import ARCHITECTURES, add_checkpoint_args, checkpoint_from_args
 
 PROMPT_TOKENS = 100
 
@@ -178,12 +177,10 @@ def profile_prefill(llm, vocab: int, repeats: int = 3) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
-    p.add_argument("--model", help="checkpoint dir (default: a random --arch checkpoint)")
+    add_checkpoint_args(p, directory="/tmp/nanoserve-user")
     p.add_argument("--batch", default="1,256")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-user")
     p.add_argument("--top", type=int, default=14, help="kernel names to print per batch")
     p.add_argument("--prefill", action="store_true", help="profile one request's prefill too")
     p.add_argument("--python", action="store_true", help="cProfile of the host, per batch")
@@ -201,10 +198,7 @@ def main() -> None:
     if args.no_skinny:
         skinny_gemm.MAX_WEIGHT_BYTES = 0
 
-    model = args.model or str(
-        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
-    )
-    llm = LLM(model)
+    llm = LLM(checkpoint_from_args(args))
     warm_up(llm.engine)
     cfg = ARCHITECTURES[args.arch]
     weights = weight_bytes(cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.checkpoint import add_checkpoint_args, checkpoint_from_args
 from bench.grpc_client import CHANNEL_OPTIONS, request, start_services
 from bench.throughput import load_workload
 from nanoserve import launcher
@@ -72,8 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model")
-    parser.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
+    add_checkpoint_args(parser)
     parser.add_argument("--workload", default="nano_bench_256")
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--max-output", type=int, default=256, help="cap each request's max_tokens")
@@ -81,13 +80,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, help="default: the services' own")
     parser.add_argument("--max-num-batched-tokens", type=int, help="default: the services' own")
     parser.add_argument("--max-model-len", type=int, help="default: the model's (config.json)")
-    parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    model_dir = args.model or str(
-        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
-    )
+    model_dir = checkpoint_from_args(args)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = cfg["vocab_size"]
     prompts, max_tokens, sampling = load_workload(args.workload, args.num_requests)

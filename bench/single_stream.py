@@ -19,12 +19,11 @@ import asyncio
 import json
 import random
 import time
-from pathlib import Path
 
 import grpc
 
 from bench import user_path
-from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.checkpoint import add_checkpoint_args, checkpoint_from_args
 from nanoserve import launcher
 from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
@@ -71,19 +70,15 @@ def summarize(results: list) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
-    p.add_argument("--model", help="checkpoint dir (default: a random --arch checkpoint)")
+    add_checkpoint_args(p, directory="/tmp/nanoserve-user")
     p.add_argument("--device", default="cuda")
     p.add_argument("--requests", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--step-trace", metavar="PATH", help="the services trace every step here")
-    p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-user")
     p.add_argument("--out", help="append the results as one JSON line here")
     args = p.parse_args()
-    model = args.model or str(
-        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
-    )
+    model = checkpoint_from_args(args)
     user_path.trace_steps_to(args.step_trace)
     services, addr, vocab, _ = user_path.start(model, args, args.device)
     rng = random.Random(0)

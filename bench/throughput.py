@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.bound import copy_bandwidth, decode_bytes
-from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.checkpoint import add_checkpoint_args, checkpoint_from_args
 from bench.grpc_client import ENGINE_LIMITS
 from nanoserve.llm import STEP_TRACE_ENV
 
@@ -142,10 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", help="checkpoint dir (default: write a random --arch checkpoint)"
-    )
-    parser.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
+    add_checkpoint_args(parser)
     parser.add_argument("--workload", default="nano_bench_256")
     parser.add_argument("--limit", type=int, default=None, help="first N requests only")
     parser.add_argument("--engines", default="inprocess,grpc-stream,grpc")
@@ -174,13 +171,10 @@ def main() -> None:
     parser.add_argument(
         "--step-trace", metavar="DIR", help="trace every step; print device time by batch size"
     )
-    parser.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()
 
-    model_dir = args.model or str(
-        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
-    )
+    model_dir = checkpoint_from_args(args)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     prompts = [[t % cfg["vocab_size"] for t in p] for p in prompts]  # small models: fold ids

@@ -23,49 +23,11 @@ from pathlib import Path
 
 import torch
 
-from bench.checkpoint import ARCHITECTURES, _shapes
+from bench.checkpoint import add_checkpoint_args, checkpoint_from_args, write_tokenizer
 from bench.grpc_client import request, send_all, start_services
 from bench.hf_reference import hf_greedy
 from bench.throughput import load_workload
 from nanoserve import launcher
-
-
-def write_checkpoint_fast(out: Path, arch: str, seed: int = 0) -> Path:
-    """bench.checkpoint's random checkpoint, with the random numbers drawn on the GPU if any."""
-    from safetensors.torch import save_file
-
-    cfg = ARCHITECTURES[arch]
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "model.safetensors").exists():
-        return out
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=device).manual_seed(seed)
-    tensors = {}
-    for name, shape in _shapes(cfg).items():
-        if len(shape) == 1:
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02
-            tensors[name] = x.to(torch.bfloat16).cpu()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
-
-
-def ensure_tokenizer(model_dir: Path) -> None:
-    """The scheduler needs tokenizer files; a random checkpoint gets the tiny model's (token ids
-    are sent directly, so only its special tokens matter; its vocabulary fits any real model's)."""
-    if (model_dir / "tokenizer.json").exists():
-        return
-    import shutil
-    import tempfile
-
-    from models.tiny import write_tiny_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = write_tiny_model(Path(tmp) / "tiny")
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(tiny / name, model_dir / name)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -186,9 +148,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", help="checkpoint dir (default: write a random --arch checkpoint)")
-    p.add_argument("--arch", default="qwen3-8b", choices=sorted(ARCHITECTURES))
-    p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-bench")
+    add_checkpoint_args(p, arch="qwen3-8b")
     p.add_argument("--tp", default="1,2", help="TP sizes in run order")
     p.add_argument("--workload", default="nano_bench_256")
     p.add_argument("--limit", type=int, help="first N requests only")
@@ -209,10 +169,9 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    model_dir = args.model or str(
-        write_checkpoint_fast(Path(args.checkpoint_dir) / args.arch, args.arch)
-    )
-    ensure_tokenizer(Path(model_dir))
+    model_dir = checkpoint_from_args(args)
+    if not (Path(model_dir) / "tokenizer.json").exists():  # the scheduler needs one
+        write_tokenizer(Path(model_dir))
     print(f"checkpoint ready in {time.perf_counter() - started:.0f} s: {model_dir}", flush=True)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = cfg["vocab_size"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.checkpoint import ARCHITECTURES, write_random_checkpoint
+from bench.checkpoint import add_checkpoint_args, checkpoint_from_args
 from bench.grpc_client import start_services
 from bench.throughput import load_workload
 from nanoserve import launcher
@@ -182,8 +182,7 @@ def run_services(model_dir: str, prompts, max_tokens, sampling, args, engine: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", default="qwen3-0.6b", choices=sorted(ARCHITECTURES))
-    p.add_argument("--model", help="checkpoint dir (default: a random --arch checkpoint)")
+    add_checkpoint_args(p, directory="/tmp/nanoserve-user")
     p.add_argument("--device", default="cuda")
     p.add_argument("--workload", default="nano_bench_256")
     p.add_argument("--limit", type=int, help="first N requests only")
@@ -198,12 +197,9 @@ def main() -> None:
     )
     p.add_argument("--max-model-len", type=int, help="given to both services (default: none)")
     p.add_argument("--step-trace", metavar="PATH", help="the services trace every step here")
-    p.add_argument("--checkpoint-dir", default="/tmp/nanoserve-user")
     p.add_argument("--out", help="append the results as one JSON line here")
     args = p.parse_args()
-    model = args.model or str(
-        write_random_checkpoint(Path(args.checkpoint_dir) / args.arch, args.arch)
-    )
+    model = checkpoint_from_args(args)
     prompts, max_tokens, sampling = load_workload(args.workload, args.limit)
     if args.max_tokens:
         max_tokens = [min(m, args.max_tokens) for m in max_tokens]
