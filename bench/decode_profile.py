@@ -7,19 +7,24 @@ Runs ``LLM.generate`` in this process (default flags, after the scheduler's warm
 the middle of the run. Per step it reports the device period (first kernel start to last kernel
 end, divided by the steps), the kernels' summed time, the gaps between them (the period minus
 that), the number of kernels, and the kernels by name (time per step, count per step); the weight
-bytes over the period give the step's weight-read rate. Then the time of one decode step as the
-engine sees it (the generate call's wall time per step, prefill excluded). Needs CUDA.
+period is also given as a multiple of the weights' read time at the copy bandwidth. Then the
+median engine step (host time of ``EngineCore.step``) and the generate call's time per token.
+``--prefill`` profiles one request's first step instead (torch.profiler, then cProfile);
+``--python`` cProfiles the host over the ``--steps`` steps after the kernel window. Needs CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import pstats
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +33,18 @@ from bench.bound import copy_bandwidth, weight_bytes
 from bench.checkpoint import ARCHITECTURES, add_checkpoint_args, checkpoint_from_args
 
 PROMPT_TOKENS = 100
+
+
+@contextmanager
+def hooked_steps(engine, around: Callable[[int, Callable], object]) -> Iterator[None]:
+    """Inside the block, ``engine.step()`` runs as ``around(n, step)``, n counting steps from 1."""
+    step = engine.step
+    count = itertools.count(1)
+    engine.step = lambda: around(next(count), step)
+    try:
+        yield
+    finally:
+        engine.step = step
 
 
 def kernel_events(prof) -> list[tuple[str, int, int]]:
@@ -77,38 +94,31 @@ def profile_batch(
     rng = random.Random(batch)
     prompts = [[rng.randrange(vocab) for _ in range(PROMPT_TOKENS)] for _ in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    engine = llm.engine
-    step = engine.step
-    count = {"n": 0}
     first = max_tokens // 2
     prof = profile(activities=[ProfilerActivity.CUDA])
     times: list[float] = []
 
-    def profiled_step():
-        count["n"] += 1
-        if count["n"] == first:
+    def profiled_step(n: int, step: Callable):
+        if n == first:
             torch.cuda.synchronize()
             prof.start()
         start = time.perf_counter()
         out = step()
         times.append(time.perf_counter() - start)
-        if count["n"] == first + steps - 1:
+        if n == first + steps - 1:
             torch.cuda.synchronize()
             prof.stop()
             if python is not None:
                 python.enable()
-        if python is not None and count["n"] == first + 2 * steps - 1:
+        if python is not None and n == first + 2 * steps - 1:
             python.disable()
         return out
 
-    engine.step = profiled_step
-    try:
+    with hooked_steps(llm.engine, profiled_step):
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
-    finally:
-        engine.step = step
-    # The window's kernels: drop the ones of the step that was in flight when it opened.
+    # The window opens while a step is in flight (async scheduling): its tail is counted too.
     kernels = kernel_events(prof)
     summary = summarize(kernels, steps)
     decode = sorted(times[2:])  # the first steps are the prefill
@@ -118,61 +128,41 @@ def profile_batch(
 
 
 def profile_prefill(llm, vocab: int, repeats: int = 3) -> None:
-    """The first step of one 100-token request (its prefill), host and device, ``repeats`` times:
-    the engine step's time, then torch.profiler's ops by host time and kernels by device time."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """The first step of one 100-token request (its prefill), ``repeats`` times under
+    torch.profiler (the step's time each; the last one's ops by host time), then once more under
+    cProfile (where the host's Python time goes, Triton's launches included)."""
     from nanoserve import SamplingParams
 
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    engine = llm.engine
-    step = engine.step
     rng = random.Random(7)
-    for repeat in range(repeats):
-        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        count = {"n": 0}
-        seconds = []
+    python = cProfile.Profile()
+    for repeat in range(repeats + 1):  # the last run under cProfile instead
+        profiler = python
+        if repeat < repeats:
+            profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        seconds: list[float] = []
 
-        def first_step(count=count, prof=prof, seconds=seconds):
-            count["n"] += 1
-            if count["n"] > 1:
+        def first_step(n: int, step: Callable, profiler=profiler, seconds=seconds):
+            if n > 1:
                 return step()
             torch.cuda.synchronize()
             start = time.perf_counter()
-            with prof:
+            with profiler:
                 out = step()
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
             return out
 
-        engine.step = first_step
-        try:
+        with hooked_steps(llm.engine, first_step):
             prompt = [rng.randrange(vocab) for _ in range(PROMPT_TOKENS)]
             llm.generate([prompt], params, use_tqdm=False)
-        finally:
-            engine.step = step
-        print(f"\nprefill of {PROMPT_TOKENS} tokens, repeat {repeat}: {1e3 * seconds[0]:.2f} ms")
+        if repeat < repeats:
+            print(
+                f"\nprefill of {PROMPT_TOKENS} tokens, repeat {repeat}: {1e3 * seconds[0]:.2f} ms"
+            )
         if repeat == repeats - 1:
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-            print(table)
-    # The same step under cProfile: where the host's Python time goes (Triton's launches too).
-    profiler = cProfile.Profile()
-
-    def python_step():
-        torch.cuda.synchronize()
-        profiler.enable()
-        out = step()
-        torch.cuda.synchronize()
-        profiler.disable()
-        engine.step = step
-        return out
-
-    engine.step = python_step
-    try:
-        llm.generate([[rng.randrange(vocab) for _ in range(PROMPT_TOKENS)]], params, use_tqdm=False)
-    finally:
-        engine.step = step
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    pstats.Stats(python).sort_stats("tottime").print_stats(22)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The decode GEMMs as the model runs them (``F.linear``, bf16), against the copy bandwidth.
+"""The decode GEMMs (bf16, cuBLAS and the engine's own) against the copy bandwidth.
 
 A decode step of M sequences multiplies [M, K] activations by every weight [N, K] once: at small
 M the weights' bytes dominate, so the figure is the weight bytes read per second, next to a
@@ -62,6 +62,11 @@ def time_us(fn, x: torch.Tensor, ws: list[torch.Tensor]) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(run, rep=100) / len(ws)
 
 
+def weight_tb_s(n: int, k: int, us: float) -> float:
+    """TB/s of an N x K bf16 weight read in ``us`` microseconds."""
+    return 2 * n * k / (us * 1e-6) / 1e12
+
+
 def skinny_grid() -> list:
     from kernels.skinny_gemm import SkinnyGemmConfig
 
@@ -112,15 +117,15 @@ def main() -> None:
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 us = time_us(F.linear, x, ws)
-                tbs = 2 * n * k / (us * 1e-6) / 1e12
+                tbs = weight_tb_s(n, k, us)
                 e_us = time_us(lambda x, w: linear(x, w, None), x, ws)  # what the layers run
-                e_tbs = 2 * n * k / (e_us * 1e-6) / 1e12
+                e_tbs = weight_tb_s(n, k, e_us)
                 row = {"arch": arch, "gemm": name, "n": n, "k": k, "m": m, "us": us, "tb_s": tbs}
                 row |= {"engine_us": e_us, "engine_tb_s": e_tbs}
                 cell = f"{tbs:5.2f} / {e_tbs:5.2f} ({e_tbs / copy_tbs:4.0%})"
                 if args.skinny and m <= 16:
                     s_us, config = best_skinny(m, n, k, ws)
-                    s_tbs = 2 * n * k / (s_us * 1e-6) / 1e12
+                    s_tbs = weight_tb_s(n, k, s_us)
                     row |= {"skinny_us": s_us, "skinny_tb_s": s_tbs, "skinny": repr(config)}
                     cell += f" skinny {s_tbs:5.2f} {config}"
                 rows.append(row)

@@ -18,6 +18,9 @@ so they differ by summation order only. Not a layer: ``models.layers.linear`` de
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -91,18 +94,15 @@ def _skinny_gemm_kernel(
             tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
+@dataclass(frozen=True)
 class SkinnyGemmConfig:
     """Launch shape of one (N, K): column block, K tile, K slices, warps and pipeline stages."""
 
-    def __init__(self, block_n: int, block_k: int, split_k: int, warps: int, stages: int) -> None:
-        self.block_n, self.block_k, self.split_k = block_n, block_k, split_k
-        self.warps, self.stages = warps, stages
-
-    def __repr__(self) -> str:
-        return (
-            f"SkinnyGemmConfig(block_n={self.block_n}, block_k={self.block_k}, "
-            f"split_k={self.split_k}, warps={self.warps}, stages={self.stages})"
-        )
+    block_n: int
+    block_k: int
+    split_k: int
+    warps: int
+    stages: int
 
 
 # Weights up to this size go through skinny_gemm at M <= MAX_ROWS; larger ones reach the copy
@@ -110,6 +110,7 @@ class SkinnyGemmConfig:
 MAX_WEIGHT_BYTES = 32 * 2**20
 
 
+@functools.cache
 def config_for(n: int, k: int) -> SkinnyGemmConfig:
     """The launch shape for an N x K weight, from bench.gemm_bench's sweep on an H200: wide
     column blocks for wide outputs; narrow outputs (fewer than 64 column blocks for 132 SMs) split

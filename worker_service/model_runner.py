@@ -87,7 +87,7 @@ class ModelRunner:
         self.rng = np.random.default_rng(0)  # row seeds of unseeded requests
         # The last step's sampled tokens, where the next step's inputs gather them on the device.
         self.prev_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)
-        self._tokens_out = PinnedRing(max_rows, torch.int64) if device.type == "cuda" else None
+        self._tokens_out = PinnedRing(max_rows, torch.int64, pin=device.type == "cuda")
         self.grammars = grammars
         self._launched: LaunchedStep | None = None  # the last step launched
         self._last_rows: dict[int, int] = {}  # seq_id -> row of its token in prev_tokens
@@ -241,7 +241,6 @@ class ModelRunner:
     ) -> LaunchedStep:
         if started is None:  # on CPU the tokens are already there
             return LaunchedStep(step_id, seqs, positions, tokens, None, logprobs, shape)
-        assert self._tokens_out is not None, "device events without pinned buffers"
         tokens_cpu = self._tokens_out.copy(tokens)
         if logprobs is not None:
             sampled, top_ids, top_lps = (_pinned_copy(t) for t in logprobs)
