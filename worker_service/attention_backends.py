@@ -59,6 +59,7 @@ class TorchRefBackend:
 
     name = "torch"
     fuses_kv_store = False  # the reference stores with its own reference function
+    captures_prefill = False  # it reads the step's lengths on the host
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_store: KVStore) -> None:
         store_kvcache_ref(k, v, *kv_store)
@@ -94,6 +95,7 @@ class TritonBackend:
 
     name = "triton"
     fuses_kv_store = True
+    captures_prefill = True
 
     def __init__(self, max_context_len: int | None = None, max_num_seqs: int | None = None) -> None:
         """With both limits given, decode splits long contexts by the engine's limits (the
@@ -159,6 +161,7 @@ class PhasedBackend:
 
     def __init__(self, prefill: AttentionBackend, decode: AttentionBackend) -> None:
         self.prefill, self.decode = prefill, decode
+        self.captures_prefill = prefill.captures_prefill
         self.name = f"prefill={prefill.name},decode={decode.name}"
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_store: KVStore) -> None:

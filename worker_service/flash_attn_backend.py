@@ -55,6 +55,7 @@ class FlashAttnBackend:
 
     name = "flash-attn"
     fuses_kv_store = True
+    captures_prefill = False  # its varlen prefill has not been checked inside a graph
 
     def __init__(self) -> None:
         from kernels.store_kvcache import store_kvcache

@@ -4,8 +4,9 @@
 waits for that step's tokens and writes them into the sequences. Between the two the host is free
 to prepare the next step, whose inputs read this step's tokens straight from the device
 (``prev_tokens``, where every step leaves its sampled tokens). That is what lets the scheduler run
-one step ahead (async scheduling). A decode step whose batch fits a CUDA graph runs as one replay
-(worker_service/cuda_graphs.py); other steps run eagerly on packed inputs.
+one step ahead (async scheduling). A decode step whose batch fits a CUDA graph, or a prefill or mixed step of
+few tokens, runs as one replay (worker_service/cuda_graphs.py); other steps run eagerly on packed
+inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from worker_service.batch_inputs import (
     pack_step,
     unpack,
 )
-from worker_service.cuda_graphs import DecodeGraphs
+from worker_service.cuda_graphs import StepGraphs
 from worker_service.grammar_mask import GrammarMask, build_grammar_mask
 from worker_service.grammars import GrammarCache
 from worker_service.logit_adjust import AdjustArrays, build_adjust_arrays, resolve_pending
@@ -79,7 +80,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.parallel = parallel
-        self.graphs: DecodeGraphs | None = None  # the worker captures them once this exists
+        self.graphs: list[StepGraphs] = []  # the worker captures them once this exists
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -182,9 +183,9 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, Logprobs | None]:
         """Queue the forward and the draw: the tokens [B_s] (on other ranks than 0, a buffer for
         rank 0's) and, if asked for, their logprobs."""
-        graphs = self.graphs
+        graphs = next((g for g in self.graphs if g.can_run(host, sampling)), None)
         tokens: torch.Tensor | None = None
-        if graphs is not None and graphs.can_run(host, sampling):
+        if graphs is not None:
             tokens, logits, sampling_gpu = graphs.run(host, sampling)  # drawn in the graph
         else:
             logits, sampling_gpu = self._run_eager(host, sampling)

@@ -24,10 +24,12 @@ from protos.step_plan import StepPlan, StepResult, WorkerInfo
 from protos.step_trace import StepTrace, ms_since
 from worker_service.attention_backends import select_backend
 from worker_service.config import WorkerConfig
-from worker_service.cuda_graphs import DecodeGraphs
+from worker_service.cuda_graphs import StepGraphs
+from worker_service.decode_graphs import DecodeGraphs
 from worker_service.grammars import GrammarCache
 from worker_service.kv_cache import allocate_kv_cache, bytes_per_block
 from worker_service.model_runner import LaunchedStep, ModelRunner
+from worker_service.prefill_graphs import PrefillGraphs
 from worker_service.sequence_table import SequenceTable
 
 log = logging.getLogger(__name__)
@@ -194,18 +196,21 @@ class Worker:
         torch.cuda.empty_cache()
         return total * self.config.gpu_memory_utilization - used - peak + current
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.device.type != "cuda" or self.config.enforce_eager or self.backend.name == "torch":
-            return None
-        graphs = DecodeGraphs(
-            self.model,
-            self.config.max_num_seqs,
-            self._max_blocks_per_seq(),
-            self.runner.prev_tokens,
-            self.device,
-        )
-        graphs.capture()
-        log.info("captured decode CUDA graphs for batch sizes %s", graphs.buckets)
+    def _capture_graphs(self) -> list[StepGraphs]:
+        """Decode graphs, then prefill graphs (if the backend's prefill can be captured) in the
+        same memory pool."""
+        cfg, device, prev = self.config, self.device, self.runner.prev_tokens
+        if device.type != "cuda" or cfg.enforce_eager or self.backend.name == "torch":
+            return []
+        blocks, seqs = self._max_blocks_per_seq(), cfg.max_num_seqs
+        graphs: list[StepGraphs] = [DecodeGraphs(self.model, seqs, blocks, prev, device)]
+        if self.backend.captures_prefill:
+            tokens = cfg.max_num_batched_tokens
+            graphs.append(PrefillGraphs(self.model, seqs, tokens, blocks, prev, device))
+        pool = None
+        for kind in graphs:
+            pool = kind.capture(pool)
+            log.info("captured %s CUDA graphs for %s", kind.kind, kind.buckets)
         return graphs
 
     def _max_blocks_per_seq(self) -> int:

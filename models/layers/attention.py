@@ -55,6 +55,9 @@ class AttentionBackend(Protocol):
     # True: on CUDA the store may run inside the fused q/k-norm + RoPE kernel
     # (``kernels.qk_norm_rope.qk_norm_rope_store_kv``), which writes what ``store_kv`` would.
     fuses_kv_store: bool
+    # True: a prefill/mixed step's ``forward`` may be captured in a CUDA graph (no host sync,
+    # a grid sized by ``max_seqlen_q`` and the rows alone; padded rows with no query tokens).
+    captures_prefill: bool
 
     def store_kv(
         self,

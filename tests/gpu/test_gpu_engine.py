@@ -95,7 +95,8 @@ def test_bf16_greedy_agrees_with_transformers_up_to_near_ties(checkpoint, engine
 
 def generate_once(model_dir, prompts, params, engine_options, **options):
     """Generate with a fresh engine (``engine_options`` plus ``options``), then free its GPU
-    memory for the next one. Returns the engine's outputs and its CUDA graphs (or None)."""
+    memory for the next one. Returns the engine's outputs and its CUDA graphs (a list, empty
+    when eager)."""
     llm = LLM(str(model_dir), **(engine_options | options))
     outputs = llm.generate(prompts, params, use_tqdm=False)
     graphs = llm.worker.runner.graphs
@@ -156,7 +157,21 @@ def test_cuda_graph_output_equals_eager_output(checkpoint, sampling, engine_opti
     params = SAMPLINGS[sampling](len(prompts))
     graphed, graphs = generate_once(model_dir, prompts, params, engine_options, enforce_eager=False)
     eager, no_graphs = generate_once(model_dir, prompts, params, engine_options, enforce_eager=True)
-    assert graphs is not None and no_graphs is None
+    assert graphs and not no_graphs
+    assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
+
+
+@pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
+def test_prefill_graph_output_equals_eager_output(checkpoint, sampling, engine_options) -> None:
+    """Steps of at most 256 tokens: every prefill, chunked and mixed step (up to 16 sequences)
+    replays a prefill graph, with padded tokens and rows."""
+    model_dir, prompts = checkpoint
+    params = SAMPLINGS[sampling](len(prompts))
+    options = engine_options | {"max_num_batched_tokens": 256}
+    graphed, graphs = generate_once(model_dir, prompts, params, options, enforce_eager=False)
+    eager, _ = generate_once(model_dir, prompts, params, options, enforce_eager=True)
+    prefill = next(g for g in graphs if g.kind == "prefill")
+    assert prefill.num_replays >= len(prompts) // 2
     assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
 
 

@@ -131,6 +131,7 @@ class Recorder:
     """A stand-in backend that says which phase it was asked for."""
 
     fuses_kv_store = True
+    captures_prefill = True
 
     def __init__(self, name: str) -> None:
         self.name, self.calls = name, []

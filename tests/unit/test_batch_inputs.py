@@ -19,7 +19,8 @@ from worker_service.batch_inputs import (
     pack,
     pack_step,
 )
-from worker_service.cuda_graphs import MAX_BANNED_IDS, DecodeGraphs
+from worker_service.cuda_graphs import MAX_BANNED_IDS
+from worker_service.decode_graphs import DecodeGraphs
 from worker_service.sampling import SamplingArrays, build_sampling_input
 from worker_service.sequence_table import SequenceTable
 

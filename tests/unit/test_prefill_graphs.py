@@ -1,0 +1,119 @@
+"""Prefill graphs (worker_service/prefill_graphs.py) on the CPU: which steps they take, how a
+step is padded into their static inputs, and that the padded step they would capture gives the
+eager step's logits, stores exactly the step's K/V and leaves ``prev_tokens`` alone. The capture
+and replay themselves need CUDA (tests/gpu/test_gpu_engine.py: graphs == eager)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from protos.sampling_params import SamplingParams
+from protos.step_plan import NewSequence, StepPlan
+from worker_service.batch_inputs import build_host_step, named
+from worker_service.config import WorkerConfig
+from worker_service.cuda_graphs import MAX_BANNED_IDS
+from worker_service.prefill_graphs import PrefillGraphs, token_buckets
+from worker_service.sampling import build_sampling_input
+from worker_service.sequence_table import SequenceTable
+from worker_service.worker import Worker
+
+BLOCK = 16
+CPU = torch.device("cpu")
+PLAIN = SamplingParams()
+
+
+def _step(table: SequenceTable, shape: list[tuple[int, int, int]], params=PLAIN):
+    """One step of sequences given as (prompt length, cached tokens, tokens this step)."""
+    news = [
+        NewSequence(i, [3 + i + t for t in range(n)], params, [2 * i, 2 * i + 1], cached)
+        for i, (n, cached, _) in enumerate(shape)
+    ]
+    ids = [n.seq_id for n in news]
+    plan = StepPlan(0, news, [], [], [], [], [], ids, [c for _, _, c in shape])
+    seqs = table.apply(plan)
+    host = build_host_step(seqs, [c for _, _, c in shape], table, BLOCK, {})
+    sampling = build_sampling_input(
+        [seqs[r] for r in host.sample_rows], 256, (1,), np.random.default_rng(0)
+    )
+    return host, sampling
+
+
+# A new 7-token prompt (samples), a 5-token chunk of a 12-token prompt (does not), a row with
+# 9 cached tokens and its last one to compute (samples): 13 tokens.
+MIXED = [(7, 0, 7), (12, 0, 5), (10, 9, 1)]
+
+
+def test_steps_go_to_the_smallest_bucket_that_holds_their_tokens() -> None:
+    assert token_buckets(8192) == [16, 32, 64, 128, 256, 512]
+    assert token_buckets(100) == [16, 32, 64, 100]
+    graphs = PrefillGraphs(None, 4, 64, 2, torch.zeros(64, dtype=torch.int64), CPU)
+    host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
+    assert graphs.can_run(host, sampling) and graphs.bucket(host) == 16
+    host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), [(20, 0, 20), (4, 0, 4)])
+    assert graphs.bucket(host) == 32
+    decode, _ = _step(SequenceTable(rows=8, blocks_per_seq=2), [(5, 4, 1), (3, 2, 1)])
+    assert decode.is_decode and graphs.bucket(decode) is None  # the decode graphs' step
+    too_many, _ = _step(SequenceTable(rows=8, blocks_per_seq=2), [(2, 0, 2)] * 5)
+    assert graphs.bucket(too_many) is None  # 5 sequences, 4 rows
+    too_long, _ = _step(SequenceTable(rows=8, blocks_per_seq=2), [(30, 0, 30)] * 3)
+    assert graphs.bucket(too_long) is None  # 90 tokens, 64 at most
+    banning = SamplingParams(min_tokens=1, stop_token_ids=tuple(range(10, 10 + MAX_BANNED_IDS)))
+    host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED, banning)
+    assert not graphs.can_run(host, sampling)
+
+
+def test_a_mixed_step_loads_with_padded_tokens_and_rows_that_write_nowhere() -> None:
+    graphs = PrefillGraphs(None, 4, 64, 2, torch.zeros(64, dtype=torch.int64), CPU)
+    graphs.load(*_step(SequenceTable(rows=8, blocks_per_seq=2), [(30, 0, 30)] * 2))  # stale
+    host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
+    graphs.load(host, sampling)
+    x, a = graphs.inputs_gpu, host.arrays
+    for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "seq_lens"):
+        n = len(getattr(a, name))
+        assert getattr(x, name)[:n].tolist() == getattr(a, name).tolist(), name
+    assert x.slot_mapping[13:].eq(-1).all() and x.prev_rows[13:].eq(-1).all()
+    assert x.cu_seqlens_q.tolist() == [0, 7, 12, 13, 13]  # the padded row has no query token
+    assert x.last_token_indices.tolist() == [6, 12, 0, 0]  # two sampling rows, then padding
+    assert x.block_tables[:3].tolist() == a.block_tables.tolist() and x.block_tables[3, 0] == 0
+    assert graphs.sampling_gpu.temperatures.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir):
+    config = WorkerConfig(
+        str(tiny_model_dir), attention_backend="triton", block_size=BLOCK, num_kv_blocks=8,
+        max_num_seqs=4, max_num_batched_tokens=64,
+    )  # fmt: skip
+    return Worker(config)
+
+
+@torch.inference_mode()
+def test_the_padded_step_gives_the_eager_logits_and_stores_only_its_own_kv(worker) -> None:
+    torch.manual_seed(0)
+    worker.kv_cache.copy_(torch.randn_like(worker.kv_cache))  # row 2's cached context, and junk
+    before = worker.kv_cache.clone()
+    runner = worker.runner
+    host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
+    greedy = sampling.on(sampling.arrays)
+    greedy.arrays.temperatures[:] = 0.0
+    eager_logits, _ = runner._run_eager(host, greedy)
+    eager_cache = worker.kv_cache.clone()
+    written = torch.zeros(8 * BLOCK, dtype=torch.bool)
+    written[torch.from_numpy(host.arrays.slot_mapping)] = True
+    written = written.view(8, BLOCK)
+    assert not torch.equal(eager_cache[:, :, written], before[:, :, written])
+
+    worker.kv_cache.copy_(before)
+    runner.prev_tokens[:] = torch.arange(len(runner.prev_tokens))
+    graphs = PrefillGraphs(worker.model, 4, 64, 2, runner.prev_tokens, CPU)
+    graphs.prepare_capture()
+    graphs.load(host, greedy)
+    logits = graphs._step(graphs.bucket(host))
+    torch.testing.assert_close(logits[:2], eager_logits, rtol=1e-5, atol=1e-5)
+    assert graphs.sampled[:2].tolist() == eager_logits.argmax(-1).tolist()
+    assert torch.equal(worker.kv_cache[:, :, ~written], before[:, :, ~written])  # padding: none
+    torch.testing.assert_close(worker.kv_cache, eager_cache, rtol=1e-5, atol=1e-5)
+    assert runner.prev_tokens.tolist() == list(range(len(runner.prev_tokens)))
+    assert set(named(graphs.inputs_gpu)) == set(named(host.arrays))
