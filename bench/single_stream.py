@@ -1,7 +1,7 @@
 """Single-user latency as a user sees it: one streaming request at a time through the services.
 
     python -m bench.single_stream [--arch qwen3-0.6b] [--requests 5] [--prompt-tokens 100]
-                                  [--max-tokens 1024] [--step-trace PATH]
+                                  [--max-tokens 1024] [--step-trace PATH] [--worker-args ARGS]
 
 The worker and the scheduler start by their documented commands with default flags (as
 bench.user_path starts them); after SERVING, each request (a random prompt of ``--prompt-tokens``
@@ -9,7 +9,8 @@ ids, greedy, ``--max-tokens`` tokens, ignore_eos) is sent alone and streamed to 
 next. Reported: TTFT per request, inter-token latency (the gap between consecutive streamed
 chunks, each chunk counted once per token it carries) p50 / p99 / max over all requests, the
 stalls (gaps over 3x the median) with the token position they came at, and tokens per second of
-one stream. ``--step-trace`` makes the services trace every step (bench.step_report reads it).
+one stream. ``--step-trace`` makes the services trace every step (bench.step_report reads it);
+``--worker-args`` adds worker flags, for a side-by-side run against the defaults.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--step-trace", metavar="PATH", help="the services trace every step here")
     p.add_argument("--out", help="append the results as one JSON line here")
+    p.add_argument(
+        "--worker-args",
+        default="",
+        help='extra worker flags (side by side runs), e.g. "--enforce-eager"',
+    )
     args = p.parse_args()
     model = checkpoint_from_args(args)
     user_path.trace_steps_to(args.step_trace)

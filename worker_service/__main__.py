@@ -56,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(auto: the faster one per phase as measured on this GPU architecture; docs/gpu.md)",
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--max-prefill-graph-tokens",
+        type=int,
+        default=WorkerConfig.max_prefill_graph_tokens,
+        help="prefill and mixed steps of up to this many tokens (and 16 sequences) replay CUDA "
+        "graphs; 0: they run eagerly",
+    )
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel size")
     p.add_argument(
@@ -101,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        max_prefill_graph_tokens=args.max_prefill_graph_tokens,
         rank=args.rank,
         world_size=args.world_size,
     )

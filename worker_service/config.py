@@ -19,12 +19,18 @@ class WorkerConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    max_prefill_graph_tokens: int = 512  # prefill/mixed steps up to this many tokens replay graphs
     rank: int = 0
     world_size: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} is invalid: must be >= 1")
+        if self.max_prefill_graph_tokens < 0:
+            raise ValueError(
+                f"max_prefill_graph_tokens={self.max_prefill_graph_tokens} is invalid: "
+                "must be >= 0 (0: no prefill graphs)"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is invalid: must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

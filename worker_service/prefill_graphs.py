@@ -3,7 +3,7 @@
 An eager step of a hundred tokens launches some 330 kernels, each costing tens of microseconds of
 host time; on a small model that host time, not the device, is most of the first token's latency.
 These graphs hold any step that is not a pure decode step with at most ``PREFILL_GRAPH_ROWS``
-sequences and ``PREFILL_GRAPH_TOKENS[-1]`` tokens (a new prompt alone, or beside a few decoding
+sequences and ``--max-prefill-graph-tokens`` tokens (512 by default) (a new prompt alone, or beside a few decoding
 sequences). The layout always has that many rows: padded sequences have no query tokens (their
 ``cu_seqlens_q`` entries repeat the step's total), so the prefill attention grid, sized by the
 bucket and the rows, skips them; padded tokens belong to no sequence and store nowhere. The
@@ -22,14 +22,15 @@ from models.qwen3 import Qwen3ForCausalLM
 from worker_service.batch_inputs import HostStep, StepArrays
 from worker_service.cuda_graphs import StepGraphs, put, put_tables, put_tokens
 
-PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512)
 PREFILL_GRAPH_ROWS = 16
 
 
-def token_buckets(max_num_batched_tokens: int) -> list[int]:
-    """The token-count buckets a step of at most ``max_num_batched_tokens`` can use."""
-    largest = min(max_num_batched_tokens, PREFILL_GRAPH_TOKENS[-1])
-    return [b for b in PREFILL_GRAPH_TOKENS if b < largest] + [largest]
+def token_buckets(max_tokens: int) -> list[int]:
+    """The token-count buckets up to ``max_tokens``: the powers of two from 16, then itself."""
+    buckets = [16]
+    while buckets[-1] * 2 < max_tokens:
+        buckets.append(buckets[-1] * 2)
+    return [b for b in buckets if b < max_tokens] + [max_tokens]
 
 
 class PrefillGraphs(StepGraphs):
@@ -39,12 +40,12 @@ class PrefillGraphs(StepGraphs):
         self,
         model: Qwen3ForCausalLM,
         max_num_seqs: int,
-        max_num_batched_tokens: int,
+        max_tokens: int,  # the largest bucket: a step's tokens, at most
         max_num_blocks_per_seq: int,
         prev_tokens: torch.Tensor,
         device: torch.device,
     ) -> None:
-        buckets = token_buckets(max_num_batched_tokens)
+        buckets = token_buckets(max_tokens)
         rows = min(PREFILL_GRAPH_ROWS, max_num_seqs)
         super().__init__(
             model, buckets, rows, buckets[-1], max_num_blocks_per_seq, prev_tokens, device

@@ -204,8 +204,8 @@ class Worker:
             return []
         blocks, seqs = self._max_blocks_per_seq(), cfg.max_num_seqs
         graphs: list[StepGraphs] = [DecodeGraphs(self.model, seqs, blocks, prev, device)]
-        if self.backend.captures_prefill:
-            tokens = cfg.max_num_batched_tokens
+        tokens = min(cfg.max_num_batched_tokens, cfg.max_prefill_graph_tokens)
+        if self.backend.captures_prefill and tokens:
             graphs.append(PrefillGraphs(self.model, seqs, tokens, blocks, prev, device))
         pool = None
         for kind in graphs:

@@ -46,7 +46,8 @@ MIXED = [(7, 0, 7), (12, 0, 5), (10, 9, 1)]
 
 
 def test_steps_go_to_the_smallest_bucket_that_holds_their_tokens() -> None:
-    assert token_buckets(8192) == [16, 32, 64, 128, 256, 512]
+    assert token_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert token_buckets(1000) == [16, 32, 64, 128, 256, 512, 1000]
     assert token_buckets(100) == [16, 32, 64, 100]
     graphs = PrefillGraphs(None, 4, 64, 2, torch.zeros(64, dtype=torch.int64), CPU)
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
