@@ -10,7 +10,9 @@ that), the number of kernels, and the kernels by name (time per step, count per 
 period is also given as a multiple of the weights' read time at the copy bandwidth. Then the
 median engine step (host time of ``EngineCore.step``) and the generate call's time per token.
 ``--prefill`` profiles one request's first step instead (torch.profiler, then cProfile);
-``--python`` cProfiles the host over the ``--steps`` steps after the kernel window. Needs CUDA.
+``--python`` cProfiles the host over the ``--steps`` steps after the kernel window; ``--no-skinny``
+and ``--no-pdl`` turn the decode GEMM and programmatic dependent launch off, for a side-by-side
+run. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -179,14 +181,18 @@ def main() -> None:
         action="store_true",
         help="cuBLAS for every GEMM (kernels/skinny_gemm.py off)",
     )
+    p.add_argument(
+        "--no-pdl", action="store_true", help="no programmatic dependent launch (kernels/pdl.py)"
+    )
     p.add_argument("--out", help="append the results as JSON lines here")
     args = p.parse_args()
-    from kernels import skinny_gemm
+    from kernels import pdl, skinny_gemm
     from nanoserve import LLM
     from scheduler_service.warm_up import warm_up
 
     if args.no_skinny:
         skinny_gemm.MAX_WEIGHT_BYTES = 0
+    pdl.enabled = not args.no_pdl
 
     llm = LLM(checkpoint_from_args(args))
     warm_up(llm.engine)

@@ -6,10 +6,11 @@
 The worker and the scheduler start by their documented commands with default flags (as
 bench.user_path starts them); after SERVING, each request (a random prompt of ``--prompt-tokens``
 ids, greedy, ``--max-tokens`` tokens, ignore_eos) is sent alone and streamed to its end before the
-next. Reported: TTFT per request, inter-token latency (the gap between consecutive streamed
-chunks, each chunk counted once per token it carries) p50 / p99 / max over all requests, the
-stalls (gaps over 3x the median) with the token position they came at, and tokens per second of
-one stream. ``--step-trace`` makes the services trace every step (bench.step_report reads it);
+next, on one channel (its connection, made first, is reported apart as ``connect_ms``).
+Reported: TTFT per request, inter-token latency (the gap between consecutive streamed chunks,
+each chunk counted once per token it carries) p50 / p99 / max over all requests, the stalls
+(gaps over 3x the median) with the token position they came at, and tokens per second of one
+stream. ``--step-trace`` makes the services trace every step (bench.step_report reads it);
 ``--worker-args`` adds worker flags, for a side-by-side run against the defaults.
 """
 
@@ -40,10 +41,14 @@ async def stream_one(stub, request: pb.GenerateRequest) -> tuple[float, list[tup
     return start, arrivals
 
 
-async def run(addr: str, requests: list[pb.GenerateRequest]) -> list:
+async def run(addr: str, requests: list[pb.GenerateRequest]) -> tuple[float, list]:
+    """The channel's connection time (ms), then each request's send time and arrivals."""
     async with grpc.aio.insecure_channel(addr) as channel:
+        start = time.perf_counter()
+        await channel.channel_ready()
+        connect_ms = 1e3 * (time.perf_counter() - start)
         stub = pb_grpc.GenerationStub(channel)
-        return [await stream_one(stub, r) for r in requests]
+        return connect_ms, [await stream_one(stub, r) for r in requests]
 
 
 def summarize(results: list) -> dict:
@@ -97,10 +102,10 @@ def main() -> None:
         for _ in range(args.requests)
     ]
     try:
-        results = asyncio.run(run(addr, requests))
+        connect_ms, results = asyncio.run(run(addr, requests))
     finally:
         launcher.stop_all(services)
-    summary = summarize(results)
+    summary = {"connect_ms": round(connect_ms, 2), **summarize(results)}
     print(json.dumps(summary), flush=True)
     if args.out:
         with open(args.out, "a") as f:

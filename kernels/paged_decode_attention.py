@@ -25,6 +25,7 @@ from torch import Tensor
 
 from kernels.paged_attention import check_paged_kv_inputs, paged_attention_ref
 from kernels.paged_kv_tile import kv_tile_offsets
+from kernels.pdl import launch_options, wait_for_previous
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_NUM_SPLITS = 32
@@ -87,7 +88,9 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     TILE_IN_ONE_BLOCK: tl.constexpr,  # BLOCK_SIZE % BLOCK_N == 0: one block table entry per tile
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -156,7 +159,9 @@ def _combine_splits_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -193,15 +198,12 @@ def _num_sms(device_index: int) -> int:
 def default_num_splits(
     batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device
 ) -> int:
-    """Splits per (sequence, KV head) so the grid has about ``PROGRAMS_PER_SM`` programs per SM.
-
-    Many programs in flight per SM are what keep enough loads outstanding to reach memory
-    bandwidth. The figure comes from a sweep on an H200 over mixed context lengths
-    (``python bench/kernel_bench.py --sweep-splits``): 1 split at 256 sequences, 2 at 128-192, 4
-    at 64, 16 at 16 and below were each within 2 points of that batch size's best.
+    """Splits per (sequence, KV head) so the grid has about ``PROGRAMS_PER_SM`` programs per SM
+    (enough loads in flight to reach memory bandwidth): from a sweep on an H200 over mixed context
+    lengths (``python bench/kernel_bench.py --sweep-splits``), 1 split at 256 sequences, 2 at
+    128-192, 4 at 64, 16 at 16 and below were each within 2 points of that batch size's best.
     Depends only on shapes (``max_context_len`` is the block table's capacity, not the real
-    lengths), so it is stable under CUDA-graph capture. On CPU (interpreter): 1.
-    """
+    lengths): stable under CUDA-graph capture. On CPU (interpreter): 1."""
     if device.type != "cuda":
         return 1
     num_programs = batch_size * num_kv_heads
@@ -280,6 +282,7 @@ def paged_decode_attention(
         TILE_IN_ONE_BLOCK=block_size % config.block_n == 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch_options(q.device),
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_seqs, num_q_heads)](
@@ -292,5 +295,6 @@ def paged_decode_attention(
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=4,
+            **launch_options(q.device),
         )
     return out

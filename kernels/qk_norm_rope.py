@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.store_kvcache import check_store_inputs
 
 
@@ -115,7 +116,9 @@ def _qk_norm_rope_kernel(
     BLOCK_Q_HEADS: tl.constexpr,
     BLOCK_KV_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -291,4 +294,5 @@ def _launch(
         BLOCK_HALF=block_half,
         num_warps=max(1, min(8, block_q_heads * block_half // 256)),
         enable_fp_fusion=False,  # an FMA would skip a rounding the reference does
+        **launch_options(q.device),
     )

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_for_previous
+
 MAX_HIDDEN = 65536  # one row is one tile; wider rows would need a loop
 
 
@@ -49,7 +51,9 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK_H: tl.constexpr,  # next power of two >= HIDDEN
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < HIDDEN
@@ -148,5 +152,6 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             num_warps=max(1, min(16, block_h // 256)),
             enable_fp_fusion=False,  # an FMA would skip a rounding the reference does
+            **launch_options(x.device),
         )
     return out if new_residual is None else (out, new_residual)

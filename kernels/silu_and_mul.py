@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_for_previous
+
 BLOCK_COLS = 1024
 
 
@@ -28,7 +30,9 @@ def _silu_and_mul_kernel(
     stride_xt,
     INTERMEDIATE: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTERMEDIATE
@@ -74,5 +78,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         BLOCK=block,
         num_warps=max(1, min(4, block // 256)),
         enable_fp_fusion=False,  # an FMA would skip a rounding the reference does
+        **launch_options(x.device),
     )
     return out

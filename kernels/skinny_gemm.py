@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_for_previous
+
 MAX_ROWS = 16  # one tl.dot tile of activation rows
 
 
@@ -51,6 +53,7 @@ def _skinny_gemm_kernel(
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32)
+    USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -58,9 +61,22 @@ def _skinny_gemm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     col_mask = cols < N
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
     k_begin = split * K_PER_SPLIT
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+    # The first weight tile is read before waiting for the kernel that writes x (weights are
+    # never written): with PDL that read overlaps the previous kernel's end.
+    ks = k_begin + tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+    wait_for_previous(USE_PDL)
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_xm + ks[None, :],
+        mask=row_mask[:, None] & (ks < K)[None, :],
+        other=0.0,
+    )
+    acc = tl.dot(
+        x, tl.trans(w), tl.zeros((16, BLOCK_N), dtype=tl.float32), input_precision=PRECISION
+    )
+    for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
         ks = k_begin + k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(
@@ -68,11 +84,7 @@ def _skinny_gemm_kernel(
             mask=row_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
-            mask=col_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     out_mask = row_mask[:, None] & col_mask[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
@@ -209,5 +221,6 @@ def skinny_gemm(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=c.warps,
         num_stages=c.stages,
+        **launch_options(x.device),
     )
     return out

@@ -212,6 +212,8 @@ class StepGraphs:
                 self.logits[bucket] = self._step(bucket)
             pool = graph.pool()
             self.graphs[bucket] = graph
+        for graph in self.graphs.values():
+            graph.replay()  # the first replay uploads the graph: not in a user's step
         torch.cuda.synchronize()
         return pool
 

@@ -22,7 +22,7 @@ fi
 
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-# ONLY=tests, bench, attention, structured, limit, ttft or gemms runs one part (each fits one 10-minute
+# ONLY=tests, bench, attention, structured, limit, ttft, pdl or gemms runs one part (each fits one 10-minute
 # call).
 # ATTENTION_BACKEND=flash-attn runs the GPU engine tests on that backend (default: auto).
 if [ "${ONLY:-tests}" = tests ]; then
@@ -73,6 +73,20 @@ if [ "${ONLY:-ttft}" = ttft ]; then
   step single_stream_eager_prefill $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
       --worker-args "--max-prefill-graph-tokens 0"
 fi
+if [ "${ONLY:-pdl}" = pdl ]; then
+  # Programmatic dependent launch: the decode step's kernels with it and without, side by side,
+  # then one user's stream (defaults: with it) and its step trace.
+  step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider tests/unit/test_skinny_gemm.py \
+      tests/gpu/test_gpu_engine.py
+  step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 --top 10 \
+      --out "$OUT_DIR/decode_profile.jsonl"
+  step decode_profile_no_pdl $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 \
+      --top 10 --no-pdl --out "$OUT_DIR/decode_profile_no_pdl.jsonl"
+  step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
+      --step-trace "$OUT_DIR/single_stream.trace"
+  step single_stream_steps $PY -m bench.step_report "$OUT_DIR/single_stream.trace" \
+      --arch qwen3-0.6b --bandwidth-gbps 4200
+fi
 if [ "${ONLY:-gemms}" = gemms ]; then  # the skinny GEMM's launch shapes swept at M <= 16
   step gemm_sweep $PY -m bench.gemm_bench --arch qwen3-0.6b --m 1,4,16 --skinny
 fi
@@ -111,6 +125,8 @@ done
 [ -f "$OUT_DIR/single_stream_eager_prefill.log" ] &&
   tail -n 1 "$OUT_DIR/single_stream_eager_prefill.log" | cut -c1-400 | sed 's/^/eager prefill: /'
 [ -f "$OUT_DIR/decode_profile.log" ] && grep "^batch" "$OUT_DIR/decode_profile.log"
+[ -f "$OUT_DIR/decode_profile_no_pdl.log" ] &&
+  grep "^batch" "$OUT_DIR/decode_profile_no_pdl.log" | sed 's/^/no pdl: /'
 [ -f "$OUT_DIR/single_stream_8b.log" ] && tail -n 1 "$OUT_DIR/single_stream_8b.log" | cut -c1-300
 [ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
 exit 0

@@ -175,6 +175,22 @@ def test_prefill_graph_output_equals_eager_output(checkpoint, sampling, engine_o
     assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
 
 
+def test_programmatic_dependent_launch_changes_no_token(
+    checkpoint, engine_options, monkeypatch
+) -> None:
+    """With PDL (kernels/pdl.py) a kernel starts before the one it reads from has ended and
+    waits for it inside: a missing wait would read stale activations and change tokens."""
+    from kernels import pdl
+
+    model_dir, prompts = checkpoint
+    params = _mixed_params(len(prompts))
+    assert pdl.launch_options(torch.device("cuda"))["USE_PDL"]  # an H100/H200: it is on
+    with_pdl, _ = generate_once(model_dir, prompts, params, engine_options)
+    monkeypatch.setattr(pdl, "enabled", False)
+    without, _ = generate_once(model_dir, prompts, params, engine_options)
+    assert [o["token_ids"] for o in with_pdl] == [o["token_ids"] for o in without]
+
+
 SEEDED_MATES = {
     "plain": SamplingParams(temperature=0.8),
     "top_k=20": SamplingParams(temperature=0.8, top_k=20),
