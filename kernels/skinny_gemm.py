@@ -26,9 +26,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_options, wait_for_previous
+from kernels.pdl import launch_options, prefetch_l2, wait_for_previous
 
 MAX_ROWS = 16  # one tl.dot tile of activation rows
+L2_PREFETCH = (
+    True  # with PDL, the weights are asked of L2 before the wait (decode_profile can turn it off)
+)
 
 
 def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -52,7 +55,9 @@ def _skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
+    LINE: tl.constexpr,  # weight elements per 128-byte line
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32)
+    L2_PREFETCH: tl.constexpr,  # only with USE_PDL: otherwise the loads follow at once
     USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -63,8 +68,12 @@ def _skinny_gemm_kernel(
     col_mask = cols < N
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
     k_begin = split * K_PER_SPLIT
-    # The first weight tile is read before waiting for the kernel that writes x (weights are
-    # never written): with PDL that read overlaps the previous kernel's end.
+    # Before waiting for the kernel that writes x (weights are never written), with PDL: the
+    # program's whole weight slice is asked of L2 (clamped inside the weight), and the first
+    # tile is read, while the previous kernel still runs.
+    lines = tl.minimum(k_begin + tl.arange(0, K_PER_SPLIT // LINE) * LINE, K - 1)
+    clamped = w_ptr + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn
+    prefetch_l2(clamped + lines[None, :], L2_PREFETCH)
     ks = k_begin + tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
     wait_for_previous(USE_PDL)
@@ -202,6 +211,7 @@ def skinny_gemm(
     partial, counter = out, out
     if split_k > 1:
         partial, counter = WORKSPACE.get(x.device, split_k * m * n, blocks)
+    options = launch_options(x.device)
     _skinny_gemm_kernel[(blocks, split_k)](
         x,
         w,
@@ -218,9 +228,11 @@ def skinny_gemm(
         BLOCK_K=c.block_k,
         SPLIT_K=split_k,
         K_PER_SPLIT=k_per_split,
+        LINE=128 // w.element_size(),
+        L2_PREFETCH=L2_PREFETCH and options["USE_PDL"],
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=c.warps,
         num_stages=c.stages,
-        **launch_options(x.device),
+        **options,
     )
     return out
