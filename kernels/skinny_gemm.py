@@ -56,6 +56,7 @@ def _skinny_gemm_kernel(
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
     LINE: tl.constexpr,  # weight elements per 128-byte line
+    LINES: tl.constexpr,  # lines per slice row, rounded up to a power of two
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32)
     L2_PREFETCH: tl.constexpr,  # only with USE_PDL: otherwise the loads follow at once
     USE_PDL: tl.constexpr,
@@ -71,7 +72,8 @@ def _skinny_gemm_kernel(
     # Before waiting for the kernel that writes x (weights are never written), with PDL: the
     # program's whole weight slice is asked of L2 (clamped inside the weight), and the first
     # tile is read, while the previous kernel still runs.
-    lines = tl.minimum(k_begin + tl.arange(0, K_PER_SPLIT // LINE) * LINE, K - 1)
+    last = tl.minimum(K, k_begin + K_PER_SPLIT) - 1
+    lines = tl.minimum(k_begin + tl.arange(0, LINES) * LINE, last)
     clamped = w_ptr + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn
     prefetch_l2(clamped + lines[None, :], L2_PREFETCH)
     ks = k_begin + tl.arange(0, BLOCK_K)
@@ -229,6 +231,7 @@ def skinny_gemm(
         SPLIT_K=split_k,
         K_PER_SPLIT=k_per_split,
         LINE=128 // w.element_size(),
+        LINES=triton.next_power_of_2(triton.cdiv(k_per_split * w.element_size(), 128)),
         L2_PREFETCH=L2_PREFETCH and options["USE_PDL"],
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=c.warps,
