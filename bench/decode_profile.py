@@ -10,9 +10,9 @@ that), the number of kernels, and the kernels by name (time per step, count per 
 period is also given as a multiple of the weights' read time at the copy bandwidth. Then the
 median engine step (host time of ``EngineCore.step``) and the generate call's time per token.
 ``--prefill`` profiles one request's first step instead (torch.profiler, then cProfile);
-``--python`` cProfiles the host over the ``--steps`` steps after the kernel window; ``--no-skinny``,
-``--no-pdl`` and ``--no-prefetch`` turn the decode GEMM, programmatic dependent launch and the
-GEMM's L2 prefetch off, for a side-by-side run. Needs CUDA.
+``--python`` cProfiles the host over the ``--steps`` steps after the kernel window; ``--no-skinny``
+and ``--no-pdl`` turn the decode GEMM and programmatic dependent launch off, for a side-by-side
+run. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -184,7 +184,6 @@ def main() -> None:
     p.add_argument(
         "--no-pdl", action="store_true", help="no programmatic dependent launch (kernels/pdl.py)"
     )
-    p.add_argument("--no-prefetch", action="store_true", help="skinny_gemm: no L2 prefetch")
     p.add_argument("--out", help="append the results as JSON lines here")
     args = p.parse_args()
     from kernels import pdl, skinny_gemm
@@ -194,7 +193,6 @@ def main() -> None:
     if args.no_skinny:
         skinny_gemm.MAX_WEIGHT_BYTES = 0
     pdl.enabled = not args.no_pdl
-    skinny_gemm.L2_PREFETCH = not args.no_prefetch
 
     llm = LLM(checkpoint_from_args(args))
     warm_up(llm.engine)

@@ -10,7 +10,6 @@ returns once every kernel it depends on has finished and its writes are visible,
 kernel may only read what no kernel writes (weights). A kernel launched without PDL (torch's,
 cuBLAS's) waits for the one before it as usual, and one after it waits for it, so the two kinds
 mix freely. On the CPU interpreter, before Hopper, or with ``enabled`` off, nothing changes.
-``prefetch_l2`` is what a kernel can do before its wait: start reading its weights into L2.
 """
 
 from __future__ import annotations
@@ -37,21 +36,6 @@ def launch_options(device: torch.device) -> dict:
         and _supported(device.index if device.index is not None else torch.cuda.current_device())
     )
     return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
-
-
-@triton.jit
-def prefetch_l2(ptrs, USE_PDL: tl.constexpr):
-    """Before the wait: ask L2 for the 128-byte lines at ``ptrs`` (weights: never written) and go
-    on without waiting for them, so that they stream in while the previous kernel runs."""
-    if USE_PDL:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
-            "=r,l",
-            [ptrs.to(tl.int64)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
 
 
 @triton.jit

@@ -26,12 +26,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_options, prefetch_l2, wait_for_previous
+from kernels.pdl import launch_options, wait_for_previous
 
 MAX_ROWS = 16  # one tl.dot tile of activation rows
-L2_PREFETCH = (
-    True  # with PDL, the weights are asked of L2 before the wait (decode_profile can turn it off)
-)
 
 
 def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -55,10 +52,7 @@ def _skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
-    LINE: tl.constexpr,  # weight elements per 128-byte line
-    LINES: tl.constexpr,  # lines per slice row, rounded up to a power of two
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32)
-    L2_PREFETCH: tl.constexpr,  # only with USE_PDL: otherwise the loads follow at once
     USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -69,13 +63,8 @@ def _skinny_gemm_kernel(
     col_mask = cols < N
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
     k_begin = split * K_PER_SPLIT
-    # Before waiting for the kernel that writes x (weights are never written), with PDL: the
-    # program's whole weight slice is asked of L2 (clamped inside the weight), and the first
-    # tile is read, while the previous kernel still runs.
-    last = tl.minimum(K, k_begin + K_PER_SPLIT) - 1
-    lines = tl.minimum(k_begin + tl.arange(0, LINES) * LINE, last)
-    clamped = w_ptr + tl.minimum(cols, N - 1)[:, None].to(tl.int64) * stride_wn
-    prefetch_l2(clamped + lines[None, :], L2_PREFETCH)
+    # The first weight tile is read before waiting for the kernel that writes x (weights are
+    # never written): with PDL that read overlaps the previous kernel's end.
     ks = k_begin + tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
     wait_for_previous(USE_PDL)
@@ -213,7 +202,6 @@ def skinny_gemm(
     partial, counter = out, out
     if split_k > 1:
         partial, counter = WORKSPACE.get(x.device, split_k * m * n, blocks)
-    options = launch_options(x.device)
     _skinny_gemm_kernel[(blocks, split_k)](
         x,
         w,
@@ -230,12 +218,9 @@ def skinny_gemm(
         BLOCK_K=c.block_k,
         SPLIT_K=split_k,
         K_PER_SPLIT=k_per_split,
-        LINE=128 // w.element_size(),
-        LINES=triton.next_power_of_2(triton.cdiv(k_per_split * w.element_size(), 128)),
-        L2_PREFETCH=L2_PREFETCH and options["USE_PDL"],
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=c.warps,
         num_stages=c.stages,
-        **options,
+        **launch_options(x.device),
     )
     return out

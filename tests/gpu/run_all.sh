@@ -82,8 +82,6 @@ if [ "${ONLY:-pdl}" = pdl ]; then
       --out "$OUT_DIR/decode_profile.jsonl"
   step decode_profile_no_pdl $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 \
       --top 10 --no-pdl --out "$OUT_DIR/decode_profile_no_pdl.jsonl"
-  step decode_profile_no_prefetch $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 \
-      --top 10 --no-prefetch --out "$OUT_DIR/decode_profile_no_prefetch.jsonl"
   step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
       --step-trace "$OUT_DIR/single_stream.trace"
   step single_stream_steps $PY -m bench.step_report "$OUT_DIR/single_stream.trace" \
@@ -129,8 +127,6 @@ done
 [ -f "$OUT_DIR/decode_profile.log" ] && grep "^batch" "$OUT_DIR/decode_profile.log"
 [ -f "$OUT_DIR/decode_profile_no_pdl.log" ] &&
   grep "^batch" "$OUT_DIR/decode_profile_no_pdl.log" | sed 's/^/no pdl: /'
-[ -f "$OUT_DIR/decode_profile_no_prefetch.log" ] &&
-  grep "^batch" "$OUT_DIR/decode_profile_no_prefetch.log" | sed 's/^/no prefetch: /'
 [ -f "$OUT_DIR/single_stream_8b.log" ] && tail -n 1 "$OUT_DIR/single_stream_8b.log" | cut -c1-300
 [ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
 exit 0
