@@ -86,19 +86,7 @@ def _skinny_gemm_kernel(
         )
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    write_out(acc, y_ptr, partial_ptr, counter_ptr, M, N, stride_ym, pid_n, split, BLOCK_N, SPLIT_K)
-
-
-@triton.jit
-def write_out(
-    acc, y_ptr, partial_ptr, counter_ptr, M, N, stride_ym, pid_n, split,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    """A program's [16, BLOCK_N] float32 result: stored, or with SPLIT_K slices summed in slice
-    order by the last slice to arrive (which resets the column block's counter)."""
-    rows = tl.arange(0, 16)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_mask = (rows < M)[:, None] & (cols < N)[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -186,17 +174,14 @@ class Workspace:
 WORKSPACE = Workspace()
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One call's grid and launch arguments: the workspace, the slices, the tile constants."""
-
-    grid: tuple[int, int]
-    partial: torch.Tensor  # the split-K partials (the output itself when not split)
-    counter: torch.Tensor
-    meta: dict  # the kernel's constexprs and launch options
-
-
-def check_inputs(x: torch.Tensor, w: torch.Tensor) -> None:
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K], M <= 16, rows may be strided
+    w: torch.Tensor,  # [N, K], contiguous in K
+    config: SkinnyGemmConfig | None = None,  # None: config_for(N, K)
+    out: torch.Tensor | None = None,  # [M, N]; fresh when None
+) -> torch.Tensor:
+    """``x @ w.T`` in x's dtype, as ``skinny_gemm_ref``. No host sync (CUDA-graph safe) once the
+    workspace is big enough for the shape (the first call of a shape allocates it)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x [M, K] and w [N, K] needed, got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[0] > MAX_ROWS:
@@ -205,12 +190,11 @@ def check_inputs(x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError("x and w must be contiguous in K")
     if x.dtype != w.dtype:
         raise ValueError(f"x and w must have one dtype, got {x.dtype}, {w.dtype}")
-
-
-def plan_launch(
-    x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: SkinnyGemmConfig | None
-) -> Launch:
     m, (n, k) = x.shape[0], w.shape
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
     c = config or config_for(n, k)
     k_per_split = triton.cdiv(triton.cdiv(k, c.split_k), c.block_k) * c.block_k
     split_k = triton.cdiv(k, k_per_split)
@@ -218,7 +202,18 @@ def plan_launch(
     partial, counter = out, out
     if split_k > 1:
         partial, counter = WORKSPACE.get(x.device, split_k * m * n, blocks)
-    meta = dict(
+    _skinny_gemm_kernel[(blocks, split_k)](
+        x,
+        w,
+        out,
+        partial,
+        counter,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        out.stride(0),
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
         SPLIT_K=split_k,
@@ -228,26 +223,4 @@ def plan_launch(
         num_stages=c.stages,
         **launch_options(x.device),
     )
-    return Launch((blocks, split_k), partial, counter, meta)
-
-
-def skinny_gemm(
-    x: torch.Tensor,  # [M, K], M <= 16, rows may be strided
-    w: torch.Tensor,  # [N, K], contiguous in K
-    config: SkinnyGemmConfig | None = None,  # None: config_for(N, K)
-    out: torch.Tensor | None = None,  # [M, N]; fresh when None
-) -> torch.Tensor:
-    """``x @ w.T`` in x's dtype, as ``skinny_gemm_ref``. No host sync (CUDA-graph safe) once the
-    workspace is big enough for the shape (the first call of a shape allocates it)."""
-    check_inputs(x, w)
-    m, (n, k) = x.shape[0], w.shape
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
-    launch = plan_launch(x, w, out, config)
-    _skinny_gemm_kernel[launch.grid](
-        x, w, out, launch.partial, launch.counter, m, n, k,
-        x.stride(0), w.stride(0), out.stride(0), **launch.meta,
-    )  # fmt: skip
     return out

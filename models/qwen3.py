@@ -18,7 +18,7 @@ from models.config import ModelConfig
 from models.layers.activation import SiluAndMul
 from models.layers.attention import Attention, AttentionBackend, AttentionMetadata, KVStore
 from models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from models.layers.layernorm import RMSNorm, norm_then_linear
+from models.layers.layernorm import RMSNorm
 from models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from models.layers.rotary import RotaryEmbedding
 from models.parallel import SINGLE_RANK, ParallelContext
@@ -58,16 +58,8 @@ class Qwen3Attention(nn.Module):
         hidden: torch.Tensor,  # [T, hidden]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        return self.attend(positions, self.qkv_proj(hidden), meta)
-
-    def attend(
-        self,
-        positions: torch.Tensor,  # [T]
-        qkv: torch.Tensor,  # [T, (H_q + 2 H_kv) D]: the QKV projection's output
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden]
-        """Everything after the QKV projection (the decoder layer may fuse that into its norm)."""
-        num_tokens = qkv.shape[0]
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (H_q + 2 H_kv) D]
         q, k, v = qkv.split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1
         )
@@ -122,17 +114,11 @@ class Qwen3MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, False, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down(self.gate_up_proj(x))
-
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2I / world] -> [T, hidden]
-        """Everything after the gate_up projection (the decoder layer may fuse that into its
-        norm)."""
-        return self.down_proj(self.act_fn(gate_up))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # via [T, 2I / world]
 
 
 class Qwen3DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP blocks; residual adds are fused into the following norm, and
-    at decode batch sizes on CUDA each norm into the projection after it (``norm_then_linear``)."""
+    """Pre-norm attention and MLP blocks; residual adds are fused into the following norm."""
 
     def __init__(
         self, config: ModelConfig, backend: AttentionBackend, parallel: ParallelContext
@@ -150,13 +136,14 @@ class Qwen3DecoderLayer(nn.Module):
         residual: torch.Tensor | None,  # [T, hidden]: running residual; None for layer 0
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (block output, residual), both [T, hidden]
-        attn, mlp = self.self_attn, self.mlp
-        qkv, residual = norm_then_linear(self.input_layernorm, hidden, residual, attn.qkv_proj)
-        hidden = attn.attend(positions, qkv, meta)
-        gate_up, residual = norm_then_linear(
-            self.post_attention_layernorm, hidden, residual, mlp.gate_up_proj
-        )
-        return mlp.down(gate_up), residual
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class Qwen3Model(nn.Module):

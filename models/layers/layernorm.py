@@ -37,22 +37,3 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
-
-
-def norm_then_linear(
-    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, layer: nn.Module
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(layer(norm(x + residual)), x + residual)`` (no residual: ``x`` is the sum) for a
-    column-parallel ``layer`` (no communication). At decode batch sizes on CUDA, where the layer
-    would take kernels.skinny_gemm, one kernel does both (kernels.skinny_norm_gemm); elsewhere
-    the norm, then the layer."""
-    weight = layer.weight
-    if x.is_cuda and layer.bias is None and norm.weight.dtype == x.dtype:
-        from kernels import skinny_gemm, skinny_norm_gemm  # triton only where it runs
-
-        if skinny_gemm.use_skinny(x, weight) and (residual is None or residual.stride(1) == 1):
-            return skinny_norm_gemm.skinny_norm_gemm(x, residual, norm.weight, norm.eps, weight)
-    if residual is None:
-        return layer(norm(x)), x
-    hidden, residual = norm(x, residual)
-    return layer(hidden), residual

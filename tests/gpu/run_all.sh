@@ -77,7 +77,7 @@ if [ "${ONLY:-pdl}" = pdl ]; then
   # Programmatic dependent launch: the decode step's kernels with it and without, side by side,
   # then one user's stream (defaults: with it) and its step trace.
   step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider tests/unit/test_skinny_gemm.py \
-      tests/unit/test_skinny_norm_gemm.py tests/gpu/test_gpu_engine.py
+      tests/gpu/test_gpu_engine.py
   step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 --top 10 \
       --out "$OUT_DIR/decode_profile.jsonl"
   step decode_profile_no_pdl $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 \
