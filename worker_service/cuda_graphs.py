@@ -189,11 +189,11 @@ class StepGraphs:
         """The captured work: gather pending tokens, forward, logits, sample."""
         from kernels.sample_tokens import sample_tokens
 
-        x, s = self.inputs_gpu, self.sampling_gpu
-        rows, tokens = self.num_rows(bucket), self.meta(bucket).slot_mapping.shape[0]
+        x, s, meta = self.inputs_gpu, self.sampling_gpu, self.meta(bucket)
+        rows, tokens = self.num_rows(bucket), meta.slot_mapping.shape[0]
         prev = x.prev_rows[:tokens]
         ids = torch.where(prev >= 0, self.prev_tokens[prev.clamp(min=0)], x.input_ids[:tokens])
-        hidden = self.model(ids, x.positions[:tokens], self.meta(bucket))
+        hidden = self.model(ids, x.positions[:tokens], meta)
         logits = self.model.compute_logits(self.sampling_hidden(hidden, bucket))
         if logits is not None:  # None on ranks other than 0
             sampled = sample_tokens(logits, s.temperatures[:rows], s.seeds[:rows])

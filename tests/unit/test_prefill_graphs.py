@@ -65,6 +65,11 @@ def test_steps_go_to_the_smallest_bucket_that_holds_their_tokens() -> None:
     assert not graphs.can_run(host, sampling)
 
 
+def test_a_negative_prefill_graph_size_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="max_prefill_graph_tokens=-1"):
+        WorkerConfig("m", max_prefill_graph_tokens=-1)
+
+
 def test_a_mixed_step_loads_with_padded_tokens_and_rows_that_write_nowhere() -> None:
     graphs = PrefillGraphs(None, 4, 64, 2, torch.zeros(64, dtype=torch.int64), CPU)
     graphs.load(*_step(SequenceTable(rows=8, blocks_per_seq=2), [(30, 0, 30)] * 2))  # stale

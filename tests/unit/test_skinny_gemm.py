@@ -122,6 +122,14 @@ def test_gpu_layers_take_the_kernel_at_decode_rows_only(monkeypatch) -> None:
         assert calls == expected
 
 
+def test_kernels_launch_without_pdl_off_cuda_or_when_turned_off(monkeypatch) -> None:
+    from kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"USE_PDL": False}
+    monkeypatch.setattr(pdl, "enabled", False)
+    assert pdl.launch_options(DEVICE) == {"USE_PDL": False}
+
+
 def test_an_outgrown_workspace_is_kept_for_the_graphs_captured_with_it() -> None:
     workspace = sg.Workspace()
     small, counter = workspace.get(DEVICE, 8, 2)
