@@ -22,7 +22,7 @@ fi
 
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-# ONLY=tests, bench, attention, structured, limit, ttft, pdl or gemms runs one part (each fits one 10-minute
+# ONLY=tests, bench, attention, structured, limit, latency or gemms runs one part (each fits one 10-minute
 # call).
 # ATTENTION_BACKEND=flash-attn runs the GPU engine tests on that backend (default: auto).
 if [ "${ONLY:-tests}" = tests ]; then
@@ -61,31 +61,22 @@ if [ "${ONLY:-limit}" = limit ]; then
   step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16,256 \
       --out "$OUT_DIR/decode_profile.jsonl"
 fi
-if [ "${ONLY:-ttft}" = ttft ]; then
-  # The first token: the graph and engine GPU tests, then one user's stream with the default
-  # prefill graphs (and its step trace) beside the same run with prefill steps eager.
-  step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider tests/unit/test_skinny_gemm.py \
-      tests/gpu/test_gpu_engine.py
-  step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
-      --step-trace "$OUT_DIR/single_stream.trace"
-  step single_stream_steps $PY -m bench.step_report "$OUT_DIR/single_stream.trace" \
-      --arch qwen3-0.6b --bandwidth-gbps 4200
-  step single_stream_eager_prefill $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
+if [ "${ONLY:-latency}" = latency ]; then
+  # One user's latency: the graph and engine GPU tests; the decode step's kernels with
+  # programmatic dependent launch and without, side by side; one user's stream with the defaults
+  # (and its step trace) beside the same run with prefill steps eager.
+  step pytest_latency $PY -m pytest -m gpu -q -rf -p no:cacheprovider \
+      tests/unit/test_skinny_gemm.py tests/gpu/test_gpu_engine.py
+  step latency_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 --top 10 \
+      --out "$OUT_DIR/latency_profile.jsonl"
+  step latency_profile_no_pdl $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 \
+      --top 10 --no-pdl --out "$OUT_DIR/latency_profile_no_pdl.jsonl"
+  step latency_single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
+      --step-trace "$OUT_DIR/latency_single_stream.trace"
+  step latency_single_stream_steps $PY -m bench.step_report \
+      "$OUT_DIR/latency_single_stream.trace" --arch qwen3-0.6b --bandwidth-gbps 4200
+  step latency_eager_prefill $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
       --worker-args "--max-prefill-graph-tokens 0"
-fi
-if [ "${ONLY:-pdl}" = pdl ]; then
-  # Programmatic dependent launch: the decode step's kernels with it and without, side by side,
-  # then one user's stream (defaults: with it) and its step trace.
-  step pytest_gpu $PY -m pytest -m gpu -q -rf -p no:cacheprovider tests/unit/test_skinny_gemm.py \
-      tests/gpu/test_gpu_engine.py
-  step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 --top 10 \
-      --out "$OUT_DIR/decode_profile.jsonl"
-  step decode_profile_no_pdl $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 \
-      --top 10 --no-pdl --out "$OUT_DIR/decode_profile_no_pdl.jsonl"
-  step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
-      --step-trace "$OUT_DIR/single_stream.trace"
-  step single_stream_steps $PY -m bench.step_report "$OUT_DIR/single_stream.trace" \
-      --arch qwen3-0.6b --bandwidth-gbps 4200
 fi
 if [ "${ONLY:-gemms}" = gemms ]; then  # the skinny GEMM's launch shapes swept at M <= 16
   step gemm_sweep $PY -m bench.gemm_bench --arch qwen3-0.6b --m 1,4,16 --skinny
@@ -112,7 +103,9 @@ fi
 
 echo
 echo "== summary =="
-[ -f "$OUT_DIR/pytest_gpu.log" ] && grep -E "^FAILED|^ERROR|passed|failed" "$OUT_DIR/pytest_gpu.log" | tail -6
+for f in pytest_gpu pytest_latency; do
+  [ -f "$OUT_DIR/$f.log" ] && grep -E "^FAILED|^ERROR|passed|failed" "$OUT_DIR/$f.log" | tail -6 | sed "s/^/$f: /"
+done
 for f in nano_bench limit_nano_bench prefix_on prefix_off constrained_0 constrained_0.1 \
     $(cd "$OUT_DIR" && ls e2e_*.log 2>/dev/null | sed 's/[.]log$//'); do
   [ -f "$OUT_DIR/$f.log" ] && grep -A8 "^engine" "$OUT_DIR/$f.log" | sed "s/^/$f: /"
@@ -122,11 +115,13 @@ for len in 2048 4096; do
 done
 [ -f "$OUT_DIR/online.log" ] && tail -n 5 "$OUT_DIR/online.log"
 [ -f "$OUT_DIR/single_stream.log" ] && tail -n 1 "$OUT_DIR/single_stream.log" | cut -c1-400
-[ -f "$OUT_DIR/single_stream_eager_prefill.log" ] &&
-  tail -n 1 "$OUT_DIR/single_stream_eager_prefill.log" | cut -c1-400 | sed 's/^/eager prefill: /'
+for f in latency_single_stream latency_eager_prefill; do
+  [ -f "$OUT_DIR/$f.log" ] && tail -n 1 "$OUT_DIR/$f.log" | cut -c1-400 | sed "s/^/$f: /"
+done
 [ -f "$OUT_DIR/decode_profile.log" ] && grep "^batch" "$OUT_DIR/decode_profile.log"
-[ -f "$OUT_DIR/decode_profile_no_pdl.log" ] &&
-  grep "^batch" "$OUT_DIR/decode_profile_no_pdl.log" | sed 's/^/no pdl: /'
+for f in latency_profile latency_profile_no_pdl; do
+  [ -f "$OUT_DIR/$f.log" ] && grep "^batch" "$OUT_DIR/$f.log" | sed "s/^/$f: /"
+done
 [ -f "$OUT_DIR/single_stream_8b.log" ] && tail -n 1 "$OUT_DIR/single_stream_8b.log" | cut -c1-300
 [ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
 exit 0
