@@ -183,8 +183,7 @@ def _combine_splits_kernel(
 
 
 def default_decode_config(head_dim: int, element_size: int = 2) -> DecodeConfig:
-    """The swept default for half precision at D <= 128; shallower, narrower tiles for wider
-    rows (D > 128, or float32), to fit shared memory."""
+    """The swept default at half-precision D <= 128; else smaller tiles, to fit shared memory."""
     if head_dim * element_size <= 256:
         return DecodeConfig()
     return DecodeConfig(block_n=32, num_stages=2)
@@ -255,6 +254,7 @@ def paged_decode_attention(
         part_lse = torch.empty(
             (num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
         )
+    options = launch_options(q.device)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -282,7 +282,7 @@ def paged_decode_attention(
         TILE_IN_ONE_BLOCK=block_size % config.block_n == 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **launch_options(q.device),
+        **options,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_seqs, num_q_heads)](
@@ -295,6 +295,6 @@ def paged_decode_attention(
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=4,
-            **launch_options(q.device),
+            **options,
         )
     return out

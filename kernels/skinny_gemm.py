@@ -66,11 +66,12 @@ def _skinny_gemm_kernel(
     # The first weight tile is read before waiting for the kernel that writes x (weights are
     # never written): with PDL that read overlaps the previous kernel's end.
     ks = k_begin + tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+    k_mask = ks < K
+    w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
     wait_for_previous(USE_PDL)
     x = tl.load(
         x_ptr + rows[:, None] * stride_xm + ks[None, :],
-        mask=row_mask[:, None] & (ks < K)[None, :],
+        mask=row_mask[:, None] & k_mask[None, :],
         other=0.0,
     )
     acc = tl.dot(

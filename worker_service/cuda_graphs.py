@@ -1,13 +1,13 @@
 """CUDA graphs for small steps: captured once per bucket, replayed with padded inputs.
 
 A step of a small model is dominated by launch overhead, on the device and on the host; a graph
-removes both. Two kinds of step are captured, each a
-``StepGraphs`` (this file: the machinery they share). Decode steps (``DecodeGraphs``,
-worker_service/decode_graphs.py): one token per row, buckets of batch size 1, 2, 4, 8, then steps
-of 16 up to max_num_seqs. Prefill, chunked and mixed steps of few tokens (``PrefillGraphs``,
-worker_service/prefill_graphs.py): buckets of token count, a fixed number of rows. One graph covers the whole step: gathering the
-tokens sampled by the previous step (``prev_tokens``), the forward, the logits of the sampling
-rows and the sampling kernel on the raw logits.
+removes both. Two kinds of step are captured, each a ``StepGraphs`` (this file: the machinery
+they share). Decode steps (``DecodeGraphs``, worker_service/decode_graphs.py): one token per row,
+buckets of batch size 1, 2, 4, 8, then steps of 16 up to max_num_seqs. Prefill, chunked and mixed
+steps of few tokens (``PrefillGraphs``, worker_service/prefill_graphs.py): buckets of token
+count, a fixed number of rows. One graph covers the whole step: gathering the tokens sampled by
+the previous step (``prev_tokens``), the forward, the logits of the sampling rows and the
+sampling kernel on the raw logits.
 
 Its inputs are a ``StepArrays`` and a ``SamplingArrays`` of views into one static device buffer
 (``Layout``): the host packs a step into the same layout (padded tokens and rows write nowhere:
@@ -136,7 +136,7 @@ class StepGraphs:
     ) -> None:
         self.model = model
         self.buckets = buckets
-        self.rows, self.tokens, self.max_blocks = rows, tokens, max_blocks
+        self.rows, self.max_blocks = rows, max_blocks
         step, sampling = _capacity(rows, tokens, max_blocks)
         self.layout = Layout.of(named(step) | named(sampling))
         self.static = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)

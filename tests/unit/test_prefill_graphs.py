@@ -102,9 +102,8 @@ def test_the_padded_step_gives_the_eager_logits_and_stores_only_its_own_kv(worke
     before = worker.kv_cache.clone()
     runner = worker.runner
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
-    greedy = sampling.on(sampling.arrays)
-    greedy.arrays.temperatures[:] = 0.0
-    eager_logits, _ = runner._run_eager(host, greedy)
+    sampling.arrays.temperatures[:] = 0.0  # greedy
+    eager_logits, _ = runner._run_eager(host, sampling)
     eager_cache = worker.kv_cache.clone()
     written = torch.zeros(8 * BLOCK, dtype=torch.bool)
     written[torch.from_numpy(host.arrays.slot_mapping)] = True
@@ -115,7 +114,7 @@ def test_the_padded_step_gives_the_eager_logits_and_stores_only_its_own_kv(worke
     runner.prev_tokens[:] = torch.arange(len(runner.prev_tokens))
     graphs = PrefillGraphs(worker.model, 4, 64, 2, runner.prev_tokens, CPU)
     graphs.prepare_capture()
-    graphs.load(host, greedy)
+    graphs.load(host, sampling)
     logits = graphs._step(graphs.bucket(host))
     torch.testing.assert_close(logits[:2], eager_logits, rtol=1e-5, atol=1e-5)
     assert graphs.sampled[:2].tolist() == eager_logits.argmax(-1).tolist()
