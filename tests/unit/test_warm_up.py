@@ -13,6 +13,7 @@ from nanoserve import LLM
 from scheduler_service import engine_loop as engine_loop_module
 from scheduler_service.config import SchedulerServiceConfig
 from scheduler_service.engine_loop import EngineLoop
+from scheduler_service.tokenizer import Tokenizer
 from scheduler_service.warm_up import warm_up, warm_up_prompts
 from tests.unit.test_step_trace_ownership import FlakyWorker
 
@@ -102,6 +103,17 @@ def test_warm_up_runs_every_kind_of_step_and_leaves_every_block_free(llm) -> Non
     assert any(tokens == seqs > 1 for seqs, tokens, _ in kinds)  # decode batches
     blocks = engine.scheduler.block_manager
     assert blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_warm_up_detokenizes_so_that_no_user_request_builds_the_byte_table(tiny_model_dir) -> None:
+    # The byte-level decode table is built on a tokenizer's first detokenization (milliseconds for
+    # a 150k vocabulary): a warm-up without text left it to the first user's time to first token.
+    llm = LLM(str(tiny_model_dir), device="cpu", num_kv_blocks=256, max_num_seqs=16)
+    fresh = Tokenizer.from_dir(tiny_model_dir)
+    assert fresh._byte_table is None  # built lazily
+    llm.engine.tokenizer = fresh
+    warm_up(llm.engine)
+    assert fresh._byte_table is not None
 
 
 def test_warm_up_prompts_fit_the_limits(llm) -> None:
