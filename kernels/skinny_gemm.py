@@ -9,8 +9,11 @@ float32 partial to a workspace and bumps a per-column-block counter, and the pro
 last adds the slices in slice order (the sum does not depend on who came last) and writes the
 result, then resets the counter so that the next call (or graph replay) starts from zero.
 
-(Folding SiLU-and-mul into the down projection's loads was tried: on an H200 that kernel took
-15 us where SiLU-and-mul and this GEMM take 1.1 + 5.7 us, so the activation keeps its kernel.)
+``gated=True`` is the MLP's gate_up projection with SiLU-and-mul in its epilogue: program ``n``
+reads the gate rows and the up rows of its output columns and writes ``silu(gate) * up``, so the
+activation needs no kernel of its own at decode. (Folding SiLU-and-mul into the down
+projection's loads instead was tried: on an H200 that kernel took 15 us where SiLU-and-mul and
+the GEMM took 1.1 + 5.7 us.)
 
 ``skinny_gemm_ref`` is ``F.linear``, what the layers run elsewhere; both accumulate in float32,
 so they differ by summation order only. Not a layer: ``models.layers.linear`` decides.
@@ -19,7 +22,7 @@ so they differ by summation order only. Not a layer: ``models.layers.linear`` de
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +39,23 @@ def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _gated(gate, up, dtype: tl.constexpr):
+    """``silu(gate) * up`` rounded where the layers round: GEMM outputs, then SiLU, then the
+    product (kernels.silu_and_mul)."""
+    gate = gate.to(dtype).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return silu * up.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
     partial_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1)
-    counter_ptr,  # [cdiv(N, BLOCK_N)] int32, zero between calls (SPLIT_K > 1)
+    counter_ptr,  # [cdiv(N_OUT, BLOCK_N)] int32, zero between calls (SPLIT_K > 1)
     M,
-    N,
+    N_OUT,  # output columns: N, or N / 2 when GATED
     K,
     stride_xm,
     stride_wn,
@@ -52,6 +64,7 @@ def _skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
+    GATED: tl.constexpr,  # y = silu(x @ w[:N_OUT].T) * (x @ w[N_OUT:].T)
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32)
     USE_PDL: tl.constexpr,
 ):
@@ -60,23 +73,28 @@ def _skinny_gemm_kernel(
     rows = tl.arange(0, 16)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
-    col_mask = cols < N
+    col_mask = cols < N_OUT
     w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn
+    up_rows = w_rows + N_OUT * stride_wn  # GATED: the up projection's rows of these columns
     k_begin = split * K_PER_SPLIT
-    # The first weight tile is read before waiting for the kernel that writes x (weights are
+    # The first weight tiles are read before waiting for the kernel that writes x (weights are
     # never written): with PDL that read overlaps the previous kernel's end.
     ks = k_begin + tl.arange(0, BLOCK_K)
-    k_mask = ks < K
-    w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+    w_mask = col_mask[:, None] & (ks < K)[None, :]
+    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+    if GATED:
+        w_up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
     wait_for_previous(USE_PDL)
     x = tl.load(
         x_ptr + rows[:, None] * stride_xm + ks[None, :],
-        mask=row_mask[:, None] & k_mask[None, :],
+        mask=row_mask[:, None] & (ks < K)[None, :],
         other=0.0,
     )
-    acc = tl.dot(
-        x, tl.trans(w), tl.zeros((16, BLOCK_N), dtype=tl.float32), input_precision=PRECISION
-    )
+    zeros = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc = tl.dot(x, tl.trans(w), zeros, input_precision=PRECISION)
+    acc_up = zeros
+    if GATED:
+        acc_up = tl.dot(x, tl.trans(w_up), zeros, input_precision=PRECISION)
     for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
         ks = k_begin + k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
@@ -85,25 +103,41 @@ def _skinny_gemm_kernel(
             mask=row_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = col_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=PRECISION)
     out_mask = row_mask[:, None] & col_mask[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    dtype = y_ptr.dtype.element_ty
     if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        if GATED:
+            acc = _gated(acc, acc_up, dtype)
+        tl.store(y_ptrs, acc.to(dtype), mask=out_mask)
     else:
-        offsets = rows[:, None] * N + cols[None, :]
-        tl.store(partial_ptr + split * M * N + offsets, acc, mask=out_mask)
+        n = N_OUT * 2 if GATED else N_OUT  # partial columns: the up half after the gate half
+        offsets = rows[:, None] * n + cols[None, :]
+        tl.store(partial_ptr + split * M * n + offsets, acc, mask=out_mask)
+        if GATED:
+            tl.store(partial_ptr + split * M * n + offsets + N_OUT, acc_up, mask=out_mask)
         # Every thread's partial is stored before the one thread doing the atomic releases them
         # (the release orders only what that thread has seen: hence the barrier first).
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last slice of this column block: sum them in order
-            total = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            total = zeros
+            total_up = zeros
             for s in range(SPLIT_K):
-                partial = partial_ptr + s * M * N + offsets  # written by other SMs: skip L1
+                partial = partial_ptr + s * M * n + offsets  # written by other SMs: skip L1
                 total += tl.load(partial, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                if GATED:
+                    up = tl.load(partial + N_OUT, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    total_up += up
+            if GATED:
+                total = _gated(total, total_up, dtype)
+            tl.store(y_ptrs, total.to(dtype), mask=out_mask)
             tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
@@ -131,6 +165,14 @@ def config_for(n: int, k: int) -> SkinnyGemmConfig:
     block_n = 64 if n >= 6144 else 32
     split_k = 4 if triton.cdiv(n, block_n) < 64 and k >= 4 * 256 else 1
     return SkinnyGemmConfig(block_n=block_n, block_k=256, split_k=split_k, warps=4, stages=4)
+
+
+@functools.cache
+def gated_config_for(n: int, k: int) -> SkinnyGemmConfig:
+    """The gated GEMM of an N x K weight: the plain launch's programs, each with half as many
+    output columns (it reads a gate and an up row for each)."""
+    plain = config_for(n, k)
+    return replace(plain, block_n=plain.block_n // 2)
 
 
 def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -178,11 +220,15 @@ WORKSPACE = Workspace()
 def skinny_gemm(
     x: torch.Tensor,  # [M, K], M <= 16, rows may be strided
     w: torch.Tensor,  # [N, K], contiguous in K
-    config: SkinnyGemmConfig | None = None,  # None: config_for(N, K)
-    out: torch.Tensor | None = None,  # [M, N]; fresh when None
+    config: SkinnyGemmConfig | None = None,  # None: config_for / gated_config_for(N, K)
+    out: torch.Tensor | None = None,  # [M, N] ([M, N / 2] when gated); fresh when None
+    gated: bool = False,
 ) -> torch.Tensor:
-    """``x @ w.T`` in x's dtype, as ``skinny_gemm_ref``. No host sync (CUDA-graph safe) once the
-    workspace is big enough for the shape (the first call of a shape allocates it)."""
+    """``x @ w.T`` in x's dtype, as ``skinny_gemm_ref``; ``gated``: ``silu(g) * u`` of that
+    product's halves ``[g | u]`` (the MLP's gate_up projection and its activation in one
+    kernel, as ``silu_and_mul_ref(skinny_gemm_ref(x, w))``; a column block reads the gate and up
+    rows of its columns, the weight bytes of a plain block twice as wide). No host sync (CUDA-
+    graph safe) once the workspace is big enough for the shape (a shape's first call allocates)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x [M, K] and w [N, K] needed, got {tuple(x.shape)}, {tuple(w.shape)}")
     if x.shape[0] > MAX_ROWS:
@@ -191,15 +237,18 @@ def skinny_gemm(
         raise ValueError("x and w must be contiguous in K")
     if x.dtype != w.dtype:
         raise ValueError(f"x and w must have one dtype, got {x.dtype}, {w.dtype}")
+    if gated and w.shape[0] % 2:
+        raise ValueError(f"a gated w stacks gate and up rows: an even N needed, got {w.shape[0]}")
     m, (n, k) = x.shape[0], w.shape
+    n_out = n // 2 if gated else n
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    c = config or config_for(n, k)
+    c = config or (gated_config_for(n, k) if gated else config_for(n, k))
     k_per_split = triton.cdiv(triton.cdiv(k, c.split_k), c.block_k) * c.block_k
     split_k = triton.cdiv(k, k_per_split)
-    blocks = triton.cdiv(n, c.block_n)
+    blocks = triton.cdiv(n_out, c.block_n)
     partial, counter = out, out
     if split_k > 1:
         partial, counter = WORKSPACE.get(x.device, split_k * m * n, blocks)
@@ -210,7 +259,7 @@ def skinny_gemm(
         partial,
         counter,
         m,
-        n,
+        n_out,
         k,
         x.stride(0),
         w.stride(0),
@@ -219,6 +268,7 @@ def skinny_gemm(
         BLOCK_K=c.block_k,
         SPLIT_K=split_k,
         K_PER_SPLIT=k_per_split,
+        GATED=gated,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=c.warps,
         num_stages=c.stages,

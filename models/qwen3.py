@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from models.config import ModelConfig
-from models.layers.activation import SiluAndMul
+from models.layers.activation import linear_silu_and_mul
 from models.layers.attention import Attention, AttentionBackend, AttentionMetadata, KVStore
 from models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from models.layers.layernorm import RMSNorm
@@ -110,11 +110,11 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [size, size], False, parallel
         )
-        self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(size, config.hidden_size, False, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # via [T, 2I / world]
+        gate_up = self.gate_up_proj  # [T, 2I / world], then the activation: one kernel at decode
+        return self.down_proj(linear_silu_and_mul(x, gate_up.weight, gate_up.bias))
 
 
 class Qwen3DecoderLayer(nn.Module):

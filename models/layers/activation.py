@@ -1,6 +1,8 @@
 """Gated activation used by the Qwen3 MLP: ``silu(gate) * up`` on the fused gate_up output.
 
-On CUDA this is one Triton kernel (``kernels.silu_and_mul``); on CPU it is the torch code.
+On CUDA this is one Triton kernel (``kernels.silu_and_mul``); on CPU it is the torch code. At
+decode batch sizes ``linear_silu_and_mul`` folds it into the gate_up projection's GEMM
+(``kernels.skinny_gemm``, gated): one kernel fewer per layer.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.layers.linear import linear
 
 
 class SiluAndMul(nn.Module):
@@ -20,3 +24,16 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+def linear_silu_and_mul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``SiluAndMul()(linear(x, weight, bias))``: ``x: [T, in]``, ``weight: [2I, in]`` (gate rows
+    then up rows) -> ``[T, I]``; where linear would take the skinny GEMM, one gated kernel."""
+    if bias is None and x.is_cuda:
+        from kernels import skinny_gemm  # triton is imported only where it runs
+
+        if skinny_gemm.use_skinny(x, weight):
+            return skinny_gemm.skinny_gemm(x, weight, gated=True)
+    return SiluAndMul()(linear(x, weight, bias))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import skinny_gemm as sg
+from models.layers.activation import SiluAndMul, linear_silu_and_mul
 from models.layers.linear import linear
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,6 +45,32 @@ def test_skinny_gemm_matches_f_linear(rows, n, k, config) -> None:
         got = sg.skinny_gemm(x, w, config, out=out)
         assert got.data_ptr() == out.data_ptr()
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def gated_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    gate, up = reference(x, w).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize(
+    "rows, n, k, config",
+    [
+        (1, 128, 256, None),  # gated_config_for: half the plain block's columns
+        (4, 80, 300, sg.SkinnyGemmConfig(16, 64, 3, 4, 2)),  # ragged, three slices
+        (16, 96, 128, sg.SkinnyGemmConfig(32, 64, 1, 4, 2)),  # a block past the gate half's end
+    ],
+)
+def test_gated_skinny_gemm_is_silu_and_mul_of_the_product(rows, n, k, config) -> None:
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device=DEVICE)
+    w = torch.randn(n, k, device=DEVICE)
+    want = gated_reference(x, w)
+    for _ in range(2):  # the second call finds the counters reset by the first
+        out = torch.full((rows, n // 2), NAN, device=DEVICE)
+        sg.skinny_gemm(x, w, config, out=out, gated=True)
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="even N"):
+        sg.skinny_gemm(x, w[:-1], gated=True)
 
 
 def test_skinny_gemm_refuses_what_it_does_not_compute() -> None:
@@ -120,6 +147,35 @@ def test_gpu_layers_take_the_kernel_at_decode_rows_only(monkeypatch) -> None:
         x = torch.randn(rows, 2048, device="cuda").to(torch.bfloat16)
         torch.testing.assert_close(linear(x, w, None), F.linear(x, w), rtol=1e-2, atol=1e-2)
         assert calls == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+def test_gpu_gated_gate_up_in_a_graph_matches_gemm_then_silu_and_mul(rows) -> None:
+    n, k = QWEN3_SHAPES["gate_up"]
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    sg.skinny_gemm(x, w, gated=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sg.skinny_gemm(x, w, gated=True)
+    for _ in range(2):
+        out.fill_(NAN)
+        graph.replay()
+        torch.testing.assert_close(out.double(), gated_reference(x, w), rtol=1e-2, atol=1e-2)
+    separate = SiluAndMul()(sg.skinny_gemm(x, w))  # what the layers ran before: rounded alike
+    torch.testing.assert_close(out, separate, rtol=0, atol=0)
+    calls = []
+    monkeypatch = pytest.MonkeyPatch()
+    real = sg.skinny_gemm
+    monkeypatch.setattr(sg, "skinny_gemm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    try:
+        linear_silu_and_mul(x, w, None)
+        linear_silu_and_mul(torch.randn(17, k, device="cuda").to(torch.bfloat16), w, None)
+    finally:
+        monkeypatch.undo()
+    assert calls == [{"gated": True}]  # decode rows only: 17 rows take cuBLAS and the kernel
 
 
 def test_kernels_launch_without_pdl_off_cuda_or_when_turned_off(monkeypatch) -> None:
