@@ -52,7 +52,7 @@ def _skinny_gemm_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
-    partial_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1)
+    partial_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1; N = 2 N_OUT when GATED)
     counter_ptr,  # [cdiv(N_OUT, BLOCK_N)] int32, zero between calls (SPLIT_K > 1)
     M,
     N_OUT,  # output columns: N, or N / 2 when GATED
