@@ -25,11 +25,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from kernels.paged_decode_attention import (  # noqa: E402
-    DecodeConfig,
-    default_num_splits,
-    paged_decode_attention,
-)
+from kernels.decode_splits import default_num_splits  # noqa: E402
+from kernels.paged_decode_attention import DecodeConfig, paged_decode_attention  # noqa: E402
 from kernels.paged_prefill_attention import (  # noqa: E402
     PrefillConfig,
     default_prefill_config,

@@ -4,9 +4,13 @@ One program handles one (sequence, KV head, context split) and reads each K/V ro
 once for all the query heads that share that KV head (GQA): the group's queries form the rows of a
 ``[GROUP_PAD, D]`` tile (padded to 16 for ``tl.dot``) against ``[BLOCK_N, D]`` K/V tiles, with an
 online softmax in float32. When there are too few (sequence, KV head) pairs to fill the GPU, the
-context is split across programs (flash-decoding): each split writes a normalised partial output
-and its log-sum-exp, and a second kernel combines them. The wrapper never syncs with the device,
-so it can be captured in a CUDA graph (``num_splits`` depends only on shapes).
+context is split across programs (flash-decoding, ``decode_splits``: how many, which tokens
+each): each split writes a normalised partial output and its log-sum-exp, and a second kernel
+combines them. A split past its context's end (most of them, at short contexts: the count comes
+from the block table's capacity) returns at once, before waiting for the previous kernel, so it
+holds no SM while that one runs, and the combine reads only the splits with tokens. The wrapper
+never syncs with the device, so it can be captured in a CUDA graph (``num_splits`` depends only
+on shapes).
 
 Not here: several query tokens per sequence (``paged_prefill_attention``), the KV store
 (``store_kvcache``).
@@ -14,7 +18,6 @@ Not here: several query tokens per sequence (``paged_prefill_attention``), the K
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -23,13 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.decode_splits import default_num_splits, split_range
 from kernels.paged_attention import check_paged_kv_inputs, paged_attention_ref
 from kernels.paged_kv_tile import kv_tile_offsets
 from kernels.pdl import launch_options, wait_for_previous
-
-MIN_TOKENS_PER_SPLIT = 256
-MAX_NUM_SPLITS = 32
-PROGRAMS_PER_SM = 12
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,17 @@ def _paged_decode_kernel(
     TILE_IN_ONE_BLOCK: tl.constexpr,  # BLOCK_SIZE % BLOCK_N == 0: one block table entry per tile
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(1) * GROUP
+    # Read before the wait: seq_lens must not come from the kernel launched just before this one
+    # (a step's lengths are its inputs, copied before its first kernel).
     seq_len = tl.load(seq_lens_ptr + seq)
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * tokens_per_split
+    start, tokens_per_split = split_range(seq_len, split, NUM_SPLITS, BLOCK_N)
+    if NUM_SPLITS > 1 and start >= seq_len:
+        return  # an empty split writes nothing (the combine skips it) and frees its SM at once
+    wait_for_previous(USE_PDL)
     end = tl.minimum(start + tokens_per_split, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -129,7 +132,7 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    # l_i == 0 only for an empty split (or an empty padding sequence): write zeros, lse = -inf.
+    # l_i == 0 only for an empty padding sequence (split ones returned above): write zeros.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if NUM_SPLITS == 1:
@@ -151,14 +154,16 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    part_out_ptr,  # [B, H_q, NUM_SPLITS, D] float32
-    part_lse_ptr,  # [B, H_q, NUM_SPLITS] float32, log2 domain, -inf for empty splits
+    part_out_ptr,  # [B, H_q, NUM_SPLITS, D] float32; only the splits with tokens written
+    part_lse_ptr,  # [B, H_q, NUM_SPLITS] float32, log2 domain; likewise
+    seq_lens_ptr,
     out_ptr,  # [B, H_q, D]
     stride_ob,
     stride_oh,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_previous(USE_PDL)
@@ -166,7 +171,9 @@ def _combine_splits_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < NUM_SPLITS
+    seq_len = tl.load(seq_lens_ptr + seq)
+    _, tokens_per_split = split_range(seq_len, 0, NUM_SPLITS, BLOCK_N)
+    s_mask = offs_s < tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1))  # the splits with tokens
     part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
     lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
@@ -187,30 +194,6 @@ def default_decode_config(head_dim: int, element_size: int = 2) -> DecodeConfig:
     if head_dim * element_size <= 256:
         return DecodeConfig()
     return DecodeConfig(block_n=32, num_stages=2)
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def default_num_splits(
-    batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device
-) -> int:
-    """Splits per (sequence, KV head) so the grid has about ``PROGRAMS_PER_SM`` programs per SM
-    (enough loads in flight to reach memory bandwidth): from a sweep on an H200 over mixed context
-    lengths (``python bench/kernel_bench.py --sweep-splits``), 1 split at 256 sequences, 2 at
-    128-192, 4 at 64, 16 at 16 and below were each within 2 points of that batch size's best.
-    Depends only on shapes (``max_context_len`` is the block table's capacity, not the real
-    lengths): stable under CUDA-graph capture. On CPU (interpreter): 1."""
-    if device.type != "cuda":
-        return 1
-    num_programs = batch_size * num_kv_heads
-    device_index = device.index if device.index is not None else torch.cuda.current_device()
-    target = PROGRAMS_PER_SM * _num_sms(device_index)
-    by_occupancy = triton.cdiv(target, max(num_programs, 1))
-    by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
-    return max(1, min(by_occupancy, by_length, MAX_NUM_SPLITS))
 
 
 def paged_decode_attention(
@@ -288,12 +271,14 @@ def paged_decode_attention(
         _combine_splits_kernel[(num_seqs, num_q_heads)](
             part_out,
             part_lse,
+            seq_lens,
             out,
             out.stride(0),
             out.stride(1),
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
+            BLOCK_N=config.block_n,
             num_warps=4,
             **options,
         )

@@ -101,7 +101,8 @@ class TritonBackend:
         """With both limits given, decode splits long contexts by the engine's limits (the
         padded batch size and max_model_len), never by this step's shapes: eager and CUDA-graph
         decode then split alike and give bit-identical results."""
-        from kernels.paged_decode_attention import default_num_splits, paged_decode_attention
+        from kernels.decode_splits import default_num_splits
+        from kernels.paged_decode_attention import paged_decode_attention
         from kernels.paged_prefill_attention import paged_prefill_attention
         from kernels.store_kvcache import store_kvcache
 

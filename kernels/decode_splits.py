@@ -1,0 +1,54 @@
+"""How many programs share one sequence's context in decode attention (flash-decoding), and which
+tokens each takes.
+
+``default_num_splits`` is the policy, from shapes only (stable under CUDA-graph capture);
+``split_range`` is the tokens of one split, which both of ``paged_decode_attention``'s kernels
+compute alike: the attention to know what to read, the combine to know which splits hold
+anything (so that it reads only those).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_TOKENS_PER_SPLIT = 256
+MAX_NUM_SPLITS = 32
+PROGRAMS_PER_SM = 12
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(
+    batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device
+) -> int:
+    """Splits per (sequence, KV head) so the grid has about ``PROGRAMS_PER_SM`` programs per SM
+    (enough loads in flight to reach memory bandwidth): from a sweep on an H200 over mixed context
+    lengths (``python bench/kernel_bench.py --sweep-splits``), 1 split at 256 sequences, 2 at
+    128-192, 4 at 64, 16 at 16 and below were each within 2 points of that batch size's best.
+    Depends only on shapes (``max_context_len`` is the block table's capacity, not the real
+    lengths): stable under CUDA-graph capture. On CPU (interpreter): 1."""
+    if device.type != "cuda":
+        return 1
+    num_programs = batch_size * num_kv_heads
+    device_index = device.index if device.index is not None else torch.cuda.current_device()
+    target = PROGRAMS_PER_SM * _num_sms(device_index)
+    by_occupancy = triton.cdiv(target, max(num_programs, 1))
+    by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(by_occupancy, by_length, MAX_NUM_SPLITS))
+
+
+@triton.jit
+def split_range(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first token, tokens per split) of split ``split``: the context in whole ``BLOCK_N``
+    tiles, as evenly as they go; the last splits of a short context are empty (first token >=
+    seq_len), and a context of ``seq_len`` tokens has ``cdiv(seq_len, tokens per split)``
+    splits that are not."""
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return split * tokens_per_split, tokens_per_split
