@@ -3,11 +3,14 @@
 Decode attention is memory-bound: its figure is the K/V bytes read per second, next to a large
 device-to-device copy on the same GPU (bytes read + written per second). Prefill attention is
 compute-bound: its figure is TFLOP/s (causal: only the visible query-key pairs are counted).
-``--sweep`` also times every launch configuration in a small grid and prints the fastest.
+``--sweep`` also times every launch configuration in a small grid and prints the fastest;
+``--latency`` times decode attention at batch 1 the way a decode step runs it: 28 calls (one per
+layer) captured in a CUDA graph, programmatic dependent launch on, us per call, by context length
+and split count (the latency a single user's step pays, not bandwidth).
 
 Not a correctness test (tests/unit/test_kernels.py is); needs CUDA.
 
-    python bench/kernel_bench.py [--sweep]
+    python bench/kernel_bench.py [--sweep] [--sweep-splits] [--latency]
 """
 
 from __future__ import annotations
@@ -149,6 +152,26 @@ def sweep_splits(copy_gbs: float) -> None:
         print(f"{num_seqs:>6}{auto:>6}" + "".join(f"{r:>6.0%}" for r in row))
 
 
+def decode_latency(layers: int = 28) -> None:
+    """Batch-1 decode attention as a graphed decode step runs it: ``layers`` calls in a graph."""
+    print(f"\ndecode attention, 1 sequence, us per call ({layers} calls in a CUDA graph):")
+    counts = (1, 2, 4, 8, 16, 32)
+    print(f"{'context':>8}" + "".join(f"{c:>8}" for c in counts))
+    for context in (128, 600, 1124, 4096, 16384):
+        k, v, lens, tables = paged_kv([context], 256)
+        q = torch.randn(1, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        out = torch.empty_like(q)
+        row = []
+        for splits in counts:
+            paged_decode_attention(q, k, v, lens, tables, 0.088, splits, out=out)  # compiles
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(layers):
+                    paged_decode_attention(q, k, v, lens, tables, 0.088, splits, out=out)
+            row.append(min(time_ms(graph.replay) for _ in range(3)) * 1e3 / layers)
+        print(f"{context:>8}" + "".join(f"{us:>8.2f}" for us in row))
+
+
 def sweep_prefill() -> None:
     cached_and_new, num_q_heads = PREFILL_SHAPES["4 x 2048 plain"]
     results = []
@@ -172,6 +195,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep-splits", action="store_true", help="also sweep decode split counts by batch size"
     )
+    parser.add_argument(
+        "--latency", action="store_true", help="also time batch-1 decode calls in a graph"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_bench needs a CUDA GPU")
@@ -184,6 +210,8 @@ def main() -> None:
         sweep_prefill()
     if args.sweep_splits:
         sweep_splits(copy_gbs)
+    if args.latency:
+        decode_latency()
 
     print(f"\n{'decode (H_q 16, H_kv 8, D 128, bf16)':40s} {'us':>8s} {'GB/s':>7s} {'% copy':>7s}")
     mixed = torch.randint(100, 2049, (256,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -63,12 +63,13 @@ if [ "${ONLY:-limit}" = limit ]; then
 fi
 if [ "${ONLY:-latency}" = latency ]; then
   # One user's latency: the graph and engine GPU tests; the decode step's kernels with
-  # programmatic dependent launch and without, side by side; one user's stream with the defaults
+  # programmatic dependent launch and without, side by side; decode attention's batch-1 latency; one user's stream with the defaults
   # (and its step trace) beside the same run with prefill steps eager.
   step pytest_latency $PY -m pytest -m gpu -q -rf -p no:cacheprovider \
       tests/unit/test_skinny_gemm.py tests/gpu/test_gpu_engine.py
   step latency_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 --top 10 \
       --out "$OUT_DIR/latency_profile.jsonl"
+  step decode_latency $PY bench/kernel_bench.py --latency  # batch-1 decode attention per call
   step latency_profile_no_pdl $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16 \
       --top 10 --no-pdl --out "$OUT_DIR/latency_profile_no_pdl.jsonl"
   step latency_single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
