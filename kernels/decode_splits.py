@@ -2,9 +2,8 @@
 tokens each takes.
 
 ``default_num_splits`` is the policy, from shapes only (stable under CUDA-graph capture);
-``split_range`` is the tokens of one split, which both of ``paged_decode_attention``'s kernels
-compute alike: the attention to know what to read, the combine to know which splits hold
-anything (so that it reads only those).
+``split_range`` is the tokens of one split (the attention's), ``splits_with_tokens`` how many
+splits are not empty (the combine reads only those): both from one formula.
 """
 
 from __future__ import annotations
@@ -52,3 +51,11 @@ def split_range(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr)
     splits that are not."""
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     return split * tokens_per_split, tokens_per_split
+
+
+@triton.jit
+def splits_with_tokens(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """How many of ``split_range``'s splits of a ``seq_len``-token context hold tokens (0 for an
+    empty padding sequence): the first ones."""
+    _, tokens_per_split = split_range(seq_len, 0, NUM_SPLITS, BLOCK_N)
+    return tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.decode_splits import default_num_splits, split_range
+from kernels.decode_splits import default_num_splits, split_range, splits_with_tokens
 from kernels.paged_attention import check_paged_kv_inputs, paged_attention_ref
 from kernels.paged_kv_tile import kv_tile_offsets
 from kernels.pdl import launch_options, wait_for_previous
@@ -147,7 +147,7 @@ def _paged_decode_kernel(
         )
         tl.store(
             part_lse_ptr + part,
-            tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)),
+            m_i + tl.log2(l_i),  # a split that did not return has tokens: l_i > 0
             mask=g_mask,
         )
 
@@ -171,9 +171,7 @@ def _combine_splits_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    _, tokens_per_split = split_range(seq_len, 0, NUM_SPLITS, BLOCK_N)
-    s_mask = offs_s < tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1))  # the splits with tokens
+    s_mask = offs_s < splits_with_tokens(tl.load(seq_lens_ptr + seq), NUM_SPLITS, BLOCK_N)
     part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
     lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)

@@ -217,21 +217,22 @@ class StepGraphs:
         torch.cuda.synchronize()
         return pool
 
-    def can_run(self, step: HostStep, sampling: SamplingInput[np.ndarray]) -> bool:
-        """A step that fits a bucket, whose sampling rows and banned ids fit the layout."""
-        return (
-            self.bucket(step) is not None
-            and step.arrays.block_tables.shape[1] <= self.max_blocks
-            and sampling.arrays.banned_ids.shape[1] <= MAX_BANNED_IDS
-        )
+    def fitting_bucket(self, step: HostStep, sampling: SamplingInput[np.ndarray]) -> int | None:
+        """The bucket of a step that fits one and whose block tables and banned ids fit the
+        layout; else None."""
+        if (
+            step.arrays.block_tables.shape[1] > self.max_blocks
+            or sampling.arrays.banned_ids.shape[1] > MAX_BANNED_IDS
+        ):
+            return None
+        return self.bucket(step)
 
     def run(
-        self, step: HostStep, sampling: SamplingInput[np.ndarray]
+        self, bucket: int, step: HostStep, sampling: SamplingInput[np.ndarray]
     ) -> tuple[torch.Tensor, torch.Tensor | None, SamplingInput[torch.Tensor]]:
-        """Replay for ``step``: its tokens [B_s], its logits [B_s, V] (rank 0; else None) and its
-        sampling input as views of the graph's own inputs, for a second draw."""
-        bucket = self.bucket(step)
-        assert bucket is not None, "run() a step that can_run() refused"
+        """Replay ``bucket`` (``fitting_bucket``'s) for ``step``: its tokens [B_s], its logits
+        [B_s, V] (rank 0; else None) and its sampling input as views of the graph's own inputs,
+        for a second draw."""
         num_sampled = len(step.sample_rows)
         self.load(step, sampling)
         self.graphs[bucket].replay()

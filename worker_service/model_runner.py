@@ -183,10 +183,12 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, Logprobs | None]:
         """Queue the forward and the draw: the tokens [B_s] (on other ranks than 0, a buffer for
         rank 0's) and, if asked for, their logprobs."""
-        graphs = next((g for g in self.graphs if g.can_run(host, sampling)), None)
         tokens: torch.Tensor | None = None
-        if graphs is not None:
-            tokens, logits, sampling_gpu = graphs.run(host, sampling)  # drawn in the graph
+        for graphs in self.graphs:
+            bucket = graphs.fitting_bucket(host, sampling)
+            if bucket is not None:  # drawn in the graph
+                tokens, logits, sampling_gpu = graphs.run(bucket, host, sampling)
+                break
         else:
             logits, sampling_gpu = self._run_eager(host, sampling)
         if logits is not None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers.linear import linear
+from models.layers.linear import linear, skinny_gemm_for
 
 
 class SiluAndMul(nn.Module):
@@ -31,9 +31,7 @@ def linear_silu_and_mul(
 ) -> torch.Tensor:
     """``SiluAndMul()(linear(x, weight, bias))``: ``x: [T, in]``, ``weight: [2I, in]`` (gate rows
     then up rows) -> ``[T, I]``; where linear would take the skinny GEMM, one gated kernel."""
-    if bias is None and x.is_cuda:
-        from kernels import skinny_gemm  # triton is imported only where it runs
-
-        if skinny_gemm.use_skinny(x, weight):
-            return skinny_gemm.skinny_gemm(x, weight, gated=True)
+    gemm = skinny_gemm_for(x, weight, bias)
+    if gemm is not None:
+        return gemm(x, weight, gated=True)
     return SiluAndMul()(linear(x, weight, bias))

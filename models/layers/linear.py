@@ -9,6 +9,7 @@ FULL checkpoint tensor (a ``torch.Tensor`` or a lazily-read safetensors slice, w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -29,15 +30,24 @@ class WeightLoader(Protocol):
     ) -> None: ...
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``; at decode batch sizes on CUDA, small weights through kernels.skinny_gemm
-    (cuBLAS reads them at a fraction of the copy bandwidth there)."""
+def skinny_gemm_for(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> Callable[..., torch.Tensor] | None:
+    """``kernels.skinny_gemm.skinny_gemm`` where it takes ``x @ weight.T`` (CUDA, decode batch
+    sizes, a small half-precision weight, no bias: cuBLAS reads such weights at a fraction of
+    the copy bandwidth), else None."""
     if bias is None and x.is_cuda:
         from kernels import skinny_gemm  # triton is imported only where it runs
 
         if skinny_gemm.use_skinny(x, weight):
-            return skinny_gemm.skinny_gemm(x, weight)
-    return F.linear(x, weight, bias)
+            return skinny_gemm.skinny_gemm
+    return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, or the skinny GEMM where it takes it (``skinny_gemm_for``)."""
+    gemm = skinny_gemm_for(x, weight, bias)
+    return F.linear(x, weight, bias) if gemm is None else gemm(x, weight)
 
 
 def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:

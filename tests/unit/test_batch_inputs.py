@@ -185,7 +185,7 @@ def test_a_decode_step_loads_into_the_graph_inputs_with_padded_rows() -> None:
     banning = SamplingParams(temperature=0.5, top_k=3, min_tokens=2, stop_token_ids=(7, 9))
     graphs.load(*_decode_step(5, table, [banning] * 5))  # a larger step first: stale rows
     step, sampling = _decode_step(3, table, [SamplingParams(), banning, SamplingParams(seed=3)])
-    assert graphs.can_run(step, sampling)
+    assert graphs.fitting_bucket(step, sampling) is not None
     graphs.load(step, sampling)
     x, s = graphs.inputs_gpu, graphs.sampling_gpu
     for name, array in named(step.arrays).items():
@@ -205,10 +205,10 @@ def test_steps_the_graphs_cannot_hold_run_eagerly() -> None:
     many_stops = SamplingParams(min_tokens=1, stop_token_ids=tuple(range(10, 10 + MAX_BANNED_IDS)))
     step, sampling = _decode_step(2, SequenceTable(rows=8, blocks_per_seq=2), [many_stops] * 2)
     assert sampling.arrays.banned_ids.shape[1] > MAX_BANNED_IDS
-    assert not graphs.can_run(step, sampling)
+    assert graphs.fitting_bucket(step, sampling) is None
     step, sampling = _decode_step(
         2, SequenceTable(rows=8, blocks_per_seq=2), [SamplingParams()] * 2
     )
-    assert graphs.can_run(step, sampling)
+    assert graphs.fitting_bucket(step, sampling) is not None
     too_many = DecodeGraphs(None, 1, 4, torch.zeros(8, dtype=torch.int64), torch.device("cpu"))
-    assert not too_many.can_run(step, sampling)
+    assert too_many.fitting_bucket(step, sampling) is None

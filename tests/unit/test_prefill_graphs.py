@@ -51,7 +51,7 @@ def test_steps_go_to_the_smallest_bucket_that_holds_their_tokens() -> None:
     assert token_buckets(100) == [16, 32, 64, 100]
     graphs = PrefillGraphs(None, 4, 64, 2, torch.zeros(64, dtype=torch.int64), CPU)
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
-    assert graphs.can_run(host, sampling) and graphs.bucket(host) == 16
+    assert graphs.fitting_bucket(host, sampling) == 16
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), [(20, 0, 20), (4, 0, 4)])
     assert graphs.bucket(host) == 32
     decode, _ = _step(SequenceTable(rows=8, blocks_per_seq=2), [(5, 4, 1), (3, 2, 1)])
@@ -62,7 +62,7 @@ def test_steps_go_to_the_smallest_bucket_that_holds_their_tokens() -> None:
     assert graphs.bucket(too_long) is None  # 90 tokens, 64 at most
     banning = SamplingParams(min_tokens=1, stop_token_ids=tuple(range(10, 10 + MAX_BANNED_IDS)))
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED, banning)
-    assert not graphs.can_run(host, sampling)
+    assert graphs.fitting_bucket(host, sampling) is None
 
 
 def test_a_negative_prefill_graph_size_is_refused_by_name() -> None:
