@@ -5,8 +5,10 @@
 its own seed and the token index (counter-based random numbers, one Philox call for four
 consecutive entries), so a row's token never depends on its neighbours or on how the vocabulary
 is split. One program scores one chunk of one row's vocabulary and keeps its best (score, index);
-a small reduction over the chunks picks each row's winner, lowest index on ties like
-``torch.argmax``. Splitting the vocabulary keeps the whole GPU busy at any batch size.
+a second kernel, one program per row, picks each row's winner among its chunks' (lowest index on
+ties, like ``torch.argmax``) and writes it where the caller says (a graphed step: straight into
+the tokens the next step reads). Splitting the vocabulary keeps the whole GPU busy at any batch
+size. Both kernels launch with programmatic dependent launch (kernels/pdl.py) where it runs.
 
 Filters (top_k, top_p, min_p) and banned tokens are the caller's (worker_service/sampling.py):
 it sets their logits to -inf, which scores -inf whatever the noise (a chunk that is all -inf
@@ -24,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_for_previous
+
 CHUNK_SIZE = 4096  # vocabulary entries per program
 
 
@@ -39,7 +43,9 @@ def _sample_chunk_kernel(
     num_chunks,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     temperature = tl.load(temperatures_ptr + row)
@@ -71,12 +77,35 @@ def _sample_chunk_kernel(
     tl.store(part_index_ptr + row * num_chunks + chunk, winner)
 
 
+@triton.jit
+def _pick_kernel(
+    part_score_ptr,  # [B, num_chunks] float32
+    part_index_ptr,  # [B, num_chunks] int32
+    out_ptr,  # [B] int64
+    num_chunks,
+    BLOCK_C: tl.constexpr,  # next power of two >= num_chunks
+    USE_PDL: tl.constexpr,
+):
+    wait_for_previous(USE_PDL)
+    row = tl.program_id(0)
+    chunks = tl.arange(0, BLOCK_C)
+    mask = chunks < num_chunks
+    score = tl.load(part_score_ptr + row * num_chunks + chunks, mask=mask, other=float("-inf"))
+    top = tl.max(score, axis=0)
+    # The first chunk holding the maximum: chunks are in token order, so its winner is the
+    # lowest index among the maxima.
+    first = tl.min(tl.where((score == top) & mask, chunks, BLOCK_C), axis=0)
+    winner = tl.load(part_index_ptr + row * num_chunks + first)
+    tl.store(out_ptr + row, winner.to(tl.int64))
+
+
 def sample_tokens(
     logits: torch.Tensor,  # [B, V] float32 / bfloat16 / float16
     temperatures: torch.Tensor,  # [B] float32, 0 = greedy
     seeds: torch.Tensor,  # [B] int64, one noise stream per row
     chunk_size: int = CHUNK_SIZE,
-) -> torch.Tensor:  # [B] int64
+    out: torch.Tensor | None = None,  # [B] int64, where the tokens go; fresh when None
+) -> torch.Tensor:  # [B] int64: ``out``
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [B, V] with unit stride on V, got {tuple(logits.shape)}")
     num_rows, vocab_size = logits.shape
@@ -86,11 +115,16 @@ def sample_tokens(
         raise ValueError("seeds must be int64 of shape [B]")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size={chunk_size} is invalid: must be a power of two >= 16")
+    if out is None:
+        out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    elif out.shape != (num_rows,) or out.dtype != torch.int64:
+        raise ValueError(f"out must be int64 of shape [{num_rows}], got {tuple(out.shape)}")
     if num_rows == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
+        return out
     num_chunks = triton.cdiv(vocab_size, chunk_size)
     part_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     part_index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    pdl = launch_options(logits.device)
     _sample_chunk_kernel[(num_rows, num_chunks)](
         logits,
         logits.stride(0),
@@ -102,9 +136,11 @@ def sample_tokens(
         num_chunks,
         CHUNK=chunk_size,
         BLOCK=min(1024, chunk_size),
+        **pdl,
     )
-    best_chunk = part_score.argmax(dim=1, keepdim=True)  # first maximum: the lowest index
-    return part_index.gather(1, best_chunk)[:, 0].to(torch.int64)
+    block_c = triton.next_power_of_2(num_chunks)
+    _pick_kernel[(num_rows,)](part_score, part_index, out, num_chunks, BLOCK_C=block_c, **pdl)
+    return out
 
 
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85

@@ -164,8 +164,10 @@ class Qwen3Model(nn.Module):
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
         meta: AttentionMetadata,
+        prev_rows: torch.Tensor | None = None,  # [T] int64: VocabParallelEmbedding's
+        prev_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, hidden]
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids, prev_rows, prev_tokens)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
@@ -202,9 +204,17 @@ class Qwen3ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
-        """Qwen3Model's: input_ids [T] int64, positions [T] int64 -> hidden [T, hidden]."""
-        return self.model(input_ids, positions, meta)
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        meta: AttentionMetadata,
+        prev_rows: Tensor | None = None,
+        prev_tokens: Tensor | None = None,
+    ) -> Tensor:
+        """Qwen3Model's: input_ids [T] int64, positions [T] int64 -> hidden [T, hidden]; where
+        ``prev_rows[t] >= 0`` the id is ``prev_tokens[prev_rows[t]]`` (the previous step's)."""
+        return self.model(input_ids, positions, meta, prev_rows, prev_tokens)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``hidden: [B, hidden]`` -> ``[B, vocab]`` (model dtype) on rank 0, None elsewhere."""

@@ -191,13 +191,12 @@ class StepGraphs:
 
         x, s, meta = self.inputs_gpu, self.sampling_gpu, self.meta(bucket)
         rows, tokens = self.num_rows(bucket), meta.slot_mapping.shape[0]
-        prev = x.prev_rows[:tokens]
-        ids = torch.where(prev >= 0, self.prev_tokens[prev.clamp(min=0)], x.input_ids[:tokens])
-        hidden = self.model(ids, x.positions[:tokens], meta)
+        ids, prev = x.input_ids[:tokens], x.prev_rows[:tokens]
+        hidden = self.model(ids, x.positions[:tokens], meta, prev, self.prev_tokens)
         logits = self.model.compute_logits(self.sampling_hidden(hidden, bucket))
         if logits is not None:  # None on ranks other than 0
-            sampled = sample_tokens(logits, s.temperatures[:rows], s.seeds[:rows])
-            self.tokens_out(bucket)[:rows].copy_(sampled)
+            out = self.tokens_out(bucket)[:rows]
+            sample_tokens(logits, s.temperatures[:rows], s.seeds[:rows], out=out)
         return logits
 
     @torch.inference_mode()

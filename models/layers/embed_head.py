@@ -1,5 +1,9 @@
 """Vocabulary-parallel token embedding and LM head.
 
+The embedding takes a step's ids as the worker has them: some may still be on the device, sampled
+by the previous step (``prev_rows[t] >= 0``: token ``t`` is ``prev_tokens[prev_rows[t]]``). On one
+CUDA rank the ids are resolved and looked up in one kernel (kernels/embed_tokens.py).
+
 The vocabulary is split into ``world_size`` equal row ranges (the last one padded with zero rows
 when the vocabulary does not divide evenly). The embedding looks up only this rank's range and
 all-reduces; the head computes logits for this rank's range and gathers them to rank 0, which is
@@ -43,8 +47,21 @@ class VocabParallelEmbedding(nn.Module):
         if num_rows:
             param.data[:num_rows].copy_(loaded_weight[self.vocab_start : self.vocab_end])
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
-        if self.parallel.world_size == 1:
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        prev_rows: torch.Tensor | None = None,  # [T] int64, -1: the id is in input_ids
+        prev_tokens: torch.Tensor | None = None,  # [R] int64, the previous step's tokens
+    ) -> torch.Tensor:  # [T, hidden]
+        single = self.parallel.world_size == 1
+        if single and self.weight.is_cuda:
+            from kernels.embed_tokens import embed_tokens  # triton only where it runs
+
+            return embed_tokens(self.weight, input_ids, prev_rows, prev_tokens)
+        if prev_rows is not None:
+            assert prev_tokens is not None
+            input_ids = torch.where(prev_rows >= 0, prev_tokens[prev_rows.clamp(min=0)], input_ids)
+        if single:
             return F.embedding(input_ids, self.weight)
         in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = (input_ids - self.vocab_start).masked_fill(~in_range, 0)

@@ -105,6 +105,20 @@ def test_splitting_the_vocabulary_changes_nothing() -> None:
     assert whole[0] == 100 and whole[1] == logits[1].argmax()
 
 
+def test_tokens_land_in_the_tensor_given_and_nowhere_else() -> None:
+    logits = torch.randn(3, 300, device=DEVICE)
+    logits[0, [10, 250]] = 40.0  # a tie across chunks in the row picked from the chunks
+    temps = torch.tensor([0.0, 1.0, 0.5], device=DEVICE)
+    seeds = torch.tensor([7, 8, 9], device=DEVICE)
+    buffer = torch.full((5,), -7, dtype=torch.int64, device=DEVICE)
+    got = sample_tokens(logits, temps, seeds, chunk_size=64, out=buffer[1:4])
+    assert got.data_ptr() == buffer[1:4].data_ptr()
+    assert torch.equal(buffer[1:4].cpu(), sample_tokens_ref(logits, temps, seeds).cpu())
+    assert buffer[1] == 10 and buffer[0] == -7 and buffer[4] == -7
+    with pytest.raises(ValueError, match="out"):
+        sample_tokens(logits, temps, seeds, out=buffer[:2])
+
+
 def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="seeds"):
         sample_tokens(
