@@ -61,10 +61,10 @@ def _embed_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
+    ident = tl.load(ids_ptr + token)  # the step's inputs: copied before its first kernel
+    row = tl.load(prev_rows_ptr + token) if HAS_PENDING else -1
     wait_for_previous(USE_PDL)  # prev_tokens: the previous step's sampler wrote them
-    ident = tl.load(ids_ptr + token)
     if HAS_PENDING:
-        row = tl.load(prev_rows_ptr + token)
         pending = tl.load(prev_tokens_ptr + tl.maximum(row, 0))
         ident = tl.where(row >= 0, pending, ident)
     offs = block * BLOCK_H + tl.arange(0, BLOCK_H)

@@ -118,9 +118,10 @@ def _qk_norm_rope_kernel(
     BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
+    # Before the wait: positions and slots are the step's inputs (copied before its first
+    # kernel), cos/sin constant; only q, k and v come from the kernel before this one.
     pos = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     dim_mask = dims < HALF
@@ -130,6 +131,8 @@ def _qk_norm_rope_kernel(
     cos2 = tl.load(cos_row + HALF + dims, mask=dim_mask, other=0.0).to(dtype).to(tl.float32)
     sin1 = tl.load(sin_row + dims, mask=dim_mask, other=0.0).to(dtype).to(tl.float32)
     sin2 = tl.load(sin_row + HALF + dims, mask=dim_mask, other=0.0).to(dtype).to(tl.float32)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64) if STORE_KV else -1
+    wait_for_previous(USE_PDL)
     if tl.program_id(1) == 0:
         _norm_rope_heads(
             q_ptr + token * stride_qt,
@@ -161,7 +164,6 @@ def _qk_norm_rope_kernel(
             BLOCK_HALF,
         )
         if STORE_KV:
-            slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
             if slot >= 0:
                 heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
                 mask = (heads < NUM_KV_HEADS) & dim_mask

@@ -53,10 +53,11 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < HIDDEN
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)  # before the wait: weights are constant
+    wait_for_previous(USE_PDL)
     x = tl.load(x_ptr + token * stride_xt + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + token * stride_rt + offs, mask=mask, other=0.0)
@@ -65,7 +66,6 @@ def _rms_norm_kernel(
     x32 = x.to(tl.float32)
     variance = tl.sum(x32 * x32, axis=0) / HIDDEN
     normed = (x32 * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + token * HIDDEN + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
