@@ -7,7 +7,10 @@ launch between two of them is a fair part of each). Every kernel launched so cal
 ``wait_for_previous`` before it touches memory an earlier kernel writes: ``griddepcontrol.wait``
 returns once every kernel it depends on has finished and its writes are visible, then
 ``griddepcontrol.launch_dependents`` lets the next kernel be started in turn. Before the wait a
-kernel may only read what no kernel writes (weights). A kernel launched without PDL (torch's,
+kernel may only read what no kernel writes (weights, the RoPE tables) and the step's inputs
+(positions, slots, lengths, block tables, token ids: copied from the host before the step's first
+kernel, never written by the kernel just before); reading them early takes a load off the path
+that starts when the previous kernel ends. A kernel launched without PDL (torch's,
 cuBLAS's) waits for the one before it as usual, and one after it waits for it, so the two kinds
 mix freely. On the CPU interpreter, before Hopper, or with ``enabled`` off, nothing changes.
 """
