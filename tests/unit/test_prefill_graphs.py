@@ -1,7 +1,8 @@
 """Prefill graphs (worker_service/prefill_graphs.py) on the CPU: which steps they take, how a
 step is padded into their static inputs, and that the padded step they would capture gives the
-eager step's logits, stores exactly the step's K/V and leaves ``prev_tokens`` alone. The capture
-and replay themselves need CUDA (tests/gpu/test_gpu_engine.py: graphs == eager)."""
+eager step's logits, stores exactly the step's K/V and leaves ``prev_tokens`` alone; and that
+both kinds' inputs live in the one buffer the host's copy fills. The capture and replay themselves
+need CUDA (tests/gpu/test_gpu_engine.py: graphs == eager)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from protos.step_plan import NewSequence, StepPlan
 from worker_service.batch_inputs import build_host_step, named
 from worker_service.config import WorkerConfig
 from worker_service.cuda_graphs import MAX_BANNED_IDS
+from worker_service.decode_graphs import DecodeGraphs
 from worker_service.prefill_graphs import PrefillGraphs, token_buckets
 from worker_service.sampling import build_sampling_input
 from worker_service.sequence_table import SequenceTable
@@ -84,6 +86,19 @@ def test_a_mixed_step_loads_with_padded_tokens_and_rows_that_write_nowhere() -> 
     assert x.last_token_indices.tolist() == [6, 12, 0, 0]  # two sampling rows, then padding
     assert x.block_tables[:3].tolist() == a.block_tables.tolist() and x.block_tables[3, 0] == 0
     assert graphs.sampling_gpu.temperatures.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_every_graph_input_is_in_the_buffer_the_hosts_copy_fills() -> None:
+    # The kernels read positions, slots, lengths, block tables and ids before their PDL wait
+    # (kernels/pdl.py): safe only while no kernel of the step writes them, i.e. while the step's
+    # one host-to-device copy is all that does.
+    prev = torch.zeros(64, dtype=torch.int64)
+    for graphs in (PrefillGraphs(None, 4, 64, 2, prev, CPU), DecodeGraphs(None, 4, 2, prev, CPU)):
+        start = graphs.static.data_ptr()
+        views = named(graphs.inputs_gpu) | named(graphs.sampling_gpu)
+        for name, view in views.items():
+            end = view.data_ptr() + view.numel() * view.element_size()
+            assert start <= view.data_ptr() and end <= start + graphs.static.numel(), name
 
 
 @pytest.fixture(scope="module")
