@@ -9,8 +9,8 @@ hidden size), launched with programmatic dependent launch where it runs (kernels
 took five kernels at the start of every step (a clamp, a gather, a compare, a select, the
 lookup) is one.
 
-``embed_tokens_ref`` is the same in torch, what the layer runs elsewhere; both copy rows, so
-they agree bit for bit. Not a layer: ``models.layers.embed_head`` decides.
+``embed_tokens_ref`` is the same in torch (the layer's own torch path does the same off CUDA);
+both copy rows, so they agree bit for bit. Not a layer: ``models.layers.embed_head`` decides.
 """
 
 from __future__ import annotations
@@ -25,14 +25,6 @@ from kernels.pdl import launch_options, wait_for_previous
 BLOCK_HIDDEN = 1024  # hidden entries per program
 
 
-def resolve_ids(
-    input_ids: torch.Tensor, prev_rows: torch.Tensor, prev_tokens: torch.Tensor
-) -> torch.Tensor:
-    """[T] int64 ids: ``prev_tokens[prev_rows[t]]`` where ``prev_rows[t] >= 0``, else
-    ``input_ids[t]``."""
-    return torch.where(prev_rows >= 0, prev_tokens[prev_rows.clamp(min=0)], input_ids)
-
-
 def embed_tokens_ref(
     weight: torch.Tensor,  # [V, H]
     input_ids: torch.Tensor,  # [T] int64
@@ -41,7 +33,7 @@ def embed_tokens_ref(
 ) -> torch.Tensor:  # [T, H]
     if prev_rows is not None:
         assert prev_tokens is not None
-        input_ids = resolve_ids(input_ids, prev_rows, prev_tokens)
+        input_ids = torch.where(prev_rows >= 0, prev_tokens[prev_rows.clamp(min=0)], input_ids)
     return F.embedding(input_ids, weight)
 
 

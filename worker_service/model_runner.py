@@ -210,7 +210,7 @@ class ModelRunner:
         rows ([B_s, V] on rank 0; None elsewhere or when no row samples) and its sampling input
         on the device."""
         x, sampling_arrays = pack_step(host.arrays, sampling.arrays, self.device)
-        pending = (x.prev_rows, self.prev_tokens) if host.num_pending else (None, None)
+        prev_rows = x.prev_rows if host.num_pending else None  # None: no id to resolve
         meta = AttentionMetadata(
             slot_mapping=x.slot_mapping,
             cu_seqlens_q=x.cu_seqlens_q,
@@ -221,7 +221,7 @@ class ModelRunner:
             is_decode=host.is_decode,
             is_plain_prefill=host.is_plain_prefill,
         )
-        hidden = self.model(x.input_ids, x.positions, meta, *pending)  # [T, hidden]
+        hidden = self.model(x.input_ids, x.positions, meta, prev_rows, self.prev_tokens)
         logits = None
         if host.sample_rows:
             if host.num_tokens != len(host.sample_rows):
