@@ -56,6 +56,11 @@ class GrammarCache:
         instead, the first constrained request waited for it and the steps beside it stalled."""
         if not (self.model_dir / "tokenizer.json").is_file():
             return  # no tokenizer, no constraints: a check says so when one comes
+        # transformers is imported here, not in the thread: its package swaps itself for a lazy
+        # module in sys.modules while it loads, so another thread importing it meanwhile (a user
+        # of the in-process LLM, say) found a half-made package (KeyError 'transformers.utils').
+        import transformers  # noqa: F401
+
         threading.Thread(target=self._build_compiler, name="grammar-compiler", daemon=True).start()
 
     def _build_compiler(self) -> None:

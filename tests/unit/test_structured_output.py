@@ -115,3 +115,30 @@ def test_the_grammar_compiler_is_built_at_start_not_by_the_first_check(
     assert cache._compiler is not None
     monkeypatch.setattr(cache, "_make_compiler", lambda: pytest.fail("compiler built again"))
     assert cache.error(Constraint("regex", "(ab)+")) == ""
+
+
+def test_transformers_imports_beside_the_compiler_thread(tiny_model_dir: Path) -> None:
+    """The compiler's thread once imported transformers itself; a user importing it a moment
+    later (right after building an LLM) got a half-made package: ImportError at 0.2 and 0.4 s
+    on a 2-core machine. Fresh interpreters, so that nothing imported it before."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    for delay in (0.2, 0.4):
+        script = (
+            "import time\n"
+            "from models.config import ModelConfig\n"
+            "from worker_service.grammars import GrammarCache\n"
+            f"config = ModelConfig.from_dir({str(tiny_model_dir)!r})\n"
+            f"GrammarCache({str(tiny_model_dir)!r}, config.vocab_size, config.eos_token_ids)"
+            ".start_compiler()\n"
+            f"time.sleep({delay})\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "print('imported')\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, f"after {delay} s: {done.stderr[-1500:]}"
+        assert done.stdout.strip() == "imported"
