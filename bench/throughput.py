@@ -67,8 +67,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     for trace in llm.traces:  # the worker's and the engine's, read by _report_trace
         trace.flush()
     if profiler is not None:
-        profiler.stop()
-        print(profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30))
+        print_kernel_totals(profiler)
     manager = llm.engine.scheduler.block_manager
     return {
         "seconds": seconds,
@@ -85,23 +84,37 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
 
 
 def _attach_profiler(llm):
-    """Profile 10 engine steps from step 300 (full-batch decode) with torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+    """torch.profiler over the whole timed pass, device kernels only (CUDA graphs' included)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    prof = profile(
-        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-        schedule=schedule(wait=300, warmup=3, active=10, repeat=1),
-    )
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof = profile(activities=[ProfilerActivity.CUDA])
     prof.start()
-    step = llm.engine.step
-
-    def profiled_step():
-        out = step()
-        prof.step()
-        return out
-
-    llm.engine.step = profiled_step
     return prof
+
+
+def print_kernel_totals(prof, rows: int = 30) -> None:
+    """Each kernel's summed device time over the pass, largest first. With programmatic
+    dependent launch a kernel starts while the one before it ends, so sums overlap: their total
+    can pass the span (first kernel start to last kernel end)."""
+    from collections import defaultdict
+
+    from bench.decode_profile import kernel_events
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.stop()
+    kernels = kernel_events(prof)
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, _, duration in kernels:
+        totals[name][0] += duration / 1e6
+        totals[name][1] += 1
+    span = (kernels[-1][1] + kernels[-1][2] - kernels[0][1]) / 1e6 if kernels else 0.0
+    summed = sum(ms for ms, _ in totals.values())
+    print(f"kernels: {len(kernels)}, summed {summed:.1f} ms, span {span:.1f} ms")
+    for name, (ms, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{ms:10.1f} ms {count:8d}  {name[:100]}")
 
 
 def run_transformers(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
@@ -167,7 +180,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-async", action="store_true", help="synchronous scheduling")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (grpc engine)")
-    parser.add_argument("--torch-profile", action="store_true", help="print a kernel profile")
+    parser.add_argument(
+        "--torch-profile", action="store_true", help="in-process: each kernel's time over the pass"
+    )
     parser.add_argument(
         "--step-trace", metavar="DIR", help="trace every step; print device time by batch size"
     )
