@@ -59,7 +59,11 @@ class GrammarCache:
         # transformers is imported here, not in the thread: its package swaps itself for a lazy
         # module in sys.modules while it loads, so another thread importing it meanwhile (a user
         # of the in-process LLM, say) found a half-made package (KeyError 'transformers.utils').
-        import transformers  # noqa: F401
+        # Where it is not installed (the worker image), the thread logs that, as before.
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            pass
 
         threading.Thread(target=self._build_compiler, name="grammar-compiler", daemon=True).start()
 
