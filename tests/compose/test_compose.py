@@ -11,7 +11,8 @@ Steps, each of which skips (with the reason) when this machine cannot do it:
    find-links, so the CPU torch wheel comes from disk.
 4. ``compose --profile cpu up -d --no-build`` under its own project name and a free port; wait until
    the scheduler's container health check (gRPC readiness) says healthy.
-5. grpcurl: reflection lists the services, health says SERVING, Generate with JSON.
+5. grpcurl: reflection lists the services, health says SERVING, Generate with JSON, and with a
+   regex constraint (structured output needs the worker image's xgrammar and transformers).
 6. The Node.js client generates the same greedy tokens as grpcurl did.
 7. ``compose down -v``, always.
 
@@ -25,6 +26,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -236,6 +238,15 @@ def test_grpcurl_lists_checks_health_and_generates(deployment: Deployment) -> No
     complete = _complete_of(out)
     assert len(complete["output_ids"]) == 8
     assert complete["finish_reason"] == "LENGTH"
+
+
+def test_a_regex_constraint_holds_through_the_images(deployment: Deployment) -> None:
+    """Structured output needs the worker image's grammar compiler (xgrammar and transformers)."""
+    request = {"text": PROMPT, "sampling": {"temperature": 0, "max_tokens": 16, "regex": "(ab)+"}}
+    complete = _complete_of(
+        grpcurl(deployment.addr, "nanoserve.v1.Generation/Generate", data=request)
+    )
+    assert re.fullmatch("(ab)+", complete["text"]), complete
 
 
 def test_node_client_generates_the_same_greedy_tokens_as_grpcurl(deployment: Deployment) -> None:
