@@ -58,7 +58,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     params = [SamplingParams(max_tokens=m, **sampling) for m in max_tokens]
     warm_up(llm.engine)  # what the scheduler service runs before SERVING: no workload prompt
     llm.engine.timings.update(dict.fromkeys(llm.engine.timings, 0.0))
-    profiler = _attach_profiler(llm) if args.torch_profile else None
+    profiler = _attach_profiler() if args.torch_profile else None
     device_before = llm.worker.runner.device_seconds
     started_at = time.time()  # the trace's warm-up steps are older: the report skips them
     start = time.perf_counter()
@@ -83,12 +83,11 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     }
 
 
-def _attach_profiler(llm):
+def _attach_profiler():
     """torch.profiler over the whole timed pass, device kernels only (CUDA graphs' included)."""
     from torch.profiler import ProfilerActivity, profile
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
     prof = profile(activities=[ProfilerActivity.CUDA])
     prof.start()
     return prof
@@ -102,8 +101,7 @@ def print_kernel_totals(prof, rows: int = 30) -> None:
 
     from bench.decode_profile import kernel_events
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
     prof.stop()
     kernels = kernel_events(prof)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -188,6 +186,8 @@ def main() -> None:
     )
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()
+    if args.torch_profile and not torch.cuda.is_available():
+        parser.error("--torch-profile needs CUDA: it sums the device's kernels")
 
     model_dir = checkpoint_from_args(args)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
