@@ -94,25 +94,22 @@ def _attach_profiler():
 
 
 def print_kernel_totals(prof, rows: int = 30) -> None:
-    """Each kernel's summed device time over the pass, largest first. With programmatic
-    dependent launch a kernel starts while the one before it ends, so sums overlap: their total
-    can pass the span (first kernel start to last kernel end)."""
-    from collections import defaultdict
-
-    from bench.decode_profile import kernel_events
+    """Each kernel's summed device time over the pass, largest first (bench.decode_profile's
+    summary of one "step": the whole pass). With programmatic dependent launch a kernel starts
+    while the one before it ends, so sums overlap: their total can pass the span (first kernel
+    start to last kernel end)."""
+    from bench.decode_profile import kernel_events, summarize
 
     torch.cuda.synchronize()
     prof.stop()
     kernels = kernel_events(prof)
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for name, _, duration in kernels:
-        totals[name][0] += duration / 1e6
-        totals[name][1] += 1
-    span = (kernels[-1][1] + kernels[-1][2] - kernels[0][1]) / 1e6 if kernels else 0.0
-    summed = sum(ms for ms, _ in totals.values())
-    print(f"kernels: {len(kernels)}, summed {summed:.1f} ms, span {span:.1f} ms")
-    for name, (ms, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
-        print(f"{ms:10.1f} ms {count:8d}  {name[:100]}")
+    total = summarize(kernels, steps=1)
+    print(
+        f"kernels: {len(kernels)}, summed {total['kernel_us'] / 1e3:.1f} ms, "
+        f"span {total['period_us'] / 1e3:.1f} ms"
+    )
+    for name, us, count in total["by_name"][:rows]:
+        print(f"{us / 1e3:10.1f} ms {round(count):8d}  {name}")
 
 
 def run_transformers(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
