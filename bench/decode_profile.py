@@ -186,12 +186,12 @@ def main() -> None:
     )
     p.add_argument("--out", help="append the results as JSON lines here")
     args = p.parse_args()
-    from kernels import pdl, skinny_gemm
+    from kernels import pdl, skinny_gemm_configs
     from nanoserve import LLM
     from scheduler_service.warm_up import warm_up
 
     if args.no_skinny:
-        skinny_gemm.MAX_WEIGHT_BYTES = 0
+        skinny_gemm_configs.MAX_WEIGHT_BYTES = 0
     pdl.enabled = not args.no_pdl
 
     llm = LLM(checkpoint_from_args(args))

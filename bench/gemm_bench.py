@@ -67,34 +67,87 @@ def weight_tb_s(n: int, k: int, us: float) -> float:
     return 2 * n * k / (us * 1e-6) / 1e12
 
 
-def skinny_grid() -> list:
+def skinny_grid(m: int, wide: bool) -> list:
+    """Launch shapes to try at M rows: the M <= 16 grid, or for more rows row blocks up to M,
+    column blocks, K tiles and (narrow outputs more) K slices."""
     from kernels.skinny_gemm import SkinnyGemmConfig
 
+    if m <= 16:
+        return [
+            SkinnyGemmConfig(block_n, block_k, split_k, 4, 4)
+            for block_n in (16, 32, 64)
+            for block_k in (256, 512)
+            for split_k in (1, 2, 4)
+            if block_n * block_k <= 16384
+        ]
     return [
-        SkinnyGemmConfig(block_n, block_k, split_k, 4, 4)
-        for block_n in (16, 32, 64)
-        for block_k in (256, 512)
-        for split_k in (1, 2, 4)
-        if block_n * block_k <= 16384
+        SkinnyGemmConfig(
+            block_n, block_k, split_k, 4 if block_m * block_n <= 4096 else 8, 3, block_m
+        )
+        for block_m in (16, 32, 64, 128)
+        if block_m < 2 * m
+        for block_n in (32, 64, 128)
+        for block_k in (64, 128)
+        for split_k in ((1, 2) if wide else (1, 2, 4, 8))
     ]
 
 
-def best_skinny(m: int, n: int, k: int, ws: list[torch.Tensor]) -> tuple[float, object]:
+def best_skinny(
+    m: int, n: int, k: int, ws: list[torch.Tensor], gated: bool = False, shard=(0, 1), rep=100
+) -> tuple[float, object]:
+    """The fastest launch shape of the grid (checked against F.linear first); with ``rep`` 0 only
+    this shard's share of the grid is checked, which compiles it (bench.gemm_bench --compile)."""
     from kernels.skinny_gemm import skinny_gemm
+    from models.layers.activation import SiluAndMul
 
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    ref = F.linear(x, ws[0]).float()
+    ref = F.linear(x, ws[0])
+    ref = (SiluAndMul()(ref) if gated else ref).float()
     best = (float("inf"), None)
-    for config in skinny_grid():
+    grid = skinny_grid(m, wide=n >= 4096)
+    for config in grid[shard[0] :: shard[1]]:
 
         def fn(x, w, config=config):
-            return skinny_gemm(x, w, config)
+            return skinny_gemm(x, w, config, gated=gated)
 
-        got = fn(x, ws[0]).float()
+        try:
+            got = fn(x, ws[0]).float()
+        except triton.runtime.errors.OutOfResources:
+            continue  # too much shared memory for this GPU
         assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (config, (got - ref).abs().max())
-        us = time_us(fn, x, ws)
-        best = min(best, (us, config), key=lambda b: b[0])
+        if rep:
+            us = (
+                1e3
+                * triton.testing.do_bench_cudagraph(lambda: [fn(x, w) for w in ws], rep=rep)
+                / len(ws)
+            )
+            best = min(best, (us, config), key=lambda b: b[0])
     return best
+
+
+def gated_cublas(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the MLP runs without the gated kernel: cuBLAS, then SiLU-and-mul."""
+    from models.layers.activation import SiluAndMul
+
+    return SiluAndMul()(F.linear(x, w))
+
+
+def sweep(ms: list[int], shard: tuple[int, int] | None) -> None:
+    """Qwen3-0.6B's GEMMs at each M: cuBLAS (gate_up: then SiLU-and-mul) against the best
+    skinny_gemm launch shape; ``shard`` (i, n): only compile the i-th n-th of the grid."""
+    for name, (n, k) in shapes(ARCHITECTURES["qwen3-0.6b"]).items():
+        if name == "lm_head":
+            continue
+        ws, gated = weights(n, k), name == "gate_up"
+        for m in ms:
+            if shard is not None:
+                best_skinny(m, n, k, ws, gated, shard, rep=0)
+                continue
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            base = time_us(gated_cublas if gated else F.linear, x, ws)
+            us, config = best_skinny(m, n, k, ws, gated, rep=20)
+            print(f"sweep {name:8s} M={m:4d} cublas {base:6.2f} us  skinny {us:6.2f} us  {config}")
+        del ws
 
 
 def main() -> None:
@@ -103,7 +156,13 @@ def main() -> None:
     parser.add_argument("--m", default="1,16,64,256", help="batch sizes (rows of activations)")
     parser.add_argument("--skinny", action="store_true", help="also the Triton skinny GEMM")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--sweep", help="M list: cuBLAS against skinny_gemm's launch shapes")
+    parser.add_argument("--compile", help="i/n: with --sweep, only compile that share of it")
     args = parser.parse_args()
+    if args.sweep:
+        shard = tuple(int(v) for v in args.compile.split("/")) if args.compile else None
+        sweep([int(m) for m in args.sweep.split(",")], shard)
+        return
     ms = [int(m) for m in args.m.split(",")]
     copy_tbs = copy_bandwidth() / 1e12
     print(f"{torch.cuda.get_device_name()}: copy {copy_tbs:.2f} TB/s (read + write)")

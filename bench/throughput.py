@@ -23,6 +23,7 @@ import torch
 
 from bench.bound import copy_bandwidth, decode_bytes
 from bench.checkpoint import add_checkpoint_args, checkpoint_from_args
+from bench.compile_watch import describe, watch_compiles
 from bench.grpc_client import ENGINE_LIMITS
 from nanoserve.llm import STEP_TRACE_ENV
 
@@ -61,9 +62,11 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     profiler = _attach_profiler() if args.torch_profile else None
     device_before = llm.worker.runner.device_seconds
     started_at = time.time()  # the trace's warm-up steps are older: the report skips them
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    with watch_compiles() as compiles:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    print(describe(compiles), flush=True)
     for trace in llm.traces:  # the worker's and the engine's, read by _report_trace
         trace.flush()
     if profiler is not None:
@@ -80,6 +83,7 @@ def run_inprocess(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
         "host_seconds": dict(llm.engine.timings),
         "device_busy_seconds": llm.worker.runner.device_seconds - device_before,
         "started_at": started_at,
+        "triton_compiles": compiles,
     }
 
 

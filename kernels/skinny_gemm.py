@@ -1,11 +1,11 @@
-"""Decode GEMM for few rows: ``y = x @ w.T`` with ``x: [M, K]``, M <= 16, ``w: [N, K]`` row-major.
+"""Decode GEMM for few rows: ``y = x @ w.T`` with ``x: [M, K]``, ``w: [N, K]`` row-major.
 
 At decode batch sizes a linear layer is a stream over its weight: M rows of activations against
-N x K weights, whose bytes are all that matter. Program ``(n, s)`` owns ``BLOCK_N`` output
-columns and the ``s``-th of ``SPLIT_K`` slices of K; it walks its slice in ``BLOCK_K`` tiles,
-each one ``tl.dot`` of the (padded to 16) activation rows against a weight tile, accumulating in
-float32. With one slice the program writes its columns; with several, each slice writes its
-float32 partial to a workspace and bumps a per-column-block counter, and the program that arrives
+N x K weights, whose bytes are all that matter. Program ``(n, s, m)`` owns ``BLOCK_N`` output
+columns of ``BLOCK_M`` activation rows (16 up to 16 rows) and the ``s``-th of ``SPLIT_K``
+slices of K; it walks its slice in ``BLOCK_K`` tiles, each one ``tl.dot`` of the (padded)
+activation rows against a weight tile, accumulating in float32. With one slice the program writes its columns; with several, each slice writes its
+float32 partial to a workspace and bumps its row and column block's counter, and the program that arrives
 last adds the slices in slice order (the sum does not depend on who came last) and writes the
 result, then resets the counter so that the next call (or graph replay) starts from zero.
 
@@ -21,17 +21,16 @@ so they differ by summation order only. Not a layer: ``models.layers.linear`` de
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import skinny_gemm_configs as configs
 from kernels.pdl import launch_options, wait_for_previous
+from kernels.skinny_gemm_configs import SkinnyGemmConfig, config_for, gated_config_for
 
-MAX_ROWS = 16  # one tl.dot tile of activation rows
+__all__ = ["SkinnyGemmConfig", "config_for", "gated_config_for", "skinny_gemm", "use_skinny"]
 
 
 def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -53,13 +52,14 @@ def _skinny_gemm_kernel(
     w_ptr,
     y_ptr,
     partial_ptr,  # [SPLIT_K, M, N] float32 (SPLIT_K > 1; N = 2 N_OUT when GATED)
-    counter_ptr,  # [cdiv(N_OUT, BLOCK_N)] int32, zero between calls (SPLIT_K > 1)
+    counter_ptr,  # [cdiv(M, BLOCK_M) * cdiv(N_OUT, BLOCK_N)] int32, zero between calls
     M,
     N_OUT,  # output columns: N, or N / 2 when GATED
     K,
     stride_xm,
     stride_wn,
     stride_ym,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -70,7 +70,8 @@ def _skinny_gemm_kernel(
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = tl.arange(0, 16)
+    pid_m = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     col_mask = cols < N_OUT
@@ -90,7 +91,7 @@ def _skinny_gemm_kernel(
         mask=row_mask[:, None] & (ks < K)[None, :],
         other=0.0,
     )
-    zeros = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = tl.dot(x, tl.trans(w), zeros, input_precision=PRECISION)
     acc_up = zeros
     if GATED:
@@ -125,7 +126,8 @@ def _skinny_gemm_kernel(
         # Every thread's partial is stored before the one thread doing the atomic releases them
         # (the release orders only what that thread has seen: hence the barrier first).
         tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the last slice of this column block: sum them in order
             total = zeros
             total_up = zeros
@@ -138,53 +140,19 @@ def _skinny_gemm_kernel(
             if GATED:
                 total = _gated(total, total_up, dtype)
             tl.store(y_ptrs, total.to(dtype), mask=out_mask)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)
+            tl.atomic_xchg(counter, 0)
 
 
-@dataclass(frozen=True)
-class SkinnyGemmConfig:
-    """Launch shape of one (N, K): column block, K tile, K slices, warps and pipeline stages."""
-
-    block_n: int
-    block_k: int
-    split_k: int
-    warps: int
-    stages: int
-
-
-# Weights up to this size go through skinny_gemm at M <= MAX_ROWS; larger ones reach the copy
-# bandwidth through cuBLAS already (docs/gpu.md, "Decode GEMMs").
-MAX_WEIGHT_BYTES = 32 * 2**20
-
-
-@functools.cache
-def config_for(n: int, k: int) -> SkinnyGemmConfig:
-    """The launch shape for an N x K weight, measured on an H200 (bench.gemm_bench, then the
-    decode step): wide column blocks for wide outputs. Narrow outputs (fewer than 64 column
-    blocks for 132 SMs) split K into one K tile per program: each program then reads its whole
-    weight slice before the PDL wait, while the kernel before it is still running (Qwen3-0.6B's
-    o_proj and down_proj: 8 and 12 slices; batch-1 step 979 -> 929 us against 4 slices)."""
-    block_n, block_k = (64 if n >= 6144 else 32), 256
-    split_k = triton.cdiv(k, block_k) if triton.cdiv(n, block_n) < 64 else 1
-    return SkinnyGemmConfig(block_n=block_n, block_k=block_k, split_k=split_k, warps=4, stages=4)
-
-
-@functools.cache
-def gated_config_for(n: int, k: int) -> SkinnyGemmConfig:
-    """The gated GEMM of an N x K weight: the plain launch's programs, each with half as many
-    output columns (it reads a gate and an up row for each)."""
-    plain = config_for(n, k)
-    return replace(plain, block_n=plain.block_n // 2)
-
-
-def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x @ w.T`` goes through skinny_gemm: CUDA, few rows, a small half-precision
-    weight."""
+def use_skinny(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> bool:
+    """Whether ``x @ w.T`` (``gated``: and SiLU-and-mul) goes through skinny_gemm: CUDA, a small
+    half-precision weight, and few rows (at most 16, or a shape and row count measured faster
+    than cuBLAS: ``config_at``)."""
     return (
         x.is_cuda
         and x.dim() == 2
-        and x.shape[0] <= MAX_ROWS
-        and w.numel() * w.element_size() <= MAX_WEIGHT_BYTES
+        and w.dim() == 2
+        and configs.MAX_WEIGHT_BYTES >= w.numel() * w.element_size()
+        and configs.config_at(w.shape[0], w.shape[1], x.shape[0], gated) is not None
         and x.dtype == w.dtype
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.stride(1) == 1
@@ -220,9 +188,9 @@ WORKSPACE = Workspace()
 
 
 def skinny_gemm(
-    x: torch.Tensor,  # [M, K], M <= 16, rows may be strided
+    x: torch.Tensor,  # [M, K], rows may be strided
     w: torch.Tensor,  # [N, K], contiguous in K
-    config: SkinnyGemmConfig | None = None,  # None: config_for / gated_config_for(N, K)
+    config: SkinnyGemmConfig | None = None,  # None: skinny_gemm_configs.config_at
     out: torch.Tensor | None = None,  # [M, N] ([M, N / 2] when gated); fresh when None
     gated: bool = False,
 ) -> torch.Tensor:
@@ -233,8 +201,6 @@ def skinny_gemm(
     graph safe) once the workspace is big enough for the shape (a shape's first call allocates)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x [M, K] and w [N, K] needed, got {tuple(x.shape)}, {tuple(w.shape)}")
-    if x.shape[0] > MAX_ROWS:
-        raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {x.shape[0]}")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("x and w must be contiguous in K")
     if x.dtype != w.dtype:
@@ -247,14 +213,16 @@ def skinny_gemm(
         out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    c = config or (gated_config_for(n, k) if gated else config_for(n, k))
+    c = config or configs.config_at(n, k, m, gated)
+    if c is None:  # more rows than any measured launch shape of N x K: the 16-row one
+        c = gated_config_for(n, k) if gated else config_for(n, k)
     k_per_split = triton.cdiv(triton.cdiv(k, c.split_k), c.block_k) * c.block_k
     split_k = triton.cdiv(k, k_per_split)
-    blocks = triton.cdiv(n_out, c.block_n)
+    blocks, m_blocks = triton.cdiv(n_out, c.block_n), triton.cdiv(m, c.block_m)
     partial, counter = out, out
     if split_k > 1:
-        partial, counter = WORKSPACE.get(x.device, split_k * m * n, blocks)
-    _skinny_gemm_kernel[(blocks, split_k)](
+        partial, counter = WORKSPACE.get(x.device, split_k * m * n, blocks * m_blocks)
+    _skinny_gemm_kernel[(blocks, split_k, m_blocks)](
         x,
         w,
         out,
@@ -266,6 +234,7 @@ def skinny_gemm(
         x.stride(0),
         w.stride(0),
         out.stride(0),
+        BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
         SPLIT_K=split_k,

@@ -31,7 +31,7 @@ def linear_silu_and_mul(
 ) -> torch.Tensor:
     """``SiluAndMul()(linear(x, weight, bias))``: ``x: [T, in]``, ``weight: [2I, in]`` (gate rows
     then up rows) -> ``[T, I]``; where linear would take the skinny GEMM, one gated kernel."""
-    gemm = skinny_gemm_for(x, weight, bias)
+    gemm = skinny_gemm_for(x, weight, bias, gated=True)
     if gemm is not None:
         return gemm(x, weight, gated=True)
     return SiluAndMul()(linear(x, weight, bias))

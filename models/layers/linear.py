@@ -31,15 +31,15 @@ class WeightLoader(Protocol):
 
 
 def skinny_gemm_for(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
 ) -> Callable[..., torch.Tensor] | None:
-    """``kernels.skinny_gemm.skinny_gemm`` where it takes ``x @ weight.T`` (CUDA, decode batch
-    sizes, a small half-precision weight, no bias: cuBLAS reads such weights at a fraction of
-    the copy bandwidth), else None."""
+    """``kernels.skinny_gemm.skinny_gemm`` where it takes ``x @ weight.T`` (``gated``: and
+    SiLU-and-mul; CUDA, decode batch sizes, a small half-precision weight, no bias: cuBLAS reads
+    such weights at a fraction of the copy bandwidth), else None."""
     if bias is None and x.is_cuda:
         from kernels import skinny_gemm  # triton is imported only where it runs
 
-        if skinny_gemm.use_skinny(x, weight):
+        if skinny_gemm.use_skinny(x, weight, gated):
             return skinny_gemm.skinny_gemm
     return None
 
