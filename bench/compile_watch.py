@@ -28,7 +28,8 @@ def watch_compiles() -> Iterator[list[tuple[str, float]]]:
 
     def after(*, key, repr, fn, **_) -> None:
         start = began.pop(str(key), time.perf_counter())
-        compiles.append((repr.split("[", 1)[0], time.perf_counter() - start))
+        name = repr.split("[", 1)[0].rsplit(".", 1)[-1]  # a qualified name's last part
+        compiles.append((name, time.perf_counter() - start))
 
     hooks = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
