@@ -97,6 +97,24 @@ def print_summary(groups: list[dict]) -> None:
     print_host(groups, WORKER_PHASES, "worker host ms / step", device=True)
 
 
+def print_prefill_steps(rows: list[list]) -> None:
+    """Each prefill, chunked or mixed step on its own line (a pass has a few dozen): which of
+    them took the device time, to compare two runs step by step."""
+    steps = [row for row in rows if row[2] > row[1]]
+    if not steps:
+        return
+    phases = [p for p in WORKER_PHASES if any(p in _host(row) for row in steps)]
+    head = "".join(f"{c:>9}" for c in ("seqs", "tokens", "context", "busy ms", "idle ms"))
+    print(f"{'prefill step':<14}" + head + "".join(f"{p:>9}" for p in phases))
+    for i, row in enumerate(steps):
+        _, seqs, tokens, context, busy_ms, idle_ms = row[:6]
+        host = _host(row)
+        print(
+            f"{i:<14}{seqs:>9}{tokens:>9}{context:>9}{busy_ms:>9.2f}{idle_ms:>9.2f}"
+            + "".join(f"{host.get(p, 0.0):>9.2f}" for p in phases)
+        )
+
+
 def print_host(groups: list[dict], phases: tuple[str, ...], title: str, device=False) -> None:
     """Mean milliseconds per step of each host phase (and of the device's busy time)."""
     present = [p for p in phases if any(p in g["host_ms"] for g in groups)]
@@ -125,7 +143,9 @@ def main() -> None:
         from bench.checkpoint import ARCHITECTURES
 
         cfg = ARCHITECTURES[args.arch]
-    print_summary(summarize(read_trace(args.trace), cfg, args.bandwidth_gbps * 1e9))
+    rows = read_trace(args.trace)
+    print_summary(summarize(rows, cfg, args.bandwidth_gbps * 1e9))
+    print_prefill_steps(rows)
     scheduler = summarize_scheduler(read_trace(args.trace + ".scheduler"))
     print_host(scheduler, SCHEDULER_PHASES, "scheduler host ms")
 

@@ -257,6 +257,7 @@ def _report_trace(path: Path, res: dict, cfg: dict, bandwidth: float) -> list[di
     """The timed run's steps only: those collected after its clock started."""
     from bench.step_report import (
         print_host,
+        print_prefill_steps,
         print_summary,
         read_trace,
         summarize,
@@ -266,9 +267,11 @@ def _report_trace(path: Path, res: dict, cfg: dict, bandwidth: float) -> list[di
 
     if not path.exists():
         return []
-    groups = summarize(read_trace(path, since=res["started_at"]), cfg, bandwidth)
+    rows = read_trace(path, since=res["started_at"])
+    groups = summarize(rows, cfg, bandwidth)
     print(f"where the device time went ({path.stem}):")
     print_summary(groups)
+    print_prefill_steps(rows)
     scheduler = summarize_scheduler(read_trace(f"{path}.scheduler", since=res["started_at"]))
     print_host(scheduler, SCHEDULER_PHASES, "scheduler host ms")
     res["scheduler_steps"] = scheduler

@@ -12,7 +12,7 @@ import pytest
 
 from bench.bound import kv_bytes_per_token, weight_bytes
 from bench.checkpoint import QWEN3_0_6B
-from bench.step_report import read_trace, summarize, summarize_scheduler
+from bench.step_report import print_prefill_steps, read_trace, summarize, summarize_scheduler
 from nanoserve import LLM, SamplingParams
 from protos.step_trace import StepTrace
 from tests.service_fixtures import generate, greedy, pb, running_services
@@ -45,6 +45,26 @@ def test_trace_lines_round_trip_and_the_report_groups_them_by_batch_size(tmp_pat
     assert big["bound_s"] == pytest.approx(expected)
     assert groups["decode 1-16"]["idle_s"] == pytest.approx(0.00025)
     assert big["host_ms"] == {"prep": pytest.approx(4.0), "gap": pytest.approx(4.0)}
+
+
+def test_prefill_steps_are_listed_one_per_line(tmp_path, capsys) -> None:
+    path = tmp_path / "steps.jsonl"
+    trace = StepTrace(str(path))
+    trace.note("prep", 1.5)  # a step's notes come before its line
+    trace.add(4, 900, 900, 30.0, 5.0)
+    trace.add(200, 200, 100_000, 6.0, 0.5)  # decode: not listed
+    trace.add(3, 8192, 9000, 41.25, 0.0)
+    trace.flush()
+    print_prefill_steps(read_trace(path))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["prefill", "step", "seqs", "tokens", "context", "busy", "ms"] + [
+        "idle",
+        "ms",
+        "prep",
+    ]
+    assert lines[1].split() == ["0", "4", "900", "900", "30.00", "5.00", "1.50"]
+    assert lines[2].split() == ["1", "3", "8192", "9000", "41.25", "0.00", "0.00"]
+    assert len(lines) == 3
 
 
 def test_trace_file_is_appended_in_batches(tmp_path) -> None:
