@@ -9,9 +9,14 @@ architecture's fused QKV, o_proj, fused gate_up, down_proj and LM head; each is 
 CUDA graph (as the decode graphs replay it), cycling through enough copies of the weight that
 they do not fit in L2 (a model's layers each read their own weights: a benchmark that reads one
 copy again and again measures L2, not HBM). ``--skinny`` also times kernels/skinny_gemm.py at the
-M <= 16 rows over a grid of launch shapes and prints the fastest per shape.
+M <= 16 rows over a grid of launch shapes and prints the fastest per shape. ``--sweep M,...``
+times Qwen3-0.6B's layer GEMMs at those row counts, cuBLAS against the fastest launch shape of
+a larger grid (kernels/skinny_gemm_configs.py keeps the winners); ``--compile i/n`` only compiles
+the i-th n-th of that grid (run n of them at once first: the timed sweep then finds every kernel
+compiled).
 
-    python -m bench.gemm_bench [--arch qwen3-0.6b,qwen3-8b] [--m 1,16,64,256] [--skinny] [--out FILE]
+    python -m bench.gemm_bench [--arch qwen3-0.6b,qwen3-8b] [--m 1,16,64,256] [--skinny]
+        [--out FILE] [--sweep 32,64,128,256 [--compile I/N]]
 
 Needs CUDA. Not a test; the shapes' table goes to docs/gpu.md.
 """

@@ -2,12 +2,13 @@
 
 At decode batch sizes a linear layer is a stream over its weight: M rows of activations against
 N x K weights, whose bytes are all that matter. Program ``(n, s, m)`` owns ``BLOCK_N`` output
-columns of ``BLOCK_M`` activation rows (16 up to 16 rows) and the ``s``-th of ``SPLIT_K``
+columns of ``BLOCK_M`` activation rows (16 for up to 16 rows) and the ``s``-th of ``SPLIT_K``
 slices of K; it walks its slice in ``BLOCK_K`` tiles, each one ``tl.dot`` of the (padded)
-activation rows against a weight tile, accumulating in float32. With one slice the program writes its columns; with several, each slice writes its
-float32 partial to a workspace and bumps its row and column block's counter, and the program that arrives
-last adds the slices in slice order (the sum does not depend on who came last) and writes the
-result, then resets the counter so that the next call (or graph replay) starts from zero.
+activation rows against a weight tile, accumulating in float32. With one slice the program
+writes its columns; with several, each slice writes its float32 partial to a workspace and bumps
+the counter of its row and column block, and the program that arrives last adds the slices in
+slice order (the sum does not depend on who came last) and writes the result, then resets the
+counter so that the next call (or graph replay) starts from zero.
 
 ``gated=True`` is the MLP's gate_up projection with SiLU-and-mul in its epilogue: program ``n``
 reads the gate rows and the up rows of its output columns and writes ``silu(gate) * up``, so the
