@@ -22,8 +22,8 @@ fi
 
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-# ONLY=tests, bench, attention, structured, limit, latency or gemms runs one part (each fits one 10-minute
-# call).
+# ONLY=tests, bench, attention, structured, limit, clocks, latency or gemms runs one part (each fits
+# one 10-minute call).
 # ATTENTION_BACKEND=flash-attn runs the GPU engine tests on that backend (default: auto).
 if [ "${ONLY:-tests}" = tests ]; then
   # Modules whose imports the GPU image lacks (openai, smg) hold no GPU test: collect past them.
@@ -60,6 +60,21 @@ if [ "${ONLY:-limit}" = limit ]; then
   step single_stream_8b $PY -m bench.single_stream --arch qwen3-8b --requests 2 --max-tokens 512
   step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16,256 \
       --out "$OUT_DIR/decode_profile.jsonl"
+fi
+if [ "${ONLY:-clocks}" = clocks ]; then
+  # Where the prefill steps' run-to-run spread comes from: nano_bench_256 in-process twice, each
+  # with its step trace (every prefill step on its own line) and the SM clock and power sampled
+  # beside it.
+  for run in 1 2; do
+    if command -v nvidia-smi > /dev/null; then
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+          --format=csv,noheader -lms 100 > "$OUT_DIR/clocks_$run.csv" &
+      sampler=$!
+    fi
+    step "clocks_nano_bench_$run" $PY -m bench.throughput --arch qwen3-0.6b --engines inprocess \
+        --step-trace "$OUT_DIR/clocks_trace_$run"
+    [ -n "${sampler:-}" ] && kill "$sampler" && unset sampler
+  done
 fi
 if [ "${ONLY:-latency}" = latency ]; then
   # One user's latency: the graph and engine GPU tests; the decode step's kernels with
@@ -125,4 +140,11 @@ for f in latency_profile latency_profile_no_pdl; do
 done
 [ -f "$OUT_DIR/single_stream_8b.log" ] && tail -n 1 "$OUT_DIR/single_stream_8b.log" | cut -c1-300
 [ -f "$OUT_DIR/attention_bench.log" ] && tail -n 24 "$OUT_DIR/attention_bench.log"
+for run in 1 2; do
+  [ -f "$OUT_DIR/clocks_nano_bench_$run.log" ] && grep -E "^prefill/mixed|^total" \
+      "$OUT_DIR/clocks_nano_bench_$run.log" | sed "s/^/clocks run $run: /"
+  [ -s "$OUT_DIR/clocks_$run.csv" ] && awk -F', ' '{split($2, c, " "); if (min == "" || c[1] < min)
+      min = c[1]; if (c[1] > max) max = c[1]} END {print "clocks run '"$run"': SM MHz " min "-" max}' \
+      "$OUT_DIR/clocks_$run.csv"
+done
 exit 0
