@@ -56,15 +56,16 @@ def weights(n: int, k: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
 
 
-def time_us(fn, x: torch.Tensor, ws: list[torch.Tensor]) -> float:
-    """Microseconds per call of ``fn(x, w)``, cycling through ``ws`` inside one CUDA graph."""
+def time_us(fn, x: torch.Tensor, ws: list[torch.Tensor], rep: int = 100) -> float:
+    """Microseconds per call of ``fn(x, w)``, cycling through ``ws`` inside one CUDA graph
+    (``rep``: milliseconds of replays to time)."""
 
     def run() -> None:
         for w in ws:
             fn(x, w)
 
     fn(x, ws[0])  # compile / allocate outside the graph
-    return 1e3 * triton.testing.do_bench_cudagraph(run, rep=100) / len(ws)
+    return 1e3 * triton.testing.do_bench_cudagraph(run, rep=rep) / len(ws)
 
 
 def weight_tb_s(n: int, k: int, us: float) -> float:
@@ -97,17 +98,22 @@ def skinny_grid(m: int, wide: bool) -> list:
     ]
 
 
+def gated_cublas(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the MLP runs without the gated kernel: cuBLAS, then SiLU-and-mul."""
+    from models.layers.activation import SiluAndMul
+
+    return SiluAndMul()(F.linear(x, w))
+
+
 def best_skinny(
     m: int, n: int, k: int, ws: list[torch.Tensor], gated: bool = False, shard=(0, 1), rep=100
 ) -> tuple[float, object]:
-    """The fastest launch shape of the grid (checked against F.linear first); with ``rep`` 0 only
+    """The fastest launch shape of the grid (each checked against cuBLAS first); with ``rep`` 0 only
     this shard's share of the grid is checked, which compiles it (bench.gemm_bench --compile)."""
     from kernels.skinny_gemm import skinny_gemm
-    from models.layers.activation import SiluAndMul
 
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    ref = F.linear(x, ws[0])
-    ref = (SiluAndMul()(ref) if gated else ref).float()
+    ref = (gated_cublas if gated else F.linear)(x, ws[0]).float()
     best = (float("inf"), None)
     grid = skinny_grid(m, wide=n >= 4096)
     for config in grid[shard[0] :: shard[1]]:
@@ -121,20 +127,8 @@ def best_skinny(
             continue  # too much shared memory for this GPU
         assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (config, (got - ref).abs().max())
         if rep:
-            us = (
-                1e3
-                * triton.testing.do_bench_cudagraph(lambda: [fn(x, w) for w in ws], rep=rep)
-                / len(ws)
-            )
-            best = min(best, (us, config), key=lambda b: b[0])
+            best = min(best, (time_us(fn, x, ws, rep), config), key=lambda b: b[0])
     return best
-
-
-def gated_cublas(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the MLP runs without the gated kernel: cuBLAS, then SiLU-and-mul."""
-    from models.layers.activation import SiluAndMul
-
-    return SiluAndMul()(F.linear(x, w))
 
 
 def sweep(ms: list[int], shard: tuple[int, int] | None) -> None:

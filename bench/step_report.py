@@ -35,6 +35,11 @@ def _band(num_seqs: int) -> str:
     return f"{lo}-{hi if hi < 100_000 else 'max'}"
 
 
+def _is_prefill(row: list) -> bool:
+    """A prefill, chunked or mixed step: more tokens than sequences."""
+    return row[2] > row[1]
+
+
 def _host(row: list) -> dict[str, float]:
     return row[-1] if isinstance(row[-1], dict) else {}
 
@@ -44,8 +49,8 @@ def summarize(rows: list[list], cfg: dict, bandwidth: float) -> list[dict]:
     weights, per_token = weight_bytes(cfg), kv_bytes_per_token(cfg)
     groups: dict[str, dict] = {}
     for row in rows:
-        _, seqs, tokens, context, busy_ms, idle_ms = row[:6]
-        name = "prefill/mixed" if tokens > seqs else f"decode {_band(seqs)}"
+        _, seqs, _, context, busy_ms, idle_ms = row[:6]
+        name = "prefill/mixed" if _is_prefill(row) else f"decode {_band(seqs)}"
         g = groups.setdefault(
             name,
             {
@@ -100,7 +105,7 @@ def print_summary(groups: list[dict]) -> None:
 def print_prefill_steps(rows: list[list]) -> None:
     """Each prefill, chunked or mixed step on its own line (a pass has a few dozen): which of
     them took the device time, to compare two runs step by step."""
-    steps = [row for row in rows if row[2] > row[1]]
+    steps = [row for row in rows if _is_prefill(row)]
     if not steps:
         return
     phases = [p for p in WORKER_PHASES if any(p in _host(row) for row in steps)]
