@@ -10,6 +10,14 @@ One program handles one tile of query tokens of one sequence for one KV head. Th
 tile is loaded once for the whole GQA group. Key tiles entirely below the tile's first query
 position need no causal mask; only the last few tiles near the diagonal are masked.
 
+The grid's first axis numbers query tiles across the whole step, not per sequence: sequence ``b``
+owns the tiles from ``cu_seqlens_q[b] // BLOCK_Q + b`` on (``_first_tile``, a bound on the tiles of
+the sequences before it), and a program finds its sequence by binary search. So the grid has
+``T // BLOCK_Q + B`` tiles for ``T`` packed tokens, at most ``B`` of them empty, whatever the
+longest sequence: a step of a few long prompts beside many one-token rows (a mixed step) launches
+no program per (short row, tile of the longest prompt), and a graph sized for its token count and
+rows needs no grid of rows x tokens.
+
 Not here: one query per sequence with split contexts (``paged_decode_attention``).
 """
 
@@ -97,9 +105,17 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-# The block table's width changes from step to step: specializing on it (1, a multiple of 16,
-# anything else) would compile new variants while serving, after the warm-up (warm_up.py).
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit
+def _first_tile(cu_seqlens_q_ptr, seq, BLOCK_Q: tl.constexpr):
+    """The first grid tile of sequence ``seq``: at least the tiles all sequences before it need
+    (``cdiv(q_len, BLOCK_Q) <= q_len // BLOCK_Q + 1`` each), increasing with ``seq``."""
+    return tl.load(cu_seqlens_q_ptr + seq) // BLOCK_Q + seq
+
+
+# The block table's width and the number of sequences change from step to step: specializing on
+# them (1, a multiple of 16, anything else) would compile new variants while serving, after the
+# warm-up (warm_up.py).
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
 def _paged_prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -117,6 +133,7 @@ def _paged_prefill_kernel(
     stride_cache_tok,
     stride_cache_head,
     stride_bt,
+    num_seqs,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -125,9 +142,18 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     TILE_IN_ONE_BLOCK: tl.constexpr,
 ):
-    q_tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    lo = 0  # the last sequence whose first tile is <= tile: binary search over [0, num_seqs)
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _first_tile(cu_seqlens_q_ptr, mid, BLOCK_Q) <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    seq = lo
+    q_tile = tile - _first_tile(cu_seqlens_q_ptr, seq, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
@@ -192,7 +218,7 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32, cached + new tokens
     block_tables: torch.Tensor,  # [B, max_num_blocks] int32, -1 padded
-    max_seqlen_q: int,  # >= every q_len (a host int: sizes the grid without a device sync)
+    max_seqlen_q: int,  # >= every q_len; the grid needs only the token count (flash-attn uses it)
     scale: float,
     out: torch.Tensor | None = None,  # [T, H_q, D], written in place when given
     config: PrefillConfig | None = None,
@@ -221,7 +247,7 @@ def paged_prefill_attention(
     if q.shape[0] == 0 or num_seqs == 0 or max_seqlen_q == 0:
         return out
     block_q = config.block_m // group
-    grid = (triton.cdiv(max_seqlen_q, block_q), num_seqs, num_kv_heads)
+    grid = (q.shape[0] // block_q + num_seqs, num_kv_heads)  # _first_tile's numbering
     _paged_prefill_kernel[grid](
         q,
         k_cache,
@@ -239,6 +265,7 @@ def paged_prefill_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        num_seqs,
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,

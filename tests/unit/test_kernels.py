@@ -199,6 +199,17 @@ def test_paged_prefill_with_cached_prefix_matches_reference(
     run_prefill_case(cached_and_new, block_size, num_kv_heads, group, 16, dtype, config)
 
 
+def test_paged_prefill_numbers_tiles_across_the_step() -> None:
+    """A mixed step: one-token rows around two prompts longer than a tile, a row with no tokens
+    in the middle and two at the end (a graph's padding). The grid is the step's tokens in tiles
+    plus one per row, not rows x the longest prompt's tiles; a program that took the wrong
+    sequence or tile leaves NaN rows or attends over the wrong context."""
+    cached_and_new = [(0, 1)] * 5 + [(7, 40), (12, 1), (5, 0), (0, 23)] + [(3, 1)] * 3
+    cached_and_new += [(1, 0), (1, 0)]
+    config = PrefillConfig(block_m=16, block_n=16)  # 8 tokens x 2 heads a tile
+    run_prefill_case(cached_and_new, 16, 2, 2, 16, torch.float32, config)
+
+
 # ---------------------------------------------------------------- GPU, real shapes
 
 QWEN3_06B = {"num_kv_heads": 8, "group": 2, "head_dim": 128}
