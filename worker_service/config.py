@@ -19,7 +19,7 @@ class WorkerConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    max_prefill_graph_tokens: int = 512  # prefill/mixed steps up to this many tokens replay graphs
+    max_prefill_graph_tokens: int = 8192  # prefill/mixed steps up to this many tokens replay graphs
     rank: int = 0
     world_size: int = 1
 

@@ -1,11 +1,11 @@
-"""CUDA graphs for small steps: captured once per bucket, replayed with padded inputs.
+"""CUDA graphs for the engine's steps: captured once per bucket, replayed with padded inputs.
 
 A step of a small model is dominated by launch overhead, on the device and on the host; a graph
 removes both. Two kinds of step are captured, each a ``StepGraphs`` (this file: the machinery
 they share). Decode steps (``DecodeGraphs``, worker_service/decode_graphs.py): one token per row,
 buckets of batch size 1, 2, 4, 8, then steps of 16 up to max_num_seqs. Prefill, chunked and mixed
-steps of few tokens (``PrefillGraphs``, worker_service/prefill_graphs.py): buckets of token
-count, a fixed number of rows. One graph covers the whole step: gathering the tokens sampled by
+steps (``PrefillGraphs``, worker_service/prefill_graphs.py): buckets of token count, a fixed
+number of rows (a narrow kind of 16 rows, a wide one of max_num_seqs). One graph covers the whole step: gathering the tokens sampled by
 the previous step (``prev_tokens``), the forward, the logits of the sampling rows and the
 sampling kernel on the raw logits.
 

@@ -29,7 +29,7 @@ from worker_service.decode_graphs import DecodeGraphs
 from worker_service.grammars import GrammarCache
 from worker_service.kv_cache import allocate_kv_cache, bytes_per_block
 from worker_service.model_runner import LaunchedStep, ModelRunner
-from worker_service.prefill_graphs import PrefillGraphs
+from worker_service.prefill_graphs import prefill_graph_kinds
 from worker_service.sequence_table import SequenceTable
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class Worker:
         graphs: list[StepGraphs] = [DecodeGraphs(self.model, seqs, blocks, prev, device)]
         tokens = min(cfg.max_num_batched_tokens, cfg.max_prefill_graph_tokens)
         if self.backend.captures_prefill and tokens:
-            graphs.append(PrefillGraphs(self.model, seqs, tokens, blocks, prev, device))
+            graphs += prefill_graph_kinds(self.model, seqs, tokens, blocks, prev, device)
         pool = None
         for kind in graphs:
             pool = kind.capture(pool)

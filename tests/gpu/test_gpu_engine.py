@@ -175,6 +175,24 @@ def test_prefill_graph_output_equals_eager_output(checkpoint, sampling, engine_o
     assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
 
 
+@pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
+def test_wide_prefill_graph_output_equals_eager_output(
+    checkpoint, sampling, engine_options
+) -> None:
+    """Three copies of the prompts (24 sequences) in steps of at most 1,024 tokens: chunks and
+    new prompts beside more than 16 decoding sequences replay the wide prefill graphs (a row per
+    sequence the engine runs)."""
+    model_dir, prompts = checkpoint
+    prompts = [p + [i] for i in range(3) for p in prompts]
+    params = SAMPLINGS[sampling](len(prompts))
+    options = engine_options | {"max_num_seqs": 32, "max_num_batched_tokens": 1024}
+    graphed, graphs = generate_once(model_dir, prompts, params, options, enforce_eager=False)
+    eager, _ = generate_once(model_dir, prompts, params, options, enforce_eager=True)
+    wide = next(g for g in graphs if g.kind == "wide prefill")
+    assert wide.rows == 32 and wide.num_replays >= 3
+    assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
+
+
 def test_programmatic_dependent_launch_changes_no_token(
     checkpoint, engine_options, monkeypatch
 ) -> None:

@@ -16,7 +16,12 @@ from worker_service.batch_inputs import build_host_step, named
 from worker_service.config import WorkerConfig
 from worker_service.cuda_graphs import MAX_BANNED_IDS
 from worker_service.decode_graphs import DecodeGraphs
-from worker_service.prefill_graphs import PrefillGraphs, token_buckets
+from worker_service.prefill_graphs import (
+    PrefillGraphs,
+    prefill_graph_kinds,
+    token_buckets,
+    wide_token_buckets,
+)
 from worker_service.sampling import build_sampling_input
 from worker_service.sequence_table import SequenceTable
 from worker_service.worker import Worker
@@ -51,7 +56,7 @@ def test_steps_go_to_the_smallest_bucket_that_holds_their_tokens() -> None:
     assert token_buckets(512) == [16, 32, 64, 128, 256, 512]
     assert token_buckets(1000) == [16, 32, 64, 128, 256, 512, 1000]
     assert token_buckets(100) == [16, 32, 64, 100]
-    graphs = PrefillGraphs(None, 4, 64, 2, torch.zeros(64, dtype=torch.int64), CPU)
+    graphs = PrefillGraphs(None, 4, token_buckets(64), 2, torch.zeros(64, dtype=torch.int64), CPU)
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
     assert graphs.fitting_bucket(host, sampling) == 16
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), [(20, 0, 20), (4, 0, 4)])
@@ -67,13 +72,47 @@ def test_steps_go_to_the_smallest_bucket_that_holds_their_tokens() -> None:
     assert graphs.fitting_bucket(host, sampling) is None
 
 
+def test_a_step_takes_the_narrowest_kind_that_holds_it() -> None:
+    assert wide_token_buckets(8192) == [128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
+    assert wide_token_buckets(5000) == [128, 256, 512, 1024, 2048, 3072, 4096, 5000]
+    assert wide_token_buckets(300) == [128, 256, 300]
+    prev = torch.zeros(64, dtype=torch.int64)
+    narrow, wide = prefill_graph_kinds(None, 24, 512, 2, prev, CPU)
+    assert (narrow.kind, narrow.rows, narrow.buckets[-1]) == ("prefill", 16, 512)
+    assert (wide.kind, wide.rows, wide.buckets) == ("wide prefill", 24, [128, 256, 512])
+
+    def first_fitting(shape: list[tuple[int, int, int]]) -> tuple[str, int] | None:
+        host, sampling = _step(SequenceTable(rows=32, blocks_per_seq=2), shape)
+        for kind in (narrow, wide):  # the runner's order
+            bucket = kind.fitting_bucket(host, sampling)
+            if bucket is not None:
+                return kind.kind, bucket
+        return None
+
+    assert first_fitting(MIXED) == ("prefill", 16)
+    assert first_fitting([(30, 0, 30)] * 16) == ("prefill", 512)  # 480 tokens in 16 rows
+    assert first_fitting([(30, 0, 30)] * 2 + [(9, 8, 1)] * 15) == ("wide prefill", 128)  # 17 rows
+    assert first_fitting([(30, 0, 30)] * 17) == ("wide prefill", 512)
+    assert first_fitting([(30, 0, 30)] * 20) is None  # 600 tokens
+    assert first_fitting([(2, 0, 2)] * 25) is None  # 25 rows
+    # Steps of more tokens than a narrow graph's take a wide one, however few their rows;
+    # with no more rows or tokens than a narrow graph holds there is no wide kind.
+    kinds = prefill_graph_kinds(None, 16, 2048, 2, prev, CPU)
+    assert [(k.kind, k.rows, k.buckets[-1]) for k in kinds] == [
+        ("prefill", 16, 512),
+        ("wide prefill", 16, 2048),
+    ]
+    assert [k.kind for k in prefill_graph_kinds(None, 16, 512, 2, prev, CPU)] == ["prefill"]
+    assert [k.kind for k in prefill_graph_kinds(None, 4, 64, 2, prev, CPU)] == ["prefill"]
+
+
 def test_a_negative_prefill_graph_size_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="max_prefill_graph_tokens=-1"):
         WorkerConfig("m", max_prefill_graph_tokens=-1)
 
 
 def test_a_mixed_step_loads_with_padded_tokens_and_rows_that_write_nowhere() -> None:
-    graphs = PrefillGraphs(None, 4, 64, 2, torch.zeros(64, dtype=torch.int64), CPU)
+    graphs = PrefillGraphs(None, 4, token_buckets(64), 2, torch.zeros(64, dtype=torch.int64), CPU)
     graphs.load(*_step(SequenceTable(rows=8, blocks_per_seq=2), [(30, 0, 30)] * 2))  # stale
     host, sampling = _step(SequenceTable(rows=8, blocks_per_seq=2), MIXED)
     graphs.load(host, sampling)
@@ -93,7 +132,10 @@ def test_every_graph_input_is_in_the_buffer_the_hosts_copy_fills() -> None:
     # (kernels/pdl.py): safe only while no kernel of the step writes them, i.e. while the step's
     # one host-to-device copy is all that does.
     prev = torch.zeros(64, dtype=torch.int64)
-    for graphs in (PrefillGraphs(None, 4, 64, 2, prev, CPU), DecodeGraphs(None, 4, 2, prev, CPU)):
+    for graphs in (
+        PrefillGraphs(None, 4, token_buckets(64), 2, prev, CPU),
+        DecodeGraphs(None, 4, 2, prev, CPU),
+    ):
         start = graphs.static.data_ptr()
         views = named(graphs.inputs_gpu) | named(graphs.sampling_gpu)
         for name, view in views.items():
@@ -127,7 +169,7 @@ def test_the_padded_step_gives_the_eager_logits_and_stores_only_its_own_kv(worke
 
     worker.kv_cache.copy_(before)
     runner.prev_tokens[:] = torch.arange(len(runner.prev_tokens))
-    graphs = PrefillGraphs(worker.model, 4, 64, 2, runner.prev_tokens, CPU)
+    graphs = PrefillGraphs(worker.model, 4, token_buckets(64), 2, runner.prev_tokens, CPU)
     graphs.prepare_capture()
     graphs.load(host, sampling)
     logits = graphs._step(graphs.bucket(host))
