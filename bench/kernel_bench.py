@@ -111,11 +111,25 @@ def bench_prefill(
     return ms, flops / (ms * 1e-3) / 1e12
 
 
+def _budget_step() -> list[tuple[int, int]]:
+    """nano_bench_256's first step: whole prompts of U(107, 1024) tokens, the last one a chunk,
+    8,192 tokens in all."""
+    gen = torch.Generator().manual_seed(0)
+    lengths, total = [], 0
+    while total < 8192:
+        n = min(int(torch.randint(107, 1025, (1,), generator=gen)), 8192 - total)
+        lengths.append(n)
+        total += n
+    return [(0, n) for n in lengths]
+
+
 PREFILL_SHAPES = {
     "4 x 2048 plain": ([(0, 2048)] * 4, 16),
     "4 x 2048 plain, 32 q heads": ([(0, 2048)] * 4, 32),
     "8 x (1536 cached + 512 new)": ([(1536, 512)] * 8, 16),
     "1 x 8192 plain": ([(0, 8192)], 16),
+    "budget step: 8,192 tokens of U(107, 1024)": (_budget_step(), 16),
+    "mixed: 7 x 550 new, 240 x (600 + 1)": ([(0, 550)] * 7 + [(600, 1)] * 240, 16),
 }
 
 
@@ -173,20 +187,21 @@ def decode_latency(layers: int = 28) -> None:
 
 
 def sweep_prefill() -> None:
-    cached_and_new, num_q_heads = PREFILL_SHAPES["4 x 2048 plain"]
-    results = []
-    configs = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3])
-    for block_m, block_n, warps, stages in configs:
-        config = PrefillConfig(block_m, block_n, warps, stages)
-        try:
-            ms, tflops = bench_prefill(cached_and_new, num_q_heads, config=config)
-        except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-            print(f"  prefill {config} failed: {type(e).__name__}")
-            continue
-        results.append((tflops, ms, config))
-    print("\nprefill sweep, 4 x 2048 plain, 16 q heads (fastest first):")
-    for tflops, ms, config in sorted(results, key=lambda r: r[0], reverse=True)[:8]:
-        print(f"  {config}: {ms:7.3f} ms {tflops:6.1f} TFLOP/s")
+    for shape in ("4 x 2048 plain", "budget step: 8,192 tokens of U(107, 1024)"):
+        cached_and_new, num_q_heads = PREFILL_SHAPES[shape]
+        results = []
+        configs = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3])
+        for block_m, block_n, warps, stages in configs:
+            config = PrefillConfig(block_m, block_n, warps, stages)
+            try:
+                ms, tflops = bench_prefill(cached_and_new, num_q_heads, config=config)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"  prefill {config} failed: {type(e).__name__}")
+                continue
+            results.append((tflops, ms, config))
+        print(f"\nprefill sweep, {shape}, 16 q heads (fastest first):")
+        for tflops, ms, config in sorted(results, key=lambda r: r[0], reverse=True)[:6]:
+            print(f"  {config}: {ms:7.3f} ms {tflops:6.1f} TFLOP/s")
 
 
 def main() -> None:
