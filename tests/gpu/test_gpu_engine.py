@@ -189,7 +189,7 @@ def test_wide_prefill_graph_output_equals_eager_output(
     graphed, graphs = generate_once(model_dir, prompts, params, options, enforce_eager=False)
     eager, _ = generate_once(model_dir, prompts, params, options, enforce_eager=True)
     wide = next(g for g in graphs if g.kind == "wide prefill")
-    assert wide.rows == 32 and wide.num_replays >= 3
+    assert wide.rows == 32 and wide.num_replays >= 2
     assert [o["token_ids"] for o in graphed] == [o["token_ids"] for o in eager]
 
 
