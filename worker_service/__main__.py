@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-prefill-graph-tokens",
         type=int,
         default=WorkerConfig.max_prefill_graph_tokens,
-        help="prefill and mixed steps of up to this many tokens (and the token budget) replay "
-        "CUDA graphs; 0: they run eagerly",
+        help="prefill and mixed steps of up to this many tokens (at most the token budget) "
+        "replay CUDA graphs; 0: they run eagerly",
     )
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1, help="tensor-parallel size")

@@ -5,9 +5,9 @@ removes both. Two kinds of step are captured, each a ``StepGraphs`` (this file: 
 they share). Decode steps (``DecodeGraphs``, worker_service/decode_graphs.py): one token per row,
 buckets of batch size 1, 2, 4, 8, then steps of 16 up to max_num_seqs. Prefill, chunked and mixed
 steps (``PrefillGraphs``, worker_service/prefill_graphs.py): buckets of token count, a fixed
-number of rows (a narrow kind of 16 rows, a wide one of max_num_seqs). One graph covers the whole step: gathering the tokens sampled by
-the previous step (``prev_tokens``), the forward, the logits of the sampling rows and the
-sampling kernel on the raw logits.
+number of rows (a narrow kind of 16 rows, a wide one of max_num_seqs). One graph covers the
+whole step: gathering the tokens sampled by the previous step (``prev_tokens``), the forward,
+the logits of the sampling rows and the sampling kernel on the raw logits.
 
 Its inputs are a ``StepArrays`` and a ``SamplingArrays`` of views into one static device buffer
 (``Layout``): the host packs a step into the same layout (padded tokens and rows write nowhere:
