@@ -106,10 +106,11 @@ def _attend_tile(
 
 
 @triton.jit
-def _first_tile(cu_seqlens_q_ptr, seq, BLOCK_Q: tl.constexpr):
-    """The first grid tile of sequence ``seq``: at least the tiles all sequences before it need
+def _first_tile(q_start, seq, BLOCK_Q: tl.constexpr):
+    """The first grid tile of sequence ``seq``, whose query tokens start at ``q_start``
+    (``cu_seqlens_q[seq]``): at least the tiles all sequences before it need
     (``cdiv(q_len, BLOCK_Q) <= q_len // BLOCK_Q + 1`` each), increasing with ``seq``."""
-    return tl.load(cu_seqlens_q_ptr + seq) // BLOCK_Q + seq
+    return q_start // BLOCK_Q + seq
 
 
 # The block table's width and the number of sequences change from step to step: specializing on
@@ -148,13 +149,13 @@ def _paged_prefill_kernel(
     hi = num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _first_tile(cu_seqlens_q_ptr, mid, BLOCK_Q) <= tile:
+        if _first_tile(tl.load(cu_seqlens_q_ptr + mid), mid, BLOCK_Q) <= tile:
             lo = mid
         else:
             hi = mid - 1
     seq = lo
-    q_tile = tile - _first_tile(cu_seqlens_q_ptr, seq, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_tile = tile - _first_tile(q_start, seq, BLOCK_Q)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
         return

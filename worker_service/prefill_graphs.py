@@ -98,7 +98,7 @@ class PrefillGraphs(StepGraphs):
             cu_seqlens_q=x.cu_seqlens_q,
             seq_lens=x.seq_lens,
             block_tables=x.block_tables,
-            max_seqlen_q=bucket,  # sizes the attention grid: any sequence of the step fits
+            max_seqlen_q=bucket,  # any sequence of the step fits (the grid needs only the tokens)
             max_seqlen_k=self.max_blocks,  # only shapes matter to the kernels
             is_decode=False,
             is_plain_prefill=False,
