@@ -19,30 +19,17 @@ Not here: several query tokens per sequence (``paged_prefill_attention``), the K
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.decode_config import DecodeConfig, default_decode_config, max_shared_memory
 from kernels.decode_splits import default_num_splits, split_range, splits_with_tokens
 from kernels.paged_attention import check_paged_kv_inputs, paged_attention_ref
 from kernels.paged_kv_tile import kv_tile_offsets
 from kernels.pdl import launch_options, wait_for_previous
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Launch parameters: K/V rows per tile, warps per program, software-pipelining depth.
-
-    The default was the fastest of a sweep on an H100 (256 seqs x 1024 tokens, Qwen3-0.6B heads,
-    bf16): 97% of device copy bandwidth; most configurations there were within 3% of it.
-    """
-
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 def paged_decode_attention_ref(
@@ -187,13 +174,6 @@ def _combine_splits_kernel(
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty))
 
 
-def default_decode_config(head_dim: int, element_size: int = 2) -> DecodeConfig:
-    """The swept default at half-precision D <= 128; else smaller tiles, to fit shared memory."""
-    if head_dim * element_size <= 256:
-        return DecodeConfig()
-    return DecodeConfig(block_n=32, num_stages=2)
-
-
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H_q, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
@@ -223,7 +203,12 @@ def paged_decode_attention(
         num_splits = default_num_splits(
             num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device
         )
-    config = config or default_decode_config(head_dim, q.element_size())
+    if config is None:
+        shared = 0
+        if q.is_cuda:
+            index = q.device.index
+            shared = max_shared_memory(torch.cuda.current_device() if index is None else index)
+        config = default_decode_config(head_dim, q.element_size(), num_seqs, shared)
     group = num_q_heads // num_kv_heads
     part_out = part_lse = out  # placeholders, unused when NUM_SPLITS == 1
     if num_splits > 1:

@@ -169,6 +169,13 @@ class HostStep:
         return self.max_seqlen_q == 1
 
 
+def longest_context_first(seqs: list[WorkerSequence]) -> list[WorkerSequence]:
+    """A decode step's rows, longest context first (ties in plan order). The decode attention's
+    programs start in row order, so the longest ones start first and the short ones fill in
+    behind them, instead of a long one starting last and running alone at the kernel's end."""
+    return sorted(seqs, key=lambda s: -s.num_computed_tokens)
+
+
 def build_host_step(
     seqs: list[WorkerSequence],
     num_new_tokens: list[int],

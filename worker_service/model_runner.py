@@ -25,6 +25,7 @@ from worker_service.batch_inputs import (
     HostStep,
     PinnedRing,
     build_host_step,
+    longest_context_first,
     named,
     pack,
     pack_step,
@@ -106,6 +107,8 @@ class ModelRunner:
         num_new_tokens: list[int],
         table: SequenceTable,
     ) -> LaunchedStep:
+        if all(n == 1 for n in num_new_tokens):
+            seqs = longest_context_first(seqs)
         host = build_host_step(seqs, num_new_tokens, table, self.block_size, self._last_rows)
         sampling_seqs = [seqs[row] for row in host.sample_rows]
         if len(sampling_seqs) > len(self.prev_tokens):

@@ -212,3 +212,22 @@ def test_steps_the_graphs_cannot_hold_run_eagerly() -> None:
     assert graphs.fitting_bucket(step, sampling) is not None
     too_many = DecodeGraphs(None, 1, 4, torch.zeros(8, dtype=torch.int64), torch.device("cpu"))
     assert too_many.fitting_bucket(step, sampling) is None
+
+
+def test_a_decode_step_runs_its_rows_longest_context_first(tiny_model_dir) -> None:
+    """The decode attention starts its programs in row order: the longest context goes first.
+    A step with prompt tokens keeps the plan's order; each token reaches its own sequence."""
+    from worker_service.config import WorkerConfig
+    from worker_service.worker import Worker
+
+    worker = Worker(WorkerConfig(model_dir=str(tiny_model_dir), device="cpu"))
+    prompts = {0: [5, 6, 7], 1: list(range(10, 19)), 2: [30, 31, 32, 33, 34]}
+    news = [_new(i, p, [i]) for i, p in prompts.items()]
+    prefill = _plan(0, new=news, seq_ids=prompts)
+    prefill.num_new_tokens = [len(p) for p in prompts.values()]
+    first = worker.step(prefill)
+    assert first.seq_ids == [0, 1, 2]
+    decode = worker.step(_plan(1, seq_ids=[0, 1, 2]))
+    assert decode.seq_ids == [1, 2, 0]
+    for seq_id, token in zip(decode.seq_ids, decode.token_ids):
+        assert worker.seqs.seqs[seq_id].token_ids[-1] == token
