@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention-backend",
         default=WorkerConfig.attention_backend,
         help="auto|triton|flash-attn|torch, or per phase: prefill=flash-attn,decode=triton "
-        "(auto: the faster one per phase as measured on this GPU architecture; docs/gpu.md)",
+        "(auto: the faster one per phase as measured on this GPU architecture; docs/attention.md)",
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument(

@@ -186,7 +186,7 @@ BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
 PHASES = ("prefill", "decode")
 PHASE_BACKENDS = ("triton", "flash-attn")  # what "prefill=X,decode=Y" may name
 # What ``auto`` picks per compute capability (major) where flash-attn 4 imports, as measured
-# (docs/gpu.md, "Attention backends"); an architecture not listed gets Triton. On an H200 (9.0)
+# (docs/attention.md); an architecture not listed gets Triton. On an H200 (9.0)
 # flash-attn 4's prefill kernel wins alone at 8k+ tokens, but Triton won both workloads end to
 # end with either phase on flash-attn (its per-call host cost, and decode without K/V splits),
 # so no architecture picks it yet.
