@@ -136,7 +136,7 @@ PREFILL_SHAPES = {
 def sweep_decode(copy_gbs: float) -> None:
     """Every launch shape of a small grid over 256 x 1,024 tokens and over mixed lengths
     U(100, 2,048), longest first as the engine orders a decode step, at 256, 128 and 64
-    sequences (auto split): the data behind ``default_decode_config``."""
+    sequences (auto split): the data behind ``DecodeConfig``'s default."""
     gen = torch.Generator().manual_seed(0)
     mixed = [(n, sorted(torch.randint(100, 2049, (n,), generator=gen).tolist(), reverse=True))
              for n in (256, 128, 64)]  # fmt: skip

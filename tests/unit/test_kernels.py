@@ -138,17 +138,6 @@ def test_paged_decode_matches_reference(
     run_decode_case(seq_lens, block_size, num_kv_heads, group, 16, dtype, num_splits, config)
 
 
-def test_decode_config_takes_wide_tiles_for_many_sequences_where_they_fit() -> None:
-    from kernels.decode_config import DecodeConfig, default_decode_config
-
-    hopper = 227 * 1024  # a program's shared memory on an H100/H200
-    assert default_decode_config(128, 2, 64, hopper).block_n == 128
-    assert default_decode_config(128, 2, 63, hopper) == DecodeConfig()
-    assert default_decode_config(128, 2, 256, 163 * 1024) == DecodeConfig()  # an A100's
-    assert default_decode_config(128, 2, 256) == DecodeConfig()  # CPU
-    assert default_decode_config(256, 2, 256, hopper).block_n == 32
-
-
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_paged_decode_of_empty_padding_sequence_is_zero(num_splits: int) -> None:
     k_cache, v_cache, block_tables = make_paged_kv([0, 9], 16, 1, 16, torch.float32)
