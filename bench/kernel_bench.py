@@ -1,7 +1,9 @@
 """GPU microbenchmark of the paged-attention Triton kernels against the device's own ceilings.
 
 Decode attention is memory-bound: its figure is the K/V bytes read per second, next to a large
-device-to-device copy on the same GPU (bytes read + written per second). Prefill attention is
+device-to-device copy on the same GPU (bytes read + written per second); each decode call is
+replayed in a CUDA graph, as a decode step runs it (L2 may hold part of a small case's cache
+from one replay to the next). Prefill attention is
 compute-bound: its figure is TFLOP/s (causal: only the visible query-key pairs are counted).
 ``--sweep`` also times every launch configuration in a small grid and prints the fastest;
 ``--latency`` times decode attention at batch 1 the way a decode step runs it: 28 calls (one per
@@ -45,6 +47,14 @@ def time_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds of one ``fn`` replayed in a CUDA graph, as a decode step runs it: an eager
+    call's host launch (about 100 us for the attention and its combine) would set the time of
+    every call shorter than that."""
+    fn()  # compile outside the capture
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
 def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
     """Bytes read + written per second by a device-to-device copy."""
     src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device="cuda")
@@ -77,15 +87,17 @@ def bench_decode(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
 ) -> tuple[float, float]:
-    """Returns (microseconds, K/V GB/s) for one decode step over ``num_seqs`` contexts of
-    ``context`` tokens each (or of the given lengths)."""
+    """Returns (microseconds, K/V GB/s) for one decode call (the attention and, with splits, its
+    combine, in a CUDA graph) over ``num_seqs`` contexts of ``context`` tokens each (or of the
+    given lengths, in that order: the engine's steps come longest first)."""
     seq_lens = [context] * num_seqs if isinstance(context, int) else context
     k_cache, v_cache, lens, tables = paged_kv(seq_lens, block_size)
     q = torch.randn(num_seqs, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     scale = HEAD_DIM**-0.5
-    ms = time_ms(
+    out = torch.empty_like(q)
+    ms = graph_ms(
         lambda: paged_decode_attention(
-            q, k_cache, v_cache, lens, tables, scale, num_splits, config=config
+            q, k_cache, v_cache, lens, tables, scale, num_splits, out=out, config=config
         )
     )
     kv_bytes = 2 * sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
@@ -157,14 +169,14 @@ def sweep_decode(copy_gbs: float) -> None:
 
 
 def sweep_splits(copy_gbs: float) -> None:
-    """Decode attention over mixed context lengths U(100, 2048), by batch size and split count:
-    the data behind ``default_num_splits``."""
-    print("\nsplit sweep, contexts U(100, 2048), block_size 256: % of copy bandwidth")
+    """Decode attention over mixed context lengths U(100, 2048), longest first as the engine
+    orders a step, by batch size and split count: the data behind ``default_num_splits``."""
+    print("\nsplit sweep, contexts U(100, 2048) longest first, block_size 256: % of copy bandwidth")
     counts = (1, 2, 3, 4, 6, 8, 12, 16)
     print(f"{'seqs':>6}{'auto':>6}" + "".join(f"{c:>6}" for c in counts))
     gen = torch.Generator().manual_seed(1)
-    for num_seqs in (4, 8, 16, 32, 64, 96, 128, 192, 256):
-        lens = torch.randint(100, 2049, (num_seqs,), generator=gen).tolist()
+    for num_seqs in (4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256):
+        lens = sorted(torch.randint(100, 2049, (num_seqs,), generator=gen).tolist(), reverse=True)
         auto = default_num_splits(num_seqs, NUM_KV_HEADS, 4096, torch.device("cuda"))
         row = [bench_decode(num_seqs, lens, 256, c)[1] / copy_gbs for c in counts]
         print(f"{num_seqs:>6}{auto:>6}" + "".join(f"{r:>6.0%}" for r in row))
@@ -233,13 +245,14 @@ def main() -> None:
         decode_latency()
 
     print(f"\n{'decode (H_q 16, H_kv 8, D 128, bf16)':40s} {'us':>8s} {'GB/s':>7s} {'% copy':>7s}")
-    mixed = torch.randint(100, 2049, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    drawn = torch.randint(100, 2049, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    mixed = sorted(drawn, reverse=True)  # longest first, as the engine orders a decode step
     decode_cases = [
         ("256 seqs x 1024, block 256", 256, 1024, 256, None),
         ("256 seqs x U(100, 2048), auto split", 256, mixed, 256, None),
         ("256 seqs x U(100, 2048), 2 splits", 256, mixed, 256, 2),
         ("256 seqs x U(100, 2048), 4 splits", 256, mixed, 256, 4),
-        ("64 seqs x U(100, 2048), auto split", 64, mixed[:64], 256, None),
+        ("64 seqs x U(100, 2048), auto split", 64, sorted(drawn[:64], reverse=True), 256, None),
         ("256 seqs x 1024, block 16", 256, 1024, 16, None),
         ("8 seqs x 8192, block 256, no split", 8, 8192, 256, 1),
         ("8 seqs x 8192, block 256, auto split", 8, 8192, 256, None),

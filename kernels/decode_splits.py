@@ -16,7 +16,7 @@ import triton.language as tl
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_NUM_SPLITS = 32
-PROGRAMS_PER_SM = 12
+PROGRAMS_PER_SM = 6
 
 
 @functools.cache
@@ -28,9 +28,14 @@ def default_num_splits(
     batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device
 ) -> int:
     """Splits per (sequence, KV head) so the grid has about ``PROGRAMS_PER_SM`` programs per SM
-    (enough loads in flight to reach memory bandwidth): from a sweep on an H200 over mixed context
-    lengths (``python bench/kernel_bench.py --sweep-splits``), 1 split at 256 sequences, 2 at
-    128-192, 4 at 64, 16 at 16 and below were each within 2 points of that batch size's best.
+    (enough loads in flight to reach memory bandwidth). From a sweep on an H200 over mixed context
+    lengths, longest first as the engine orders a step, each call replayed in a CUDA graph
+    (``python bench/kernel_bench.py --sweep-splits``): one split from 160 sequences (104-107% of
+    the copy bandwidth, against 103% with two), two at 64-128, four at 32. 6 programs per SM
+    takes 1 split from 99 sequences, 2 from 50, 4 from 25 (at 96 sequences one split read 80%
+    against 99% with two, yet 8 programs per SM, two splits up to 132, ran nano_bench_256 no
+    faster: 4.895 s of device time against 4.893-4.897). With 12 (taken when the grid ran
+    sequences fastest) that pass ran 0.5-0.7% slower, its steps of 129-192 sequences 1.7%.
     Depends only on shapes (``max_context_len`` is the block table's capacity, not the real
     lengths): stable under CUDA-graph capture. On CPU (interpreter): 1."""
     if device.type != "cuda":
