@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from scipy.stats import chisquare
 
-from kernels.sample_tokens import sample_tokens, sample_tokens_ref
+from kernels.sample_tokens import gumbel_noise, sample_tokens, sample_tokens_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_DRAWS = 6000
@@ -126,6 +128,39 @@ def test_bad_shapes_are_refused() -> None:
             torch.ones(2, device=DEVICE),
             torch.ones(3, dtype=torch.int64, device=DEVICE),
         )
+
+
+@triton.jit
+def _noise_kernel(u_ptr, out_ptr, n, FAST_LOG: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    uniform = tl.load(u_ptr + offsets, mask=mask, other=0.5)
+    tl.store(out_ptr + offsets, gumbel_noise(uniform, FAST_LOG), mask=mask)
+
+
+def _noise_error(device: str) -> float:
+    """Largest distance of the kernel's noise from ``-log(-log(u))`` in float64, over every
+    float32 u within 1/64 of 1 (where ``-log(u)`` is tiny) and a spread over (0, 1)."""
+    near_one = 1.0 - torch.arange(1, 2**18 + 1, dtype=torch.float64) * 2.0**-24
+    spread = torch.linspace(2.0**-31, 1.0 - 2.0**-24, 100_000, dtype=torch.float64)
+    uniform = torch.cat([near_one, spread]).float()
+    out = torch.empty_like(uniform, device=device)
+    n, block = len(uniform), 4096
+    fast = device == "cuda"
+    _noise_kernel[(triton.cdiv(n, block),)](uniform.to(device), out, n, FAST_LOG=fast, BLOCK=block)
+    exact = -torch.log(-torch.log(uniform.double()))
+    return float((out.cpu().double() - exact).abs().max())
+
+
+def test_the_noise_is_exact_to_float32_rounding_up_to_u_near_one() -> None:
+    assert _noise_error(DEVICE) <= (3e-5 if DEVICE == "cuda" else 2e-6)
+
+
+@pytest.mark.gpu
+def test_the_fast_log_noise_stays_within_its_bound_on_gpu() -> None:
+    """The hardware log's absolute error (2^-21.4 near 1) is larger than ``-log(u)`` itself as u
+    nears 1: without the series there the noise would be far off, infinite or NaN."""
+    assert _noise_error("cuda") <= 3e-5
 
 
 def _full_vocabulary_logits(vocab: int = 151936) -> tuple[torch.Tensor, list[int]]:
