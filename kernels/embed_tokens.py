@@ -77,7 +77,7 @@ def embed_tokens(
     if input_ids.dim() != 1 or input_ids.dtype != torch.int64:
         raise ValueError("input_ids must be int64 of shape [T]")
     has_pending = prev_rows is not None
-    if has_pending and (
+    if prev_rows is not None and (
         prev_tokens is None
         or prev_rows.shape != input_ids.shape
         or prev_rows.dtype != torch.int64

@@ -176,7 +176,7 @@ def _paged_prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    bt_row = block_tables_ptr + tl.cast(seq, tl.int64) * stride_bt
     head_off = kv_head.to(tl.int64) * stride_cache_head
     # Keys 0 .. first_pos are visible to every row: whole tiles below that need no mask.
     unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N

@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(f"  try: python -m nanoserve generate 'Hello' --addr {addr}   (logs: {run_dir})")
         while not stop() and (exited := launcher.first_exited(services)) is None:
             time.sleep(0.2)
-        if not stop():
+        if not stop() and exited is not None:
             print(f"{exited.name} exited with {exited.proc.returncode}; stopping", file=sys.stderr)
     finally:
         launcher.stop_all(services)

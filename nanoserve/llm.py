@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -85,8 +85,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[dict[str, Any]]:
         """Return one ``{"text", "token_ids"}`` dict per prompt, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        one = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        prompts = cast(Sequence[Prompt], [prompts] if one else prompts)
         params = self._params_per_prompt(len(prompts), sampling_params)
         token_lists = [self._encode(p) for p in prompts]
         self._validate(token_lists, params, one_params=isinstance(sampling_params, SamplingParams))
@@ -120,9 +120,10 @@ class LLM:
             validate_request(
                 ids, p, limits, prompt_field=f"prompts[{i}]", sampling_field=sampling_field
             )
-            error = p.constraint and self.worker.check_constraint(p.constraint)
-            if error:
-                raise compile_error(p.constraint, error, sampling_field)
+            if p.constraint is not None:
+                error = self.worker.check_constraint(p.constraint)
+                if error:
+                    raise compile_error(p.constraint, error, sampling_field)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
