@@ -67,7 +67,7 @@ bench-cpu: protos
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && \
-		$(BIN)/mypy protos scheduler_service worker_service models kernels nanoserve --follow-imports=silent
+		$(BIN)/mypy protos scheduler_service worker_service models kernels nanoserve bench --follow-imports=silent
 
 clean:
 	rm -rf $(VENV) $(TINY_MODEL) protos/nanoserve/v1/*_pb2* protos/nanoserve/worker/v1/*_pb2*

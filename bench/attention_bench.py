@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from typing import Any
 
 import torch
 import triton.testing
@@ -89,7 +90,7 @@ def main() -> None:
     for num_seqs, context in itertools.product(DECODE_SEQS, DECODE_CONTEXTS):
         inputs = case([(context - 1, 1)] * num_seqs)
         kv_bytes = 2 * num_seqs * context * NUM_KV_HEADS * HEAD_DIM * 2
-        row = {"phase": "decode", "case": f"{num_seqs} seqs x {context}"}
+        row: dict[str, Any] = {"phase": "decode", "case": f"{num_seqs} seqs x {context}"}
         for b, backend in backends.items():
             us = time_us(backend, inputs, graph=True)
             row[b] = {"us": us, "share": kv_bytes / (us * 1e-6) / 1e9 / copy_gbs}

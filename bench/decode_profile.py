@@ -139,7 +139,7 @@ def profile_prefill(llm, vocab: int, repeats: int = 3) -> None:
     rng = random.Random(7)
     python = cProfile.Profile()
     for repeat in range(repeats + 1):  # the last run under cProfile instead
-        profiler = python
+        profiler: cProfile.Profile | profile = python
         if repeat < repeats:
             profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         seconds: list[float] = []
@@ -162,7 +162,7 @@ def profile_prefill(llm, vocab: int, repeats: int = 3) -> None:
             print(
                 f"\nprefill of {PROMPT_TOKENS} tokens, repeat {repeat}: {1e3 * seconds[0]:.2f} ms"
             )
-        if repeat == repeats - 1:
+        if repeat == repeats - 1 and isinstance(profiler, profile):
             print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     pstats.Stats(python).sort_stats("tottime").print_stats(22)
 
@@ -197,6 +197,8 @@ def main() -> None:
     llm = LLM(checkpoint_from_args(args))
     warm_up(llm.engine)
     cfg = ARCHITECTURES[args.arch]
+    vocab = cfg["vocab_size"]
+    assert isinstance(vocab, int)
     weights = weight_bytes(cfg)
     copy = copy_bandwidth(torch.device("cuda"))
     bound_us = 1e6 * weights / copy
@@ -205,10 +207,10 @@ def main() -> None:
         f"read at the copy rate ({copy / 1e12:.2f} TB/s) in {bound_us:.0f} us"
     )
     if args.prefill:
-        profile_prefill(llm, cfg["vocab_size"])
+        profile_prefill(llm, vocab)
     for batch in (int(b) for b in args.batch.split(",") if b):
         python = cProfile.Profile() if args.python else None
-        s = profile_batch(llm, cfg["vocab_size"], batch, args.steps, args.max_tokens, python)
+        s = profile_batch(llm, vocab, batch, args.steps, args.max_tokens, python)
         print(
             f"\nbatch {batch}: device period {s['period_us']:.1f} us/step "
             f"({s['period_us'] / bound_us:.2f}x the weight bound), kernels {s['kernel_us']:.1f}, "

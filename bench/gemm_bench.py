@@ -159,7 +159,10 @@ def main() -> None:
     parser.add_argument("--compile", help="i/n: with --sweep, only compile that share of it")
     args = parser.parse_args()
     if args.sweep:
-        shard = tuple(int(v) for v in args.compile.split("/")) if args.compile else None
+        shard = None
+        if args.compile:
+            i, n = (int(v) for v in args.compile.split("/"))
+            shard = (i, n)
         sweep([int(m) for m in args.sweep.split(",")], shard)
         return
     ms = [int(m) for m in args.m.split(",")]

@@ -247,7 +247,7 @@ def main() -> None:
     print(f"\n{'decode (H_q 16, H_kv 8, D 128, bf16)':40s} {'us':>8s} {'GB/s':>7s} {'% copy':>7s}")
     drawn = torch.randint(100, 2049, (256,), generator=torch.Generator().manual_seed(0)).tolist()
     mixed = sorted(drawn, reverse=True)  # longest first, as the engine orders a decode step
-    decode_cases = [
+    decode_cases: list[tuple[str, int, int | list[int], int, int | None]] = [
         ("256 seqs x 1024, block 256", 256, 1024, 256, None),
         ("256 seqs x U(100, 2048), auto split", 256, mixed, 256, None),
         ("256 seqs x U(100, 2048), 2 splits", 256, mixed, 256, 2),

@@ -122,7 +122,8 @@ def run_transformers(model_dir: str, prompts, max_tokens, sampling, args) -> dic
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
     order = sorted(range(len(prompts)), key=lambda i: max_tokens[i])
     batch = args.hf_batch_size
     start = time.perf_counter()

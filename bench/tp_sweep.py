@@ -20,6 +20,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,14 +90,15 @@ def _hf_model(model_dir: str, dtype_name: str):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype_name) if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
 
 
 def divergence_gaps(model, prompts, reference, outputs) -> list[dict]:
     """Where each output first differs from the reference: transformers' logits there (one GPU,
     the reference's prefix as context), the gap between the two tokens chosen and the largest
     logit. A near tie is a gap that is a small fraction of the largest logit."""
-    gaps = []
+    gaps: list[dict[str, Any]] = []
     for prompt, ref, out in zip(prompts, reference, outputs):
         n = common_prefix(ref, out)
         if n >= min(len(ref), len(out)):

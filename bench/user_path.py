@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -92,7 +93,8 @@ async def passes(addr: str, requests: list[pb.GenerateRequest], num_passes: int,
             free = [t for (_, t), f in zip(done, is_free) if f]
             free_done = [(n, t) for (n, t), f in zip(done, is_free) if f and n > 1 and t]
             constrained_ttfts = [t[0] - start for (_, t), f in zip(done, is_free) if t and not f]
-            res = {"pass": i + 1, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+            res: dict[str, Any] = {"pass": i + 1, "tokens": tokens, "seconds": seconds}
+            res["tok_s"] = tokens / seconds
             res |= {
                 "started_at": started_at,
                 "ttft_ms": quantiles(ttfts),
