@@ -47,12 +47,12 @@ def time_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def graph_ms(fn: Callable[[], object]) -> float:
+def graph_ms(fn: Callable[[], object], rep: int = 100) -> float:
     """Milliseconds of one ``fn`` replayed in a CUDA graph, as a decode step runs it: an eager
     call's host launch (about 100 us for the attention and its combine) would set the time of
     every call shorter than that."""
     fn()  # compile outside the capture
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
@@ -281,7 +281,7 @@ def bench_sampling(rows: int, vocab: int, temperature: float) -> tuple[float, fl
     temps = torch.full((rows,), temperature, device="cuda")
     seeds = torch.arange(rows, device="cuda", dtype=torch.int64)
     # Replayed as a CUDA graph, as the worker runs it: a few rows would time the host's launch.
-    ms = triton.testing.do_bench_cudagraph(lambda: sample_tokens(logits, temps, seeds), rep=200)
+    ms = graph_ms(lambda: sample_tokens(logits, temps, seeds), rep=200)
     return ms * 1e3, logits.numel() * logits.element_size() / (ms / 1e3) / 1e9
 
 

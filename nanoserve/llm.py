@@ -120,10 +120,8 @@ class LLM:
             validate_request(
                 ids, p, limits, prompt_field=f"prompts[{i}]", sampling_field=sampling_field
             )
-            if p.constraint is not None:
-                error = self.worker.check_constraint(p.constraint)
-                if error:
-                    raise compile_error(p.constraint, error, sampling_field)
+            if p.constraint and (error := self.worker.check_constraint(p.constraint)):
+                raise compile_error(p.constraint, error, sampling_field)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -152,8 +152,9 @@ def _noise_error(device: str) -> float:
     return float((out.cpu().double() - exact).abs().max())
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the fast-log test below runs instead")
 def test_the_noise_is_exact_to_float32_rounding_up_to_u_near_one() -> None:
-    assert _noise_error(DEVICE) <= (3e-5 if DEVICE == "cuda" else 2e-6)
+    assert _noise_error("cpu") <= 2e-6
 
 
 @pytest.mark.gpu
