@@ -65,7 +65,10 @@ class GrammarCache:
         except ImportError:
             pass
 
-        threading.Thread(target=self._build_compiler, name="grammar-compiler", daemon=True).start()
+        # Not a daemon: a process ending while the build runs waits for it. Killed at exit in
+        # the middle of xgrammar's and the tokenizer's native code, the process aborted
+        # ("terminate called without an active exception") in 9 of 30 short scripts.
+        threading.Thread(target=self._build_compiler, name="grammar-compiler").start()
 
     def _build_compiler(self) -> None:
         with self._lock:
