@@ -13,10 +13,12 @@ M <= 16 rows over a grid of launch shapes and prints the fastest per shape. ``--
 times Qwen3-0.6B's layer GEMMs at those row counts, cuBLAS against the fastest launch shape of
 a larger grid (kernels/skinny_gemm_configs.py keeps the winners); ``--compile i/n`` only compiles
 the i-th n-th of that grid (run n of them at once first: the timed sweep then finds every kernel
-compiled).
+compiled). ``--l2-hot`` prints cuBLAS's microseconds per call with the weights from HBM (cycled)
+beside one copy read again and again (L2-resident): how much of a GEMM's time its weight reads
+are.
 
     python -m bench.gemm_bench [--arch qwen3-0.6b,qwen3-8b] [--m 1,16,64,256] [--skinny]
-        [--out FILE] [--sweep 32,64,128,256 [--compile I/N]]
+        [--out FILE] [--sweep 32,64,128,256 [--compile I/N]] [--l2-hot]
 
 Needs CUDA. Not a test; the shapes' table goes to docs/gpu.md.
 """
@@ -149,6 +151,22 @@ def sweep(ms: list[int], shard: tuple[int, int] | None) -> None:
         del ws
 
 
+def l2_hot(archs: list[str], ms: list[int]) -> None:
+    """cuBLAS us per call, weights from HBM / from L2, per GEMM and M."""
+    for arch in archs:
+        print(f"\n{arch}: cuBLAS us per call, weights from HBM / one copy hot in L2, by M")
+        print(f"{'gemm':10s}{'N x K':>16s}" + "".join(f"{'M=' + str(m):>16s}" for m in ms))
+        for name, (n, k) in shapes(ARCHITECTURES[arch]).items():
+            ws = weights(n, k)
+            cells = []
+            for m in ms:
+                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+                cold, hot = time_us(F.linear, x, ws), time_us(F.linear, x, ws[:1] * 16)
+                cells.append(f"{cold:6.2f} / {hot:5.2f}")
+            print(f"{name:10s}{f'{n} x {k}':>16s}" + "".join(f"{c:>16s}" for c in cells))
+            del ws
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen3-0.6b,qwen3-8b")
@@ -157,7 +175,11 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--sweep", help="M list: cuBLAS against skinny_gemm's launch shapes")
     parser.add_argument("--compile", help="i/n: with --sweep, only compile that share of it")
+    parser.add_argument("--l2-hot", action="store_true", help="cuBLAS, weights in HBM vs in L2")
     args = parser.parse_args()
+    if args.l2_hot:
+        l2_hot(args.arch.split(","), [int(m) for m in args.m.split(",")])
+        return
     if args.sweep:
         shard = None
         if args.compile:
