@@ -151,20 +151,24 @@ def sweep(ms: list[int], shard: tuple[int, int] | None) -> None:
         del ws
 
 
-def l2_hot(archs: list[str], ms: list[int]) -> None:
-    """cuBLAS us per call, weights from HBM / from L2, per GEMM and M."""
-    for arch in archs:
-        print(f"\n{arch}: cuBLAS us per call, weights from HBM / one copy hot in L2, by M")
-        print(f"{'gemm':10s}{'N x K':>16s}" + "".join(f"{'M=' + str(m):>16s}" for m in ms))
-        for name, (n, k) in shapes(ARCHITECTURES[arch]).items():
-            ws = weights(n, k)
-            cells = []
-            for m in ms:
-                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-                cold, hot = time_us(F.linear, x, ws), time_us(F.linear, x, ws[:1] * 16)
-                cells.append(f"{cold:6.2f} / {hot:5.2f}")
-            print(f"{name:10s}{f'{n} x {k}':>16s}" + "".join(f"{c:>16s}" for c in cells))
-            del ws
+def table(title: str, arch: str, ms: list[int], width: int, cell) -> None:
+    """Print one row per GEMM of ``arch`` and one column per M: ``cell(arch, name, n, k, x, ws)``,
+    with ``x`` the [M, K] activations and ``ws`` the weight's copies (cycled: see ``weights``)."""
+    print(f"\n{arch}: {title}, by M")
+    print(f"{'gemm':10s}{'N x K':>16s}" + "".join(f"{'M=' + str(m):>{width}s}" for m in ms))
+    for name, (n, k) in shapes(ARCHITECTURES[arch]).items():
+        ws = weights(n, k)
+        cells = []
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            cells.append(cell(arch, name, n, k, x, ws))
+        print(f"{name:10s}{f'{n} x {k}':>16s}" + "".join(f"{c:>{width}s}" for c in cells))
+        del ws
+
+
+def l2_hot_cell(arch: str, name: str, n: int, k: int, x: torch.Tensor, ws: list) -> str:
+    """cuBLAS us per call, the weights from HBM / one copy read again and again (from L2)."""
+    return f"{time_us(F.linear, x, ws):6.2f} / {time_us(F.linear, x, ws[:1] * 16):5.2f}"
 
 
 def main() -> None:
@@ -177,8 +181,10 @@ def main() -> None:
     parser.add_argument("--compile", help="i/n: with --sweep, only compile that share of it")
     parser.add_argument("--l2-hot", action="store_true", help="cuBLAS, weights in HBM vs in L2")
     args = parser.parse_args()
+    ms = [int(m) for m in args.m.split(",")]
     if args.l2_hot:
-        l2_hot(args.arch.split(","), [int(m) for m in args.m.split(",")])
+        for arch in args.arch.split(","):
+            table("cuBLAS us per call, weights from HBM / in L2", arch, ms, 16, l2_hot_cell)
         return
     if args.sweep:
         shard = None
@@ -187,34 +193,29 @@ def main() -> None:
             shard = (i, n)
         sweep([int(m) for m in args.sweep.split(",")], shard)
         return
-    ms = [int(m) for m in args.m.split(",")]
     copy_tbs = copy_bandwidth() / 1e12
     print(f"{torch.cuda.get_device_name()}: copy {copy_tbs:.2f} TB/s (read + write)")
     rows = []
+
+    def cell(arch: str, name: str, n: int, k: int, x: torch.Tensor, ws: list) -> str:
+        m = x.shape[0]
+        us = time_us(F.linear, x, ws)
+        tbs = weight_tb_s(n, k, us)
+        e_us = time_us(lambda x, w: linear(x, w, None), x, ws)  # what the layers run
+        e_tbs = weight_tb_s(n, k, e_us)
+        row = {"arch": arch, "gemm": name, "n": n, "k": k, "m": m, "us": us, "tb_s": tbs}
+        row |= {"engine_us": e_us, "engine_tb_s": e_tbs}
+        text = f"{tbs:5.2f} / {e_tbs:5.2f} ({e_tbs / copy_tbs:4.0%})"
+        if args.skinny and m <= 16:
+            s_us, config = best_skinny(m, n, k, ws)
+            s_tbs = weight_tb_s(n, k, s_us)
+            row |= {"skinny_us": s_us, "skinny_tb_s": s_tbs, "skinny": repr(config)}
+            text += f" skinny {s_tbs:5.2f} {config}"
+        rows.append(row)
+        return text
+
     for arch in args.arch.split(","):
-        print(f"\n{arch}: weight TB/s, cuBLAS / the engine's linear (its share of copy), by M")
-        print(f"{'gemm':10s}{'N x K':>16s}" + "".join(f"{'M=' + str(m):>22s}" for m in ms))
-        for name, (n, k) in shapes(ARCHITECTURES[arch]).items():
-            ws = weights(n, k)
-            cells = []
-            for m in ms:
-                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-                us = time_us(F.linear, x, ws)
-                tbs = weight_tb_s(n, k, us)
-                e_us = time_us(lambda x, w: linear(x, w, None), x, ws)  # what the layers run
-                e_tbs = weight_tb_s(n, k, e_us)
-                row = {"arch": arch, "gemm": name, "n": n, "k": k, "m": m, "us": us, "tb_s": tbs}
-                row |= {"engine_us": e_us, "engine_tb_s": e_tbs}
-                cell = f"{tbs:5.2f} / {e_tbs:5.2f} ({e_tbs / copy_tbs:4.0%})"
-                if args.skinny and m <= 16:
-                    s_us, config = best_skinny(m, n, k, ws)
-                    s_tbs = weight_tb_s(n, k, s_us)
-                    row |= {"skinny_us": s_us, "skinny_tb_s": s_tbs, "skinny": repr(config)}
-                    cell += f" skinny {s_tbs:5.2f} {config}"
-                rows.append(row)
-                cells.append(cell)
-            print(f"{name:10s}{f'{n} x {k}':>16s}" + "".join(f"{c:>22s}" for c in cells))
-            del ws
+        table("weight TB/s, cuBLAS / the engine's linear (its share of copy)", arch, ms, 22, cell)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
