@@ -5,9 +5,13 @@ one line per step with its sequences, tokens, context tokens, device-busy and de
 the worker's host phases; the scheduler writes ``PATH.scheduler`` with its engine thread's phases.
 Each decode step's bound is its weight bytes plus the K/V bytes of its context at the copy
 bandwidth; "idle" is time the device waited for the host between steps. Host phases are printed as
-milliseconds per step (means), so a phase that outlasts the device step is easy to spot.
+milliseconds per step (means), so a phase that outlasts the device step is easy to spot. Then each
+step the device waited more than ``--stall-ms`` for (default 1 ms), one per line: its worker
+phases and the phases of the scheduler lines written since the worker's previous step (both
+processes stamp lines with the same wall clock), so a stall shows which process was late, and in
+which phase.
 
-    python -m bench.step_report TRACE --arch qwen3-0.6b --bandwidth-gbps 4200
+    python -m bench.step_report TRACE --arch qwen3-0.6b --bandwidth-gbps 4200 [--stall-ms 1]
 """
 
 from __future__ import annotations
@@ -120,6 +124,44 @@ def print_prefill_steps(rows: list[list]) -> None:
         )
 
 
+def stalled_steps(rows: list[list], scheduler_rows: list[list], stall_ms: float) -> list[dict]:
+    """The worker steps whose device idled more than ``stall_ms`` before them, each with the
+    scheduler lines stamped after the worker's previous line and up to its own."""
+    stalls = []
+    for prev, row in zip(rows, rows[1:], strict=False):
+        if row[5] <= stall_ms:
+            continue
+        near = [s for s in scheduler_rows if prev[0] < s[0] <= row[0]]
+        stalls.append(
+            {
+                "time": row[0],
+                "seqs": row[1],
+                "idle_ms": row[5],
+                "worker": _host(row),
+                "scheduler": [_host(s) for s in near],
+            }
+        )
+    return stalls
+
+
+def print_stalls(stalls: list[dict], stall_ms: float, t0: float) -> None:
+    """One line per stalled step: seconds into the trace, sequences, idle ms, and the phases
+    (worker, then each scheduler line) that took over 0.05 ms."""
+    if not stalls:
+        return
+    print(f"steps the device waited over {stall_ms:g} ms for (phase ms, worker | scheduler):")
+
+    def phases(host: dict[str, float]) -> str:
+        return " ".join(f"{p}={ms:.2f}" for p, ms in host.items() if ms > 0.05) or "-"
+
+    for s in stalls:
+        scheduler = " ; ".join(phases(h) for h in s["scheduler"]) or "no line"
+        print(
+            f"{s['time'] - t0:9.3f} s {s['seqs']:>5} seqs idle {s['idle_ms']:6.2f} ms | "
+            f"{phases(s['worker'])} | {scheduler}"
+        )
+
+
 def print_host(groups: list[dict], phases: tuple[str, ...], title: str, device=False) -> None:
     """Mean milliseconds per step of each host phase (and of the device's busy time)."""
     present = [p for p in phases if any(p in g["host_ms"] for g in groups)]
@@ -141,6 +183,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint dir (its config.json)")
     parser.add_argument("--arch", default="qwen3-0.6b")
     parser.add_argument("--bandwidth-gbps", type=float, required=True)
+    parser.add_argument("--stall-ms", type=float, default=1.0, help="list steps idled before")
     args = parser.parse_args()
     if args.model:
         cfg = json.loads((Path(args.model) / "config.json").read_text())
@@ -151,8 +194,11 @@ def main() -> None:
     rows = read_trace(args.trace)
     print_summary(summarize(rows, cfg, args.bandwidth_gbps * 1e9))
     print_prefill_steps(rows)
-    scheduler = summarize_scheduler(read_trace(args.trace + ".scheduler"))
-    print_host(scheduler, SCHEDULER_PHASES, "scheduler host ms")
+    scheduler_rows = read_trace(args.trace + ".scheduler")
+    print_host(summarize_scheduler(scheduler_rows), SCHEDULER_PHASES, "scheduler host ms")
+    if rows:
+        stalls = stalled_steps(rows, scheduler_rows, args.stall_ms)
+        print_stalls(stalls, args.stall_ms, rows[0][0])
 
 
 if __name__ == "__main__":

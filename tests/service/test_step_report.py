@@ -12,7 +12,14 @@ import pytest
 
 from bench.bound import kv_bytes_per_token, weight_bytes
 from bench.checkpoint import QWEN3_0_6B
-from bench.step_report import print_prefill_steps, read_trace, summarize, summarize_scheduler
+from bench.step_report import (
+    print_prefill_steps,
+    print_stalls,
+    read_trace,
+    stalled_steps,
+    summarize,
+    summarize_scheduler,
+)
 from nanoserve import LLM, SamplingParams
 from protos.step_trace import StepTrace
 from tests.service_fixtures import generate, greedy, pb, running_services
@@ -65,6 +72,35 @@ def test_prefill_steps_are_listed_one_per_line(tmp_path, capsys) -> None:
     assert lines[1].split() == ["0", "4", "900", "900", "30.00", "5.00", "1.50"]
     assert lines[2].split() == ["1", "3", "8192", "9000", "41.25", "0.00", "0.00"]
     assert len(lines) == 3
+
+
+def test_stalled_steps_come_with_the_scheduler_lines_written_meanwhile(capsys) -> None:
+    worker = [
+        [100.000, 1, 1, 500, 0.9, 0.02, {"prep": 0.1}],
+        [100.001, 1, 1, 501, 0.9, 0.03, {}],
+        [100.008, 1, 1, 502, 0.9, 6.50, {"plan_wait": 6.4, "prep": 0.1}],  # the stall
+        [100.009, 1, 1, 503, 0.9, 1.00, {}],  # exactly the threshold: not a stall
+    ]
+    scheduler = [
+        [100.0005, 1, {"loop": 0.1}],  # before the stalled step's window
+        [100.0020, 1, {"loop": 5.9, "plan": 0.2, "gc": 0.01}],
+        [100.0070, 1, {"receive": 0.3}],
+        [100.0085, 1, {"loop": 0.1}],  # after it
+    ]
+    stalls = stalled_steps(worker, scheduler, 1.0)
+    assert [(s["idle_ms"], s["seqs"]) for s in stalls] == [(6.5, 1)]
+    assert stalls[0]["worker"] == {"plan_wait": 6.4, "prep": 0.1}
+    assert stalls[0]["scheduler"] == [{"loop": 5.9, "plan": 0.2, "gc": 0.01}, {"receive": 0.3}]
+    print_stalls(stalls, 1.0, worker[0][0])
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[1].split()
+        == (
+            "0.008 s 1 seqs idle 6.50 ms | plan_wait=6.40 prep=0.10 | loop=5.90 plan=0.20 ; "
+            "receive=0.30"
+        ).split()
+    )
+    assert stalled_steps(worker, scheduler, 7.0) == []
 
 
 def test_trace_file_is_appended_in_batches(tmp_path) -> None:
