@@ -2,11 +2,24 @@
 
 One prompt at a time (no padding to perturb the numbers), exactly ``num_tokens`` new tokens with
 no EOS. Used by the TP sweep's tie check and by the tests that compare nanoserve with transformers.
+``hf_model`` loads a checkpoint for them and for bench.throughput's transformers engine.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def hf_model(model_dir: str, dtype: torch.dtype = torch.bfloat16):
+    """The checkpoint as a transformers ``*ForCausalLM`` in eval mode: on CUDA in ``dtype``, else
+    on CPU in float32."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype if device == "cuda" else torch.float32
+    )
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
 
 
 def hf_greedy(model, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:

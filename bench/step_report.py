@@ -17,6 +17,7 @@ which phase.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def stalled_steps(rows: list[list], scheduler_rows: list[list], stall_ms: float)
     """The worker steps whose device idled more than ``stall_ms`` before them, each with the
     scheduler lines stamped after the worker's previous line and up to its own."""
     stalls = []
-    for prev, row in zip(rows, rows[1:], strict=False):
+    for prev, row in itertools.pairwise(rows):
         if row[5] <= stall_ms:
             continue
         near = [s for s in scheduler_rows if prev[0] < s[0] <= row[0]]

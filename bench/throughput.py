@@ -118,12 +118,10 @@ def print_kernel_totals(prof, rows: int = 30) -> None:
 
 def run_transformers(model_dir: str, prompts, max_tokens, sampling, args) -> dict:
     """transformers' generate, batched (left padding), static cache; each batch runs to its longest."""
-    from transformers import AutoModelForCausalLM
+    from bench.hf_reference import hf_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
+    model = hf_model(model_dir)
+    device = model.device
     order = sorted(range(len(prompts)), key=lambda i: max_tokens[i])
     batch = args.hf_batch_size
     start = time.perf_counter()

@@ -26,7 +26,7 @@ import torch
 
 from bench.checkpoint import add_checkpoint_args, checkpoint_from_args, write_tokenizer
 from bench.grpc_client import request, send_all, start_services
-from bench.hf_reference import hf_greedy
+from bench.hf_reference import hf_greedy, hf_model
 from bench.throughput import load_workload
 from nanoserve import launcher
 
@@ -85,15 +85,6 @@ def run_one(model_dir: str, tp: int, args, prompts, max_tokens, sampling, greedy
     }
 
 
-def _hf_model(model_dir: str, dtype_name: str):
-    from transformers import AutoModelForCausalLM
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, dtype_name) if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
-
-
 def divergence_gaps(model, prompts, reference, outputs) -> list[dict]:
     """Where each output first differs from the reference: transformers' logits there (one GPU,
     the reference's prefix as context), the gap between the two tokens chosen and the largest
@@ -124,7 +115,9 @@ def check_ties(model_dir: str, results: dict, greedy_prompts, num_tokens: int, d
     if 1 not in runs:
         return
     reference = runs[1]["greedy"]
-    model = _hf_model(model_dir, dtype)  # loaded once: an 8B checkpoint takes a while
+    model = hf_model(
+        model_dir, getattr(torch, dtype)
+    )  # loaded once: an 8B checkpoint takes a while
     hf = hf_greedy(model, greedy_prompts, num_tokens)
     results["ties"] = {"transformers_vs_tp1": [common_prefix(a, b) for a, b in zip(hf, reference)]}
     print(

@@ -76,7 +76,6 @@ def embed_tokens(
         raise ValueError(f"weight must be [V, H] contiguous in H, got {tuple(weight.shape)}")
     if input_ids.dim() != 1 or input_ids.dtype != torch.int64:
         raise ValueError("input_ids must be int64 of shape [T]")
-    has_pending = prev_rows is not None
     if prev_rows is not None and (
         prev_tokens is None
         or prev_rows.shape != input_ids.shape
@@ -92,13 +91,13 @@ def embed_tokens(
     _embed_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         weight,
         input_ids,
-        prev_rows if has_pending else input_ids,
-        prev_tokens if has_pending else input_ids,
+        input_ids if prev_rows is None else prev_rows,  # HAS_PENDING off: neither is read
+        input_ids if prev_tokens is None else prev_tokens,
         out,
         hidden,
         weight.stride(0),
         out.stride(0),
-        HAS_PENDING=has_pending,
+        HAS_PENDING=prev_rows is not None,
         BLOCK_H=block_h,
         **launch_options(weight.device),
     )
