@@ -10,7 +10,8 @@ next, on one channel (its connection, made first, is reported apart as ``connect
 Reported: TTFT per request, inter-token latency (the gap between consecutive streamed chunks,
 each chunk counted once per token it carries) p50 / p99 / max over all requests, the stalls
 (gaps over 3x the median) with the token position they came at, and tokens per second of one
-stream. ``--step-trace`` makes the services trace every step (bench.step_report reads it);
+stream. ``--step-trace`` makes the services trace every step (bench.step_report reads it) and
+writes each chunk's arrival beside it (PATH.client, wall clock: bench.step_hops);
 ``--worker-args`` adds worker flags, for a side-by-side run against the defaults.
 """
 
@@ -49,6 +50,14 @@ async def run(addr: str, requests: list[pb.GenerateRequest]) -> tuple[float, lis
         connect_ms = 1e3 * (time.perf_counter() - start)
         stub = pb_grpc.GenerationStub(channel)
         return connect_ms, [await stream_one(stub, r) for r in requests]
+
+
+def write_arrivals(path: str, results: list) -> None:
+    """Each chunk's arrival on the wall clock (the services' traces use it) and its tokens."""
+    offset = time.time() - time.perf_counter()
+    with open(path, "w") as f:
+        for _, arrivals in results:
+            f.writelines(json.dumps([offset + at, n]) + "\n" for at, n in arrivals)
 
 
 def summarize(results: list) -> dict:
@@ -105,6 +114,8 @@ def main() -> None:
         connect_ms, results = asyncio.run(run(addr, requests))
     finally:
         launcher.stop_all(services)
+    if args.step_trace:
+        write_arrivals(args.step_trace + ".client", results)
     summary = {"connect_ms": round(connect_ms, 2), **summarize(results)}
     print(json.dumps(summary), flush=True)
     if args.out:

@@ -9,7 +9,8 @@ milliseconds per step (means), so a phase that outlasts the device step is easy 
 step the device waited more than ``--stall-ms`` for (default 1 ms), one per line: its worker
 phases and the phases of the scheduler lines written since the worker's previous step (both
 processes stamp lines with the same wall clock), so a stall shows which process was late, and in
-which phase.
+which phase. Over gRPC, last, the way between steps thread by thread (bench.step_hops; with a
+client's arrivals at TRACE.client, as bench.single_stream writes them, the client's lag too).
 
     python -m bench.step_report TRACE --arch qwen3-0.6b --bandwidth-gbps 4200 [--stall-ms 1]
 """
@@ -22,6 +23,7 @@ import json
 from pathlib import Path
 
 from bench.bound import kv_bytes_per_token, weight_bytes
+from bench.step_hops import print_hops, read_hops
 from protos.step_trace import SCHEDULER_PHASES, WORKER_PHASES
 
 BANDS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 100_000)]
@@ -200,6 +202,11 @@ def main() -> None:
     if rows:
         stalls = stalled_steps(rows, scheduler_rows, args.stall_ms)
         print_stalls(stalls, args.stall_ms, rows[0][0])
+    client = Path(args.trace + ".client")
+    arrivals = (
+        [json.loads(line) for line in client.read_text().splitlines()] if client.exists() else None
+    )
+    print_hops(read_hops(args.trace), args.stall_ms, arrivals)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Two writers, one JSON line per step each:
   the device sat idle before it started (the host was late), and where the worker's host time went
   (``WORKER_PHASES``, milliseconds);
 - the scheduler service appends to ``PATH.scheduler``: the time, the outputs the step returned and
-  where the engine thread's time went (``SCHEDULER_PHASES``).
+  where the engine thread's time went (``SCHEDULER_PHASES``);
+- over gRPC, each process also appends to its path + ``.hops`` when a step's plan or answer
+  passed each thread on its way (``HOPS``): ``[step_id, hop, time]``.
 ``bench/step_report.py`` turns them into where the time went by batch size.
 
 Ownership: a process's ``main()`` (or the offline ``LLM``) builds one trace, ``start``s it (a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +40,12 @@ WORKER_PHASES = ("plan_wait", "decode", "gap", "prep", "wait", "collect", "encod
 # rest of the engine loop since the previous step (handing outputs over, stats, new requests).
 SCHEDULER_PHASES = ("plan", "receive", "outputs", "loop", "gc")
 SCHEDULER_SUFFIX = ".scheduler"  # the scheduler's lines go beside the worker's
+# A plan's way and its answer's, in order (the wall clock, both processes): the engine thread
+# queued it (sent), gRPC's request thread took it (taken), the worker's reader thread got it
+# (read), its step handler took it (handled); the handler gave gRPC the answer (replied), and the
+# engine thread had it (answered). The answer names the step whose tokens it carries.
+HOPS = ("sent", "taken", "read", "handled", "replied", "answered")
+HOPS_SUFFIX = ".hops"
 
 
 class StepTrace:
@@ -47,6 +56,8 @@ class StepTrace:
         self._lines: list[str] = []
         self._host: dict[str, float] = {}  # phases noted since the last line
         self._gc_start = 0
+        self._hops: list[str] = []  # written by several threads: under the lock
+        self._hops_lock = threading.Lock()
 
     def start(self) -> StepTrace:
         """Note garbage collections (a ``gc.callbacks`` entry) and flush at exit, until close()."""
@@ -88,11 +99,29 @@ class StepTrace:
         if len(self._lines) >= 256:
             self.flush()
 
+    def hop(self, step_id: int, hop: str) -> None:
+        """Step ``step_id``'s plan or answer passed ``hop`` (one of HOPS) now: a line of the
+        ``.hops`` file beside this trace."""
+        line = json.dumps([step_id, hop, time.time()])
+        with self._hops_lock:
+            self._hops.append(line)
+            if len(self._hops) < 1024:
+                return
+            lines, self._hops = self._hops, []
+        _append(self.path.with_name(self.path.name + HOPS_SUFFIX), lines)
+
     def flush(self) -> None:
-        if self._lines:
-            with self.path.open("a") as f:
-                f.write("\n".join(self._lines) + "\n")
-            self._lines.clear()
+        _append(self.path, self._lines)
+        self._lines = []
+        with self._hops_lock:
+            hops, self._hops = self._hops, []
+        _append(self.path.with_name(self.path.name + HOPS_SUFFIX), hops)
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    if lines:
+        with path.open("a") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 @contextmanager

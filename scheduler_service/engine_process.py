@@ -151,7 +151,11 @@ def _engine_main(config: SchedulerServiceConfig, conn: Connection) -> None:
     with open_trace(trace_path) as trace:
         tokenizer = Tokenizer.from_dir(config.model_dir)
         worker = GrpcWorkerClient(
-            config.worker_addrs, config.step_timeout_s, config.rpc_timeout_s, config.worker_secret
+            config.worker_addrs,
+            config.step_timeout_s,
+            config.rpc_timeout_s,
+            config.worker_secret,
+            trace,
         )
         engine_loop = EngineLoop(config, worker, tokenizer, _PipeEvents(conn), trace)
         gc.freeze()  # what lives as long as the process stays out of the collector's full passes

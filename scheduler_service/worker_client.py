@@ -6,6 +6,7 @@ deadline, or a rank that lost the session (it was restarted) raises ``WorkerUnav
 caller then drops the engine, ``reconnect()``s and starts a fresh session. This module does not
 retry on its own; retry policy belongs to the engine loop. With a worker secret, every call
 carries it as ``authorization: Bearer <secret>`` metadata (the workers refuse calls without it).
+With a step trace (benchmarks), rank 0's plans and answers note their hops (protos/step_trace.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -26,6 +27,7 @@ from protos.auth import MetadataInterceptor, bearer
 from protos.nanoserve.worker.v1 import worker_pb2 as pb
 from protos.nanoserve.worker.v1 import worker_pb2_grpc
 from protos.step_plan import StepPlan, StepResult, WorkerInfo
+from protos.step_trace import StepTrace
 from scheduler_service.engine import WorkerClient
 
 MAX_MESSAGE_BYTES = 1 << 30  # admitting many long prompts at once makes large plans
@@ -87,6 +89,7 @@ class GrpcWorkerClient:
         step_timeout_s: float = 60.0,
         rpc_timeout_s: float = 5.0,
         secret: str | None = None,
+        trace: StepTrace | None = None,
     ) -> None:
         if not addrs:
             raise ValueError("addrs is empty: at least one worker address is required")
@@ -95,6 +98,7 @@ class GrpcWorkerClient:
         self.rpc_timeout_s = rpc_timeout_s
         self.session_id = 0
         self.timing = StepTiming()
+        self.trace = trace
         self._interceptors = [MetadataInterceptor(bearer(secret))] if secret else []
         self._channels: list[grpc.Channel] = []
         self._streams: list[StepStream] = []
@@ -154,7 +158,10 @@ class GrpcWorkerClient:
             self._call(i, stub.StartSession, request, timeout=self.rpc_timeout_s)
         for stream in self._streams:
             stream.close()
-        self._streams = [StepStream(c, self.step_timeout_s) for c in self._channels]
+        self._streams = [
+            StepStream(c, self.step_timeout_s, self.trace if rank == 0 else None)
+            for rank, c in enumerate(self._channels)
+        ]
         self._serialize_ns.clear()
         self.session_id = session_id
 
@@ -173,7 +180,7 @@ class GrpcWorkerClient:
         data = wire_worker.plan_to_pb(plan, self.session_id).SerializeToString()
         self._serialize_ns.append(time.perf_counter_ns() - start)
         for stream in self._streams:
-            stream.send(data)
+            stream.send(data, plan.step_id)
 
     def receive(self) -> StepResult:
         """The answer to the oldest plan not yet answered: rank 0's (every rank must answer)."""
@@ -183,6 +190,8 @@ class GrpcWorkerClient:
         replies = [self._call(i, stream.receive) for i, stream in enumerate(self._streams)]
         received = time.perf_counter_ns()
         reply = pb.StepResponse.FromString(replies[0])
+        if self.trace is not None:
+            self.trace.hop(reply.step_id, "answered")
         result = wire_worker.result_from_pb(reply)
         end = time.perf_counter_ns()
         self.timing = StepTiming(
@@ -212,21 +221,34 @@ class StepStream:
 
     gRPC streams have no per-message deadline, so a watchdog thread cancels the call when the
     oldest unanswered plan has waited longer than ``step_timeout_s``; ``receive`` then fails.
+    With a ``trace``, each plan notes when it was queued and when gRPC's thread took it.
     """
 
-    def __init__(self, channel: grpc.Channel, step_timeout_s: float) -> None:
-        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    def __init__(
+        self, channel: grpc.Channel, step_timeout_s: float, trace: StepTrace | None = None
+    ) -> None:
+        self._requests: queue.SimpleQueue[tuple[bytes, int] | None] = queue.SimpleQueue()
+        self._trace = trace
         call = channel.stream_stream(STEP_STREAM_METHOD)  # raw bytes: serialized once for all
-        self._responses = call(iter(self._requests.get, None))
+        self._responses = call(self._plans())
         self._timeout_ns = int(step_timeout_s * 1e9)
         self._sent_ns: deque[int] = deque()  # when each unanswered plan was sent, oldest first
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
         self._watchdog.start()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, step_id: int) -> None:
         self._sent_ns.append(time.monotonic_ns())
-        self._requests.put(data)
+        if self._trace is not None:
+            self._trace.hop(step_id, "sent")
+        self._requests.put((data, step_id))
+
+    def _plans(self) -> Iterator[bytes]:
+        """The request iterator gRPC's own thread drains."""
+        for data, step_id in iter(self._requests.get, None):
+            if self._trace is not None:
+                self._trace.hop(step_id, "taken")
+            yield data
 
     def receive(self) -> bytes:
         try:

@@ -12,6 +12,7 @@ import pytest
 
 from bench.bound import kv_bytes_per_token, weight_bytes
 from bench.checkpoint import QWEN3_0_6B
+from bench.step_hops import LEGS, client_lags, cycles, print_hops, read_hops
 from bench.step_report import (
     print_prefill_steps,
     print_stalls,
@@ -21,7 +22,7 @@ from bench.step_report import (
     summarize_scheduler,
 )
 from nanoserve import LLM, SamplingParams
-from protos.step_trace import StepTrace
+from protos.step_trace import HOPS, StepTrace
 from tests.service_fixtures import generate, greedy, pb, running_services
 
 
@@ -170,6 +171,50 @@ def test_worker_service_traces_its_grpc_phases(tiny_model_dir, tmp_path, monkeyp
     num_tokens = len(replies[-1].complete.output_ids)
     phases = {"plan_wait", "decode", "encode", "gap", "prep", "wait", "collect"}
     _check_traces(path, num_tokens, 1, phases, since=serving_since)
+    steps = read_hops(path)  # the services are stopped: every line is written
+    served = {i: h for i, h in steps.items() if h.get("sent", 0) >= serving_since}
+    assert len(served) >= num_tokens  # a step a token, each of its plan and answer stamped
+    assert all(set(h) == set(HOPS) for h in list(served.values())[:-1]), served
+    for h in served.values():  # the plan's way in order, then its answer's
+        times = [h[hop] for hop in HOPS if hop in h]
+        assert times == sorted(times), h
+    ways = [c for c in cycles(steps) if c["at"] >= serving_since]
+    assert len(ways) >= num_tokens - 3  # the last two answers come after the last plan
+    for c in ways:
+        assert min(c[leg] for leg in LEGS) >= 0
+        assert sum(c[leg] for leg in LEGS) == pytest.approx(c["total"])
+
+
+def test_the_way_between_steps_is_cut_into_legs_per_hand_off(tmp_path, capsys) -> None:
+    path = tmp_path / "steps.jsonl"
+    worker, scheduler = StepTrace(str(path)), StepTrace(f"{path}.scheduler")
+    stamps = {  # step 1's answer leaves at 10.0; step 2's plan (queued after it) arrives 6.5 ms on
+        1: {"replied": 10.000, "answered": 10.0010},
+        2: {"sent": 10.0015, "taken": 10.0020, "read": 10.0060, "handled": 10.0070},
+        0: {"replied": 10.0065},  # the handler was busy until then: its leg starts here
+        3: {"sent": 10.0090},  # queued after no answer: no way
+        -1: {"replied": 9.0, "answered": 9.1},  # the first deferred answer: left out
+    }
+    for step_id, hops in stamps.items():
+        for hop, at in hops.items():
+            owner = worker if hop in ("read", "handled", "replied") else scheduler
+            owner._hops.append(json.dumps([step_id, hop, at]))
+    worker.flush()
+    scheduler.flush()
+    steps = read_hops(path)
+    assert set(steps) == {0, 1, 2, 3} and steps[2]["read"] == 10.006
+    [way] = cycles(steps)
+    expected = {"answer": 1.0, "turn": 0.5, "queue": 0.5, "wire": 4.0, "handler": 0.5}
+    assert {leg: round(way[leg], 6) for leg in LEGS} == expected
+    assert way["total"] == pytest.approx(6.5)
+    assert client_lags(steps, [[10.0005, 1], [10.0030, 2]]) == [pytest.approx(2.0)]
+    print_hops(steps, 5.0, [[10.0030, 2]])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4].split() == ["wire", "4.000", "4.000", "4.000"]
+    assert lines[7].split() == ["client", "lag", "2.000", "2.000", "2.000"]
+    assert lines[-1].split() == (
+        "0.000 s total 6.50 | answer=1.00 turn=0.50 queue=0.50 wire=4.00 handler=0.50".split()
+    )
 
 
 def test_garbage_collections_are_noted_while_the_trace_is_started(tmp_path) -> None:
