@@ -22,8 +22,8 @@ fi
 
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$OUT_DIR/$name.log"; }
 
-# ONLY=tests, bench, attention, structured, limit, clocks, latency or gemms runs one part (each fits
-# one 10-minute call).
+# ONLY=tests, bench, attention, structured, limit, eightb, clocks, latency or gemms runs one part
+# (each fits one 10-minute call).
 # ATTENTION_BACKEND=flash-attn runs the GPU engine tests on that backend (default: auto).
 if [ "${ONLY:-tests}" = tests ]; then
   # Modules whose imports the GPU image lacks (openai, smg) hold no GPU test: collect past them.
@@ -51,6 +51,7 @@ if [ "${ONLY:-limit}" = limit ]; then
   # The hardware limit: one user's stream through the services (with its step trace), the
   # headline workload in-process and streamed, each GEMM against the copy bandwidth, then the 8B
   # at batch 1 (as one user, and each kernel of its step).
+  step stream_rtt $PY -m bench.stream_rtt --modes sync --addrs tcp --busy-us 0  # does the host stall?
   step single_stream $PY -m bench.single_stream --arch qwen3-0.6b --requests 3 \
       --step-trace "$OUT_DIR/single_stream.trace"
   step single_stream_steps $PY -m bench.step_report "$OUT_DIR/single_stream.trace" \
@@ -60,6 +61,12 @@ if [ "${ONLY:-limit}" = limit ]; then
   step single_stream_8b $PY -m bench.single_stream --arch qwen3-8b --requests 2 --max-tokens 512
   step decode_profile $PY -m bench.decode_profile --arch qwen3-0.6b --batch 1,16,256 \
       --out "$OUT_DIR/decode_profile.jsonl"
+fi
+if [ "${ONLY:-eightb}" = eightb ]; then
+  # Qwen3-8B architecture on one GPU: nano_bench_256 in-process and streamed (its one user at
+  # batch 1 is in the limit part).
+  step eightb_nano_bench $PY -m bench.throughput --arch qwen3-8b --engines inprocess,grpc-stream \
+      --passes 1
 fi
 if [ "${ONLY:-clocks}" = clocks ]; then
   # Where the prefill steps' run-to-run spread comes from: nano_bench_256 in-process twice, each
@@ -122,7 +129,7 @@ echo "== summary =="
 for f in pytest_gpu pytest_latency; do
   [ -f "$OUT_DIR/$f.log" ] && grep -E "^FAILED|^ERROR|passed|failed" "$OUT_DIR/$f.log" | tail -6 | sed "s/^/$f: /"
 done
-for f in nano_bench limit_nano_bench prefix_on prefix_off constrained_0 constrained_0.1 \
+for f in nano_bench limit_nano_bench eightb_nano_bench prefix_on prefix_off constrained_0 constrained_0.1 \
     $(cd "$OUT_DIR" && ls e2e_*.log 2>/dev/null | sed 's/[.]log$//'); do
   [ -f "$OUT_DIR/$f.log" ] && grep -A8 "^engine" "$OUT_DIR/$f.log" | sed "s/^/$f: /"
 done
@@ -130,6 +137,7 @@ for len in 2048 4096; do
   [ -f "$OUT_DIR/user_path_$len.log" ] && grep '"pass"' "$OUT_DIR/user_path_$len.log" | sed "s/^/max_model_len $len: /"
 done
 [ -f "$OUT_DIR/online.log" ] && tail -n 5 "$OUT_DIR/online.log"
+[ -f "$OUT_DIR/stream_rtt.log" ] && tail -n 2 "$OUT_DIR/stream_rtt.log"
 [ -f "$OUT_DIR/single_stream.log" ] && tail -n 1 "$OUT_DIR/single_stream.log" | cut -c1-400
 for f in latency_single_stream latency_eager_prefill; do
   [ -f "$OUT_DIR/$f.log" ] && tail -n 1 "$OUT_DIR/$f.log" | cut -c1-400 | sed "s/^/$f: /"
