@@ -1,5 +1,5 @@
 """Where a step's plan and answer spent their time between the two services, from the ``.hops``
-files of a step trace (protos/step_trace.py; both processes stamp them with the same wall clock).
+files of a step trace (protos/step_trace.py; every process stamps them with the same wall clock).
 
 Between a step's answer leaving the worker and the next plan reaching the worker's step handler,
 the device runs the step already launched (one step ahead): when that way takes longer than the
@@ -12,9 +12,14 @@ step, the device waits. It is cut into legs, each a hand-off from one thread to 
 - handler: read (or, if later, the handler gave gRPC its previous answer) -> the step handler
   took it (the worker process).
 
-``--client PATH`` (bench.single_stream writes one, ``[time, tokens]`` per streamed chunk) adds
-each chunk's lag behind the answer that carried its token (the scheduler process's way to the
-client), matched as the latest answer before it.
+Then each answer's way on to the client, from the engine thread having it:
+
+- outputs: -> the engine thread sent the step's outputs to the front end (stop checks, text);
+- pipe: -> the front end's reader thread had them;
+- loop: -> its event loop took them up;
+- stream: -> the client had the chunk (the request streams, gRPC, the client), with ``--client
+  PATH`` (bench.single_stream writes one, ``[time, tokens]`` per streamed chunk), each chunk
+  matched to the latest outputs taken up before it.
 
     python -m bench.step_hops TRACE [--slow-ms 1]   (also printed by bench.step_report)
 """
@@ -26,16 +31,18 @@ import bisect
 import json
 from pathlib import Path
 
-from protos.step_trace import HOPS_SUFFIX, SCHEDULER_SUFFIX
+from protos.step_trace import FRONT_SUFFIX, HOPS_SUFFIX, SCHEDULER_SUFFIX
 
 LEGS = ("answer", "turn", "queue", "wire", "handler")
+CLIENT_LEGS = ("outputs", "pipe", "loop", "stream")
 
 
 def read_hops(trace: str | Path) -> dict[int, dict[str, float]]:
-    """step id -> {hop: time}, from the worker's and the scheduler's files (ids below 0, the
-    first deferred answer's and empty plans', are left out)."""
+    """step id -> {hop: time}, from the worker's, the engine process's and the front end's files
+    (ids below 0, the first deferred answer's and empty plans', are left out)."""
     steps: dict[int, dict[str, float]] = {}
-    for path in (Path(f"{trace}{HOPS_SUFFIX}"), Path(f"{trace}{SCHEDULER_SUFFIX}{HOPS_SUFFIX}")):
+    for suffix in ("", SCHEDULER_SUFFIX, FRONT_SUFFIX):
+        path = Path(f"{trace}{suffix}{HOPS_SUFFIX}")
         if path.exists():
             for line in path.read_text().splitlines():
                 step_id, hop, at = json.loads(line)
@@ -67,14 +74,25 @@ def cycles(steps: dict[int, dict[str, float]]) -> list[dict[str, float]]:
     return sorted(out, key=lambda c: c["at"])
 
 
-def client_lags(steps: dict[int, dict[str, float]], client: list[list[float]]) -> list[float]:
-    """Each streamed chunk's ms behind the latest answer the engine thread had before it."""
-    answered = sorted(h["answered"] for h in steps.values() if "answered" in h)
+def front_legs(steps: dict[int, dict[str, float]]) -> list[dict[str, float]]:
+    """For each answer whose outputs reached the front end's loop, their legs (ms) up to there."""
+    hops = ("answered", "published", "received", "dispatched")
+    out = []
+    for h in steps.values():
+        if set(hops) <= h.keys():
+            times = [h[hop] for hop in hops]
+            out.append({leg: 1e3 * (b - a) for leg, a, b in zip(CLIENT_LEGS, times, times[1:])})
+    return out
+
+
+def stream_lags(steps: dict[int, dict[str, float]], client: list[list[float]]) -> list[float]:
+    """Each streamed chunk's ms behind the latest outputs the front end's loop took up before it."""
+    taken_up = sorted(h["dispatched"] for h in steps.values() if "dispatched" in h)
     lags = []
     for at, _tokens in client:
-        k = bisect.bisect_right(answered, at)
+        k = bisect.bisect_right(taken_up, at)
         if k:
-            lags.append(1e3 * (at - answered[k - 1]))
+            lags.append(1e3 * (at - taken_up[k - 1]))
     return lags
 
 
@@ -93,9 +111,12 @@ def print_hops(steps: dict[int, dict[str, float]], slow_ms: float, client=None) 
     print(f"{'between steps, ms':<22}{'p50':>9}{'p99':>9}{'max':>9}")
     for leg in (*LEGS, "total"):
         print(f"{leg:<22}" + _quantiles([c[leg] for c in found]))
-    lags = client_lags(steps, client or [])
-    if lags:
-        print(f"{'client lag':<22}" + _quantiles(lags))
+    front = front_legs(steps)
+    lags = stream_lags(steps, client or [])
+    columns = [[w[leg] for w in front] for leg in CLIENT_LEGS[:-1]] + [lags]
+    for leg, values in zip(CLIENT_LEGS, columns):
+        if values:
+            print(f"{'client: ' + leg:<22}" + _quantiles(values))
     slow = [c for c in found if c["total"] > slow_ms]
     if slow:
         print(f"ways over {slow_ms:g} ms (s into the trace, then ms: " + " ".join(LEGS) + ")")

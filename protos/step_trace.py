@@ -8,7 +8,8 @@ Two writers, one JSON line per step each:
 - the scheduler service appends to ``PATH.scheduler``: the time, the outputs the step returned and
   where the engine thread's time went (``SCHEDULER_PHASES``);
 - over gRPC, each process also appends to its path + ``.hops`` when a step's plan or answer
-  passed each thread on its way (``HOPS``): ``[step_id, hop, time]``.
+  passed each thread on its way (``HOPS``): ``[step_id, hop, time]``; the scheduler's front end
+  writes only those, to ``PATH.front.hops``.
 ``bench/step_report.py`` turns them into where the time went by batch size.
 
 Ownership: a process's ``main()`` (or the offline ``LLM``) builds one trace, ``start``s it (a
@@ -40,12 +41,25 @@ WORKER_PHASES = ("plan_wait", "decode", "gap", "prep", "wait", "collect", "encod
 # rest of the engine loop since the previous step (handing outputs over, stats, new requests).
 SCHEDULER_PHASES = ("plan", "receive", "outputs", "loop", "gc")
 SCHEDULER_SUFFIX = ".scheduler"  # the scheduler's lines go beside the worker's
-# A plan's way and its answer's, in order (the wall clock, both processes): the engine thread
+# A plan's way and its answer's, in order (the wall clock, every process): the engine thread
 # queued it (sent), gRPC's request thread took it (taken), the worker's reader thread got it
-# (read), its step handler took it (handled); the handler gave gRPC the answer (replied), and the
-# engine thread had it (answered). The answer names the step whose tokens it carries.
-HOPS = ("sent", "taken", "read", "handled", "replied", "answered")
+# (read), its step handler took it (handled); the handler gave gRPC the answer (replied), the
+# engine thread had it (answered) and sent its outputs to the front end (published), whose
+# reader thread had them (received) and whose event loop took them up (dispatched). The answer
+# and its outputs name the step whose tokens they carry.
+HOPS = (
+    "sent",
+    "taken",
+    "read",
+    "handled",
+    "replied",
+    "answered",
+    "published",
+    "received",
+    "dispatched",
+)
 HOPS_SUFFIX = ".hops"
+FRONT_SUFFIX = ".front"  # the scheduler's front end: its hops only
 
 
 class StepTrace:

@@ -29,6 +29,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2
 
 from protos.auth import OPEN_SERVICE_PREFIXES, BearerTokenInterceptor
 from protos.nanoserve.v1 import generation_pb2
+from protos.step_trace import FRONT_SUFFIX, StepTrace, open_trace
 from scheduler_service.config import SchedulerServiceConfig, configure_logging
 from scheduler_service.constraint_checks import ConstraintChecker
 from scheduler_service.engine_client import EngineClient
@@ -58,8 +59,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def serve(config: SchedulerServiceConfig) -> int:
-    """Serve until SIGTERM/SIGINT (then drain: 0) or until the engine process dies (1)."""
+async def serve(config: SchedulerServiceConfig, trace: StepTrace | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (then drain: 0) or until the engine process dies (1).
+    ``trace``: the front end's step trace (benchmarks: the outputs' way to the request streams)."""
     loop = asyncio.get_running_loop()
     tokenizer = Tokenizer.from_dir(config.model_dir)
     health_servicer = health.aio.HealthServicer()
@@ -70,7 +72,7 @@ async def serve(config: SchedulerServiceConfig) -> int:
             loop.create_task(health_servicer.set(name, status))
 
     metrics = Metrics()
-    engine = EngineProcess(config)
+    engine = EngineProcess(config, trace)
     client = EngineClient(config, engine, on_ready_change, metrics)
     metrics.track_stats(lambda: client.stats)
     if config.metrics_port is not None:
@@ -164,7 +166,10 @@ def _write_port_file(path: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = SchedulerServiceConfig.from_args(argv).with_secrets(os.environ)
     configure_logging(config)
-    sys.exit(asyncio.run(serve(config)))  # the engine process writes the step trace
+    # The engine process writes the step trace; the front end only its outputs' hops.
+    with open_trace(config.step_trace and config.step_trace + FRONT_SUFFIX) as trace:
+        code = asyncio.run(serve(config, trace))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

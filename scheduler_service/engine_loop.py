@@ -64,6 +64,7 @@ class StepReport:
     worker_seconds: float | None
     worker_memory: int
     num_new_tokens: int
+    step_id: int = -1  # the worker's answer this step took in (-1: none)
 
 
 class EngineEvents(Protocol):
@@ -247,7 +248,8 @@ class EngineLoop:
         received = engine.timings["steps"] > num_answers  # the worker answered in this step
         worker_s, worker_memory = self.worker.timing.report() if received else (None, 0)
         num_new = engine.num_generated_tokens - num_before
-        step = StepReport(time.perf_counter() - t0, worker_s, worker_memory, num_new)
+        step_id = self.worker.timing.step_id if received and num_new else -1
+        step = StepReport(time.perf_counter() - t0, worker_s, worker_memory, num_new, step_id)
         self._publish(engine, outputs, step)
 
     def _publish(

@@ -10,7 +10,9 @@ Wire: one duplex pipe (``multiprocessing.Pipe``, a Unix socket pair carrying pic
 Front end to engine: ``("add", request_id, prompt_token_ids, params)``, ``("abort", ids)``,
 ``("flush", flush_id)``, ``("kv_events", wanted)``, ``("stop",)``. Engine to front end: ``(event, *args)`` for each ``EngineEvents`` call, in order;
 the front end's reader thread hands each to the event loop as ``EngineClient.on_<event>(*args)``,
-so a step's outputs cost one message, not one per request.
+so a step's outputs cost one message, not one per request. With a step trace (benchmarks) a
+step's outputs note when the engine thread sent them, when the reader thread had them and when
+the event loop took them up (protos/step_trace.py, ``HOPS``).
 The engine process ignores SIGINT and SIGTERM (the front end drains, then sends ``stop``) and
 exits when the pipe closes (the front end is gone). If it exits on its own, the front end fails
 every live request and stops (``on_exit``).
@@ -30,7 +32,7 @@ from typing import Any
 
 from protos.sampling_params import SamplingParams
 from protos.step_plan import WorkerInfo
-from protos.step_trace import SCHEDULER_SUFFIX, open_trace
+from protos.step_trace import SCHEDULER_SUFFIX, StepTrace, open_trace
 from scheduler_service.block_manager import KvEvent
 from scheduler_service.config import SchedulerServiceConfig, configure_logging
 from scheduler_service.engine import RequestOutput
@@ -44,7 +46,9 @@ STOP_TIMEOUT_S = 30.0
 class EngineProcess:
     """The front end's handle on the engine process: start it, send commands, stop it."""
 
-    def __init__(self, config: SchedulerServiceConfig) -> None:
+    def __init__(self, config: SchedulerServiceConfig, trace: StepTrace | None = None) -> None:
+        """``trace``: the front end's step trace, for the outputs' hops (its owner closes it)."""
+        self._trace = trace
         context = multiprocessing.get_context(
             "spawn"
         )  # no fork: grpc and threads do not survive it
@@ -98,22 +102,35 @@ class EngineProcess:
     def _read(
         self, target: object, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]
     ) -> None:
+        trace = self._trace
         while True:
             try:
                 event, *args = self._conn.recv()
             except (EOFError, OSError):
                 break
-            loop.call_soon_threadsafe(getattr(target, f"on_{event}"), *args)
+            handler = getattr(target, f"on_{event}")
+            step = args[-1] if event == "update" else None
+            if trace is not None and step is not None and step.step_id >= 0:
+                trace.hop(step.step_id, "received")
+                loop.call_soon_threadsafe(self._dispatch, trace, handler, args, step.step_id)
+            else:
+                loop.call_soon_threadsafe(handler, *args)
         if not self._stopping:
             log.error("the engine process exited (code %s)", self._process.exitcode)
             loop.call_soon_threadsafe(on_exit)
+
+    @staticmethod
+    def _dispatch(trace: StepTrace, handler: Callable[..., None], args: list, step_id: int) -> None:
+        trace.hop(step_id, "dispatched")
+        handler(*args)
 
 
 class _PipeEvents:
     """EngineEvents sent over the pipe (engine thread only)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, trace: StepTrace | None = None) -> None:
         self._conn = conn
+        self._trace = trace
 
     def session(self, info: WorkerInfo, max_model_len: int, session: int) -> None:
         self._conn.send(("session", info, max_model_len, session))
@@ -137,6 +154,8 @@ class _PipeEvents:
         num_adds: int,
         step: StepReport | None,
     ) -> None:
+        if self._trace is not None and step is not None and step.step_id >= 0:
+            self._trace.hop(step.step_id, "published")
         self._conn.send(("update", outputs, stats, num_adds, step))
 
 
@@ -157,7 +176,7 @@ def _engine_main(config: SchedulerServiceConfig, conn: Connection) -> None:
             config.worker_secret,
             trace,
         )
-        engine_loop = EngineLoop(config, worker, tokenizer, _PipeEvents(conn), trace)
+        engine_loop = EngineLoop(config, worker, tokenizer, _PipeEvents(conn, trace), trace)
         gc.freeze()  # what lives as long as the process stays out of the collector's full passes
         engine_loop.start()
         try:

@@ -65,6 +65,7 @@ class StepTiming:
     worker_wire_ns: int = 0  # what rank 0 reports for decoding the plan and encoding its reply
     worker_memory_bytes: int = 0  # what rank 0 reports holding after the step
     end_ns: int = 0  # receive() returns
+    step_id: int = -1  # the step whose tokens the answer carries (-1: none)
 
     def report(self) -> tuple[float | None, int]:
         """Rank 0's own account: seconds in Worker.step (None if it gave none) and memory."""
@@ -203,6 +204,7 @@ class GrpcWorkerClient:
             worker_wire_ns=reply.wire_ns,
             worker_memory_bytes=reply.memory_bytes,
             end_ns=end,
+            step_id=reply.step_id,
         )
         return result
 

@@ -12,7 +12,15 @@ import pytest
 
 from bench.bound import kv_bytes_per_token, weight_bytes
 from bench.checkpoint import QWEN3_0_6B
-from bench.step_hops import LEGS, client_lags, cycles, print_hops, read_hops
+from bench.step_hops import (
+    CLIENT_LEGS,
+    LEGS,
+    cycles,
+    front_legs,
+    print_hops,
+    read_hops,
+    stream_lags,
+)
 from bench.step_report import (
     print_prefill_steps,
     print_stalls,
@@ -183,13 +191,25 @@ def test_worker_service_traces_its_grpc_phases(tiny_model_dir, tmp_path, monkeyp
     for c in ways:
         assert min(c[leg] for leg in LEGS) >= 0
         assert sum(c[leg] for leg in LEGS) == pytest.approx(c["total"])
+    # Every answer with tokens went on to the front end's loop (the front end's own file).
+    assert (path.parent / "steps.jsonl.front.hops").exists()
+    answers = [h for h in served.values() if "answered" in h]
+    assert len(answers) == num_tokens and all("dispatched" in h for h in answers)
+    assert len(front_legs(served)) == num_tokens
 
 
 def test_the_way_between_steps_is_cut_into_legs_per_hand_off(tmp_path, capsys) -> None:
     path = tmp_path / "steps.jsonl"
     worker, scheduler = StepTrace(str(path)), StepTrace(f"{path}.scheduler")
+    front = StepTrace(f"{path}.front")
     stamps = {  # step 1's answer leaves at 10.0; step 2's plan (queued after it) arrives 6.5 ms on
-        1: {"replied": 10.000, "answered": 10.0010},
+        1: {
+            "replied": 10.000,
+            "answered": 10.0010,
+            "published": 10.0012,  # its outputs: 0.2 ms to the pipe, 0.3 over it, 0.5 to the loop
+            "received": 10.0015,
+            "dispatched": 10.0020,
+        },
         2: {"sent": 10.0015, "taken": 10.0020, "read": 10.0060, "handled": 10.0070},
         0: {"replied": 10.0065},  # the handler was busy until then: its leg starts here
         3: {"sent": 10.0090},  # queued after no answer: no way
@@ -198,20 +218,28 @@ def test_the_way_between_steps_is_cut_into_legs_per_hand_off(tmp_path, capsys) -
     for step_id, hops in stamps.items():
         for hop, at in hops.items():
             owner = worker if hop in ("read", "handled", "replied") else scheduler
+            owner = front if hop in ("received", "dispatched") else owner
             owner._hops.append(json.dumps([step_id, hop, at]))
-    worker.flush()
-    scheduler.flush()
+    for trace in (worker, scheduler, front):
+        trace.flush()
     steps = read_hops(path)
     assert set(steps) == {0, 1, 2, 3} and steps[2]["read"] == 10.006
     [way] = cycles(steps)
     expected = {"answer": 1.0, "turn": 0.5, "queue": 0.5, "wire": 4.0, "handler": 0.5}
     assert {leg: round(way[leg], 6) for leg in LEGS} == expected
     assert way["total"] == pytest.approx(6.5)
-    assert client_lags(steps, [[10.0005, 1], [10.0030, 2]]) == [pytest.approx(2.0)]
+    [legs] = front_legs(steps)
+    assert {leg: round(legs[leg], 6) for leg in CLIENT_LEGS[:-1]} == {
+        "outputs": 0.2,
+        "pipe": 0.3,
+        "loop": 0.5,
+    }
+    assert stream_lags(steps, [[10.0015, 1], [10.0030, 2]]) == [pytest.approx(1.0)]
     print_hops(steps, 5.0, [[10.0030, 2]])
     lines = capsys.readouterr().out.splitlines()
     assert lines[4].split() == ["wire", "4.000", "4.000", "4.000"]
-    assert lines[7].split() == ["client", "lag", "2.000", "2.000", "2.000"]
+    assert lines[7].split() == ["client:", "outputs", "0.200", "0.200", "0.200"]
+    assert lines[10].split() == ["client:", "stream", "1.000", "1.000", "1.000"]
     assert lines[-1].split() == (
         "0.000 s total 6.50 | answer=1.00 turn=0.50 queue=0.50 wire=4.00 handler=0.50".split()
     )
