@@ -27,6 +27,7 @@ import grpc
 
 from bench import user_path
 from bench.checkpoint import add_checkpoint_args, checkpoint_from_args
+from bench.step_hops import CLIENT_SUFFIX
 from nanoserve import launcher
 from protos.nanoserve.v1 import generation_pb2 as pb
 from protos.nanoserve.v1 import generation_pb2_grpc as pb_grpc
@@ -115,7 +116,7 @@ def main() -> None:
     finally:
         launcher.stop_all(services)
     if args.step_trace:
-        write_arrivals(args.step_trace + ".client", results)
+        write_arrivals(args.step_trace + CLIENT_SUFFIX, results)
     summary = {"connect_ms": round(connect_ms, 2), **summarize(results)}
     print(json.dumps(summary), flush=True)
     if args.out:

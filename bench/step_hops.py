@@ -33,6 +33,7 @@ from pathlib import Path
 
 from protos.step_trace import FRONT_SUFFIX, HOPS_SUFFIX, SCHEDULER_SUFFIX
 
+CLIENT_SUFFIX = ".client"  # bench.single_stream's chunk arrivals, beside the trace
 LEGS = ("answer", "turn", "queue", "wire", "handler")
 CLIENT_LEGS = ("outputs", "pipe", "loop", "stream")
 
@@ -49,6 +50,14 @@ def read_hops(trace: str | Path) -> dict[int, dict[str, float]]:
                 if step_id >= 0:
                     steps.setdefault(step_id, {})[hop] = at
     return steps
+
+
+def read_arrivals(path: str | Path) -> list[list[float]] | None:
+    """A client's chunk arrivals, ``[time, tokens]`` a line; None without the file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def cycles(steps: dict[int, dict[str, float]]) -> list[dict[str, float]]:
@@ -131,9 +140,7 @@ def main() -> None:
     parser.add_argument("--slow-ms", type=float, default=1.0, help="list the ways longer")
     parser.add_argument("--client", help="a client's chunk arrivals, [time, tokens] per line")
     args = parser.parse_args()
-    client = None
-    if args.client:
-        client = [json.loads(line) for line in Path(args.client).read_text().splitlines()]
+    client = read_arrivals(args.client) if args.client else None
     print_hops(read_hops(args.trace), args.slow_ms, client)
 
 

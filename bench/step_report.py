@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from bench.bound import kv_bytes_per_token, weight_bytes
-from bench.step_hops import print_hops, read_hops
+from bench.step_hops import CLIENT_SUFFIX, print_hops, read_arrivals, read_hops
 from protos.step_trace import SCHEDULER_PHASES, WORKER_PHASES
 
 BANDS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 100_000)]
@@ -202,10 +202,7 @@ def main() -> None:
     if rows:
         stalls = stalled_steps(rows, scheduler_rows, args.stall_ms)
         print_stalls(stalls, args.stall_ms, rows[0][0])
-    client = Path(args.trace + ".client")
-    arrivals = (
-        [json.loads(line) for line in client.read_text().splitlines()] if client.exists() else None
-    )
+    arrivals = read_arrivals(args.trace + CLIENT_SUFFIX)
     print_hops(read_hops(args.trace), args.stall_ms, arrivals)
 
 

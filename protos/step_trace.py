@@ -71,6 +71,7 @@ class StepTrace:
         self._host: dict[str, float] = {}  # phases noted since the last line
         self._gc_start = 0
         self._hops: list[str] = []  # written by several threads: under the lock
+        self._hops_path = self.path.with_name(self.path.name + HOPS_SUFFIX)
         self._hops_lock = threading.Lock()
 
     def start(self) -> StepTrace:
@@ -122,14 +123,14 @@ class StepTrace:
             if len(self._hops) < 1024:
                 return
             lines, self._hops = self._hops, []
-        _append(self.path.with_name(self.path.name + HOPS_SUFFIX), lines)
+        _append(self._hops_path, lines)
 
     def flush(self) -> None:
         _append(self.path, self._lines)
         self._lines = []
         with self._hops_lock:
             hops, self._hops = self._hops, []
-        _append(self.path.with_name(self.path.name + HOPS_SUFFIX), hops)
+        _append(self._hops_path, hops)
 
 
 def _append(path: Path, lines: list[str]) -> None:

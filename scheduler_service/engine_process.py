@@ -109,12 +109,11 @@ class EngineProcess:
             except (EOFError, OSError):
                 break
             handler = getattr(target, f"on_{event}")
-            step = args[-1] if event == "update" else None
-            if trace is not None and step is not None and step.step_id >= 0:
-                trace.hop(step.step_id, "received")
-                loop.call_soon_threadsafe(self._dispatch, trace, handler, args, step.step_id)
-            else:
+            if trace is None or (step_id := _step_id(event, args)) < 0:
                 loop.call_soon_threadsafe(handler, *args)
+            else:
+                trace.hop(step_id, "received")
+                loop.call_soon_threadsafe(self._dispatch, trace, handler, args, step_id)
         if not self._stopping:
             log.error("the engine process exited (code %s)", self._process.exitcode)
             loop.call_soon_threadsafe(on_exit)
@@ -123,6 +122,12 @@ class EngineProcess:
     def _dispatch(trace: StepTrace, handler: Callable[..., None], args: list, step_id: int) -> None:
         trace.hop(step_id, "dispatched")
         handler(*args)
+
+
+def _step_id(event: str, args: list) -> int:
+    """The step whose tokens an ``update``'s outputs carry (-1: none, or another event)."""
+    step = args[-1] if event == "update" else None
+    return -1 if step is None else step.step_id
 
 
 class _PipeEvents:

@@ -229,10 +229,12 @@ class StepStream:
     def __init__(
         self, channel: grpc.Channel, step_timeout_s: float, trace: StepTrace | None = None
     ) -> None:
-        self._requests: queue.SimpleQueue[tuple[bytes, int] | None] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._trace = trace
+        self._step_ids: deque[int] = deque()  # traced: the queued plans' ids, oldest first
+        plans = iter(self._requests.get, None)
         call = channel.stream_stream(STEP_STREAM_METHOD)  # raw bytes: serialized once for all
-        self._responses = call(self._plans())
+        self._responses = call(plans if trace is None else self._traced(plans, trace))
         self._timeout_ns = int(step_timeout_s * 1e9)
         self._sent_ns: deque[int] = deque()  # when each unanswered plan was sent, oldest first
         self._closed = threading.Event()
@@ -243,13 +245,13 @@ class StepStream:
         self._sent_ns.append(time.monotonic_ns())
         if self._trace is not None:
             self._trace.hop(step_id, "sent")
-        self._requests.put((data, step_id))
+            self._step_ids.append(step_id)
+        self._requests.put(data)
 
-    def _plans(self) -> Iterator[bytes]:
-        """The request iterator gRPC's own thread drains."""
-        for data, step_id in iter(self._requests.get, None):
-            if self._trace is not None:
-                self._trace.hop(step_id, "taken")
+    def _traced(self, plans: Iterator[bytes], trace: StepTrace) -> Iterator[bytes]:
+        """``plans`` as gRPC's own thread drains them, each noting when it was taken."""
+        for data in plans:
+            trace.hop(self._step_ids.popleft(), "taken")
             yield data
 
     def receive(self) -> bytes:

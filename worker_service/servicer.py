@@ -119,13 +119,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             request = plans.get()
             if request is None:
                 return
-            if trace is None:
-                yield self._step(request, context)
-                continue
-            trace.note("plan_wait", ms_since(waiting))
-            trace.hop(request.step_id, "handled")
+            if trace is not None:
+                trace.note("plan_wait", ms_since(waiting))
+                trace.hop(request.step_id, "handled")
             reply = self._step(request, context)
-            trace.hop(reply.step_id, "replied")
+            if trace is not None:
+                trace.hop(reply.step_id, "replied")
             yield reply
 
     def _step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
