@@ -131,8 +131,9 @@ def round_trips(mode: str, kind: str, n: int, busy_us: int = 0, period_us: int =
     over ``kind`` tcp (loopback) or unix (a socket file)."""
     with tempfile.TemporaryDirectory() as folder:
         addr = _address(kind, folder)
-        ready = mp.get_context("spawn").Event()
-        server = mp.get_context("spawn").Process(
+        spawn = mp.get_context("spawn")
+        ready = spawn.Event()
+        server = spawn.Process(
             target=_serve, args=(mode, addr, ready, busy_us, period_us), daemon=True
         )
         server.start()

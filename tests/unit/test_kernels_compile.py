@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).parents[2]
 H, HQ, HKV, D, BLOCK, VOCAB = 1024, 16, 8, 128, 256, 151936  # Qwen3-0.6B, the worker's blocks
 
@@ -30,7 +32,8 @@ def kernel_cases() -> list[tuple[str, str, dict, dict, dict]]:
     from kernels import sample_tokens, skinny_gemm_configs
     from kernels.embed_tokens import BLOCK_HIDDEN
 
-    decode, prefill = dec.default_decode_config(D), pre.default_prefill_config(2, D, _cuda())
+    decode = dec.default_decode_config(D)
+    prefill = pre.default_prefill_config(2, D, torch.device("cuda"))  # reads the type: no GPU
     ints = dict.fromkeys(("seq_lens_ptr", "block_tables_ptr", "cu_seqlens_q_ptr"), "*i32")
     fp32 = dict.fromkeys(("part_out_ptr", "part_lse_ptr", "partial_ptr", "part_score_ptr"), "*fp32")
     pdl = {"USE_PDL": True}
@@ -92,12 +95,6 @@ def kernel_cases() -> list[tuple[str, str, dict, dict, dict]]:
         ("ids_ptr", "prev_rows_ptr", "prev_tokens_ptr"), "*i64"
     ), {"HAS_PENDING": True, "BLOCK_H": min(BLOCK_HIDDEN, H), **pdl}, {}))  # fmt: skip
     return cases
-
-
-def _cuda():
-    import torch
-
-    return torch.device("cuda")  # only its type is read: no GPU needed
 
 
 FLOAT_SCALARS = {"eps", "scale_log2"}
